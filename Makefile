@@ -1,0 +1,29 @@
+# Quick start: `make demo` (install + run the demo) and `make test` (install + run the tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of PyTorch; the pin keeps pip from pulling a multi-GB CUDA build on machines without a GPU.
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-test install-data demo test test-slow
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e .
+
+install-test: install install-data
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
+
+install-data:
+	bash scripts/install-data.sh
+
+demo: install
+	$(BIN)/imagen demo
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+test-slow: install-test
+	$(BIN)/python -m pytest -q -m slow

@@ -1,0 +1,7 @@
+"""`python -m imagen` is the `imagen` command."""
+
+import sys
+
+from imagen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""The `imagen` command line: parse arguments, call the library, turn known errors into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+# Nothing here may reach a model hub; fail fast instead of waiting on network retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem and where to look."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_data_args(p):
+    p.add_argument("--data", default="shapes", help="built-in name (shapes, fashion-mnist, emoji) or a path (default: shapes)")
+    p.add_argument("--n", type=_positive_int, default=None, help="number of training samples to use (default: all / built-in size)")
+    p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable samples (named in a warning) or stop (default: skip)")
+
+
+def _add_train_args(p, lr, batch_size, epochs):
+    g = p.add_argument_group("training")
+    g.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
+    g.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"), help="model size (default: tiny)")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help="optimiser (default: adamw)")
+    g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default: {lr})")
+    g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"batch size (default: {batch_size})")
+    g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"epochs over the training split (default: {epochs})")
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the run)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW/SGD weight decay, never on norms, biases or embeddings (default: 0.05)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout in the encoder and head (default: 0)")
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value, 0 = off (default: 1.0)")
+    g.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimiser step (default: 1)")
+    g.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps (default: each epoch)")
+    g.add_argument("--early-stopping-patience", type=_positive_int, default=None, help="stop after N validations without improvement")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=None, help="save a resumable checkpoint every N steps")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="auto = bf16 on CUDA and on CPUs with AMX (default: auto)")
+    g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    g.add_argument("--report-to", default=None, help="comma list of loggers: jsonl, tensorboard, wandb (offline) (default: jsonl,tensorboard)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
+
+
+def _train_kwargs(args) -> dict:
+    kw = dict(
+        optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, dropout=args.dropout, grad_clip=args.grad_clip,
+        grad_accum=args.grad_accum, eval_every=args.eval_every, early_stopping_patience=args.early_stopping_patience,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision, device=args.device,
+    )
+    if args.report_to:
+        kw["report_to"] = tuple(s.strip() for s in args.report_to.split(",") if s.strip())
+    if args.no_progress:
+        kw["progress"] = False
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="imagen", description="Imagen: multimodal pretraining, fine-tuning and text-to-image diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="write a built-in dataset to disk")
+    dsub = p.add_subparsers(dest="dataset", required=True, parser_class=OneLineParser, metavar="DATASET")
+    s = dsub.add_parser("shapes", help="write a Shapes dataset: PNGs + annotations.jsonl")
+    s.add_argument("--out", required=True, help="directory to create")
+    s.add_argument("--n", type=_positive_int, default=1000, help="number of images (default: 1000)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.add_argument("--size", type=_positive_int, default=32, help="canvas size in pixels (default: 32)")
+    s.add_argument("--lang", choices=("en", "zh"), default="en", help="caption language (default: en)")
+    s.add_argument("--max-objects", type=int, choices=(1, 2, 3), default=3, help="objects per image, at most (default: 3)")
+
+    p = sub.add_parser("pretrain", help="self-supervised multimodal pretraining (MLM, MIM, ITC, ITM)")
+    _add_data_args(p)
+    _add_train_args(p, lr=1e-3, batch_size=64, epochs=1)
+    p.add_argument("--image-only", action="store_true", help="ignore captions: masked image modelling only")
+    p.add_argument("--vocab-size", type=_positive_int, default=1024, help="BPE vocabulary size (default: 1024)")
+
+    p = sub.add_parser("finetune", help="fine-tune a task head on labelled data")
+    p.add_argument("--task", required=True, help="task to train: classify")
+    _add_data_args(p)
+    _add_train_args(p, lr=1e-3, batch_size=64, epochs=3)
+    p.add_argument("--init-from", default=None, help="a pretraining (or fine-tuning) run to start from")
+    p.add_argument("--freeze", default="none", help="none, encoder (head only), or all-but-last-N (default: none)")
+    p.add_argument("--label", default=None, help="Shapes label kind: shape, color, color-shape, count (default: color-shape)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: 0)")
+
+    p = sub.add_parser("evaluate", help="metrics of a run on a data split")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", default=None, help="data to evaluate on (default: the run's training data)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
+    p.add_argument("--label", default=None, help="label kind for Shapes (default: the run's)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="RUN", help="other runs to score on the same labels (e.g. from scratch)")
+    p.add_argument("--n", type=_positive_int, default=None, help="cap on samples (default: all)")
+    p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    p = sub.add_parser("predict", help="run a fine-tuned model on image files")
+    p.add_argument("--run", required=True, help="run directory of a fine-tuned model")
+    p.add_argument("--top-k", type=_positive_int, default=1, help="labels to show per file (default: 1)")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.add_argument("files", nargs="+", metavar="FILE", help="image files")
+
+    p = sub.add_parser("demo", help="the whole pipeline on built-in data, small enough for a CPU")
+    p.add_argument("--out", default=None, help="directory for the demo's runs (default: runs/demo-<time>)")
+    p.add_argument("--fast", action="store_true", help="a much shorter demo (a smoke test)")
+    return parser
+
+
+def _report_fit(result, out, command):
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.step}; checkpoint saved. Continue with: {command} --out {out} --resume", file=sys.stderr)
+        return 130
+    print(f"{result.status} at step {result.step}; run saved to {out}" + (f" (best {result.best_metric:.4f} at step {result.best_step})" if result.best_metric is not None else ""))
+    return 0
+
+
+def run_command(args) -> int:
+    import imagen.api as api
+
+    if args.command == "data":
+        from imagen.data import write_shapes
+
+        path = write_shapes(args.out, n=args.n, seed=args.seed, size=args.size, lang=args.lang, max_objects=args.max_objects)
+        print(f"wrote {args.n} images and annotations.jsonl to {path}")
+        return 0
+    if args.command == "pretrain":
+        result = api.pretrain(args.data, args.out, preset=args.preset, resume=args.resume, image_only=args.image_only,
+                              vocab_size=args.vocab_size, n=args.n, on_bad_sample=args.on_bad_sample, sets=args.sets, **_train_kwargs(args))
+        return _report_fit(result, args.out, "imagen pretrain")
+    if args.command == "finetune":
+        result = api.finetune(args.task, args.data, args.out, init_from=args.init_from, preset=args.preset, freeze=args.freeze,
+                              label=args.label, label_smoothing=args.label_smoothing, resume=args.resume, n=args.n,
+                              on_bad_sample=args.on_bad_sample, sets=args.sets, **_train_kwargs(args))
+        return _report_fit(result, args.out, f"imagen finetune --task {args.task}")
+    if args.command == "evaluate":
+        echo = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+        result = api.evaluate(args.run, args.data, split=args.split, label=args.label, compare=args.compare, n=args.n,
+                              on_bad_sample=args.on_bad_sample, echo=echo)
+        if args.json:
+            print(json.dumps(result))
+        return 0
+    if args.command == "predict":
+        for r in api.predict(args.run, args.files, top_k=args.top_k):
+            if args.json:
+                print(json.dumps(r, ensure_ascii=False))
+            else:
+                print(f"{r['file']}\t{r['label']}\t{r['probability']:.4f}" + "".join(f"\t{t['label']}:{t['probability']:.3f}" for t in r["top"][1:]))
+        return 0
+    if args.command == "demo":
+        from imagen.demo import run_demo
+
+        return run_demo(args.out, fast=args.fast)
+    raise AssertionError(args.command)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="imagen: %(message)s", stream=sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors and --help: argparse has printed its line already
+        return int(e.code or 0)
+    from imagen.errors import USER_ERRORS
+
+    try:
+        return run_command(args)
+    except USER_ERRORS as e:
+        print(f"imagen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imagen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Typed configs for every component, the named presets, and dotted-key overrides.
+
+Every config is a dataclass that round-trips through JSON, so a run directory's ``config.json`` rebuilds
+exactly the model and training setup that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key or value a user gave is not valid."""
+
+
+@dataclass
+class EncoderConfig:
+    """The multimodal Transformer: ViT patches + text tokens through one joint encoder."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    in_channels: int = 3
+    vocab_size: int = 1024
+    max_text_len: int = 32
+    dim: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image size {self.image_size} is not a multiple of patch size {self.patch_size}")
+        if self.dim % self.num_heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        for name in ("image_size", "patch_size", "dim", "num_layers", "num_heads", "max_text_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+# Named presets: one table. Sizes follow ViT's naming (Ti/S/B) scaled down for CPU work.
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, num_layers=2, num_heads=2, mlp_ratio=2.0),
+    "small": dict(dim=192, num_layers=6, num_heads=3, mlp_ratio=4.0),
+    "base": dict(dim=384, num_layers=8, num_heads=6, mlp_ratio=4.0),
+}
+
+
+@dataclass
+class PretrainConfig:
+    """Weights and masking rates of the self-supervised objectives (0 disables an objective)."""
+
+    mlm_weight: float = 1.0
+    mim_weight: float = 1.0
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    mlm_probability: float = 0.15
+    mim_mask_ratio: float = 0.5
+    # Image-only pretraining (e.g. unlabelled images whose captions would leak labels).
+    image_only: bool = False
+
+
+@dataclass
+class ClassifyConfig:
+    """Classification head options."""
+
+    label: str = "color-shape"  # Shapes label kind: shape, color, color-shape, count
+    label_smoothing: float = 0.0
+    pooling: str = "image"  # which pooled embedding feeds the head: image, text or fused
+
+
+@dataclass
+class TrainConfig:
+    """Everything the task-agnostic trainer needs."""
+
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 64
+    epochs: int = 1
+    max_steps: int | None = None  # optimiser steps; overrides epochs when set
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.05  # used when warmup_steps == 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1
+    eval_every: int | None = None  # optimiser steps; None -> once per epoch
+    early_stopping_patience: int | None = None  # evaluations without improvement
+    checkpoint_every: int | None = None  # optimiser steps
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | mps
+    num_workers: int = 0
+    report_to: tuple[str, ...] = ("jsonl", "tensorboard")  # plus "wandb" (offline)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose adamw or sgd")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {self.batch_size}")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max steps must be positive, got {self.max_steps}")
+        if self.grad_accum <= 0:
+            raise ConfigError(f"gradient accumulation must be positive, got {self.grad_accum}")
+        if self.lr <= 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        for name in ("checkpoint_every", "eval_every", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {value}")
+        self.betas = tuple(self.betas)
+        self.report_to = tuple(self.report_to)
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON round trip and dotted-key overrides
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """A JSON-serialisable dict of a (nested) dataclass config."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls, data: dict[str, Any]):
+    """Build a dataclass config from a dict, rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def _coerce(value: str, current: Any, key: str) -> Any:
+    """Parse a command-line string into the type of the field's current value."""
+    try:
+        if isinstance(current, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            return tuple(_coerce(v, current[0], key) if current else v for v in value.split(","))
+        if current is None:
+            if value.lower() in ("none", "null"):
+                return None
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return value
+    except ValueError:
+        raise ConfigError(f"bad value {value!r} for {key} (expected {type(current).__name__})") from None
+    return value
+
+
+def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> None:
+    """Apply ``section.key=value`` overrides in place; unknown sections or keys are errors."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, value = item.split("=", 1)
+        section, _, key = dotted.partition(".")
+        if section not in configs or not key:
+            raise ConfigError(f"unknown config key {dotted!r}; sections are: {', '.join(sorted(configs))}")
+        cfg = configs[section]
+        names = {f.name for f in dataclasses.fields(cfg)}
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys in {section}: {', '.join(sorted(names))}")
+        setattr(cfg, key, _coerce(value, getattr(cfg, key), dotted))
+        cfg.__post_init__()  # re-validate
+
+
+def encoder_config(preset: str = "tiny", **overrides) -> EncoderConfig:
+    """An EncoderConfig from a named preset plus explicit overrides."""
+    if preset not in ENCODER_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(ENCODER_PRESETS)}")
+    values = dict(ENCODER_PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return EncoderConfig(**values)

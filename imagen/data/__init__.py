@@ -1,0 +1,14 @@
+"""Data layer: built-in datasets (Shapes, Fashion-MNIST, Emoji), user files, images and the tokenizer."""
+
+from .dataset import ImageTextDataset
+from .errors import DataError
+from .images import image_to_tensor, open_image, to_rgb
+from .registry import load_dataset
+from .shapes import ShapesWorld, write_shapes
+from .shapes import class_names as shapes_class_names
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "DataError", "ImageTextDataset", "ShapesWorld", "Tokenizer", "image_to_tensor", "load_dataset",
+    "open_image", "shapes_class_names", "to_rgb", "write_shapes",
+]

@@ -1,0 +1,99 @@
+"""load_dataset: one entry point from a `--data` spec (built-in name or path) to an ImageTextDataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import emoji as emoji_mod
+from . import fashion_mnist as fm
+from .dataset import ImageTextDataset
+from .errors import DataError
+from .files import SPLITS, load_files, split_indices
+from .shapes import LABEL_KINDS, ShapesWorld, class_names
+
+BUILTINS = ("shapes", "fashion-mnist", "emoji")
+SHAPES_DEFAULT_N = {"train": 4000, "val": 500, "test": 1000}
+EMOJI_DEFAULT_SIZE = 64
+
+
+class _ShapesFetch:
+    """Picklable index -> sample function (closures would not survive spawned DataLoader workers)."""
+
+    def __init__(self, world: ShapesWorld, label: str | None):
+        self.world, self.label = world, label
+
+    def __call__(self, i: int) -> dict:
+        s = self.world.sample(i)
+        s["label"] = s["labels"][self.label] if self.label else None
+        return s
+
+
+def _shapes(split: str, seed: int, label: str | None, n: int | None, size: int | None, lang: str) -> ImageTextDataset:
+    if label is not None and label not in LABEL_KINDS:
+        raise DataError(f"unknown label {label!r} for shapes; choose one of: {', '.join(LABEL_KINDS)}")
+    if n is None:
+        count = SHAPES_DEFAULT_N[split]
+    else:
+        count = {"train": n, "val": max(1, n // 8), "test": max(1, n // 4)}[split]
+    # A single object makes shape/colour labels unambiguous; counting needs 1-3 objects.
+    max_objects = 1 if label in ("shape", "color", "color-shape") else 3
+    # Each split draws from its own seed stream so train/val/test never share images.
+    world = ShapesWorld(seed=seed * 3 + SPLITS.index(split), size=size or 32, lang=lang, max_objects=max_objects)
+    return ImageTextDataset.from_function(
+        _ShapesFetch(world, label), count, name="shapes", split=split, class_names=class_names(label) if label else None,
+        image_size=world.size, has_text=True, has_labels=label is not None)
+
+
+def _fashion_mnist(split: str, label: str | None, n: int | None, size: int | None) -> ImageTextDataset:
+    if label not in (None, "class"):
+        raise DataError(f"unknown label {label!r} for fashion-mnist; its only label is 'class' (the default)")
+    images, targets = fm.load_arrays("t10k" if split == "test" else "train")
+    if split == "train":
+        images, targets = images[:55000], targets[:55000]
+    elif split == "val":
+        images, targets = images[55000:], targets[55000:]
+    if n is not None:
+        images, targets = images[:n], targets[:n]
+    names = [fm.CLASS_NAMES[t] for t in targets]
+    return ImageTextDataset.from_array(
+        images, texts=[fm.caption(c) for c in names], labels=names, name="fashion-mnist", split=split,
+        class_names=list(fm.CLASS_NAMES), has_text=True, has_labels=True, resize=size)
+
+
+def _emoji(split: str, seed: int, label: str | None, n: int | None, size: int | None) -> ImageTextDataset:
+    if label is not None:
+        raise DataError(f"emoji has no labels (got label={label!r}); use its captions, or pass no label")
+    size = size or EMOJI_DEFAULT_SIZE
+    images, codepoints, names = emoji_mod.load_emoji(size)
+    idx = split_indices(len(images), seed)[split]
+    if n is not None:
+        idx = idx[:n]
+    return ImageTextDataset.from_array(
+        images[idx], texts=[names[i] for i in idx], labels=[None] * len(idx),
+        ids=[f"U+{codepoints[i]:04X}" for i in idx], name="emoji", split=split,
+        class_names=None, has_text=True, has_labels=False)
+
+
+def load_dataset(spec: str, split: str = "train", *, seed: int = 0, label: str | None = None,
+                 n: int | None = None, size: int | None = None, lang: str = "en",
+                 on_bad_sample: str = "skip") -> ImageTextDataset:
+    """Load one split of a built-in dataset (shapes, fashion-mnist, emoji) or of user data at a path."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if n is not None and n < 1:
+        raise DataError(f"n must be at least 1, got {n}")
+    if size is not None and size < 1:
+        raise DataError(f"image size must be positive, got {size}")
+    spec = str(spec)
+    key = spec.lower().replace("_", "-")
+    if key == "shapes":
+        return _shapes(split, seed, label, n, size, lang)
+    if key in ("fashion-mnist", "fashionmnist"):
+        return _fashion_mnist(split, label, n, size)
+    if key == "emoji":
+        return _emoji(split, seed, label, n, size)
+    if "/" not in spec and "." not in spec and "\\" not in spec:
+        if not Path(spec).exists():  # looks like a misspelt built-in name rather than a path
+            raise DataError(f"unknown dataset {spec!r}; use a built-in name ({', '.join(BUILTINS)}) "
+                            "or a path to a folder or .jsonl/.csv file")
+    return load_files(spec, split, seed=seed, label=label, n=n, size=size, on_bad_sample=on_bad_sample)

@@ -1,0 +1,9 @@
+"""The errors a user can cause; the CLI prints each as one line and exits non-zero."""
+
+from imagen.config import ConfigError
+from imagen.data.errors import DataError
+from imagen.runs import RunError
+from imagen.tasks.registry import UnknownTaskError
+from imagen.train.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, DataError, RunError, UnknownTaskError, CheckpointError)

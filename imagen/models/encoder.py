@@ -1,0 +1,166 @@
+"""The multimodal Transformer: ViT patches and text tokens encoded jointly by one encoder.
+
+Reads top to bottom: embeddings, the output record, the encoder. The same weights encode an image alone,
+a text alone, or the pair [image; text] (single-stream fusion, as in ViLT), so one pretrained model serves
+contrastive retrieval (unimodal passes) and fused tasks (joint pass) alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from imagen.config import EncoderConfig
+from imagen.models.layers import Block
+
+
+class PatchEmbed(nn.Module):
+    """Split an image into non-overlapping patches and project each to `dim` (a strided convolution)."""
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images):
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} does not match the model's {self.image_size}")
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, num_patches, dim)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, num_patches, patch_size**2 * C), patches in raster order (MIM targets)."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+@dataclass
+class EncoderOutput:
+    """Per-token states and pooled embeddings; fields are None for an absent modality."""
+
+    image_states: torch.Tensor | None = None  # (B, 1 + num_patches, dim), index 0 is the image [CLS]
+    text_states: torch.Tensor | None = None  # (B, T, dim), index 0 is the text [CLS]
+    image_embed: torch.Tensor | None = None  # (B, dim) pooled image (fused with text in a joint pass)
+    text_embed: torch.Tensor | None = None  # (B, dim) pooled text (fused with image in a joint pass)
+    text_mask: torch.Tensor | None = None  # (B, T) True where a real token
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        """One embedding per example: the image [CLS] when there is an image, else the text [CLS]."""
+        return self.image_embed if self.image_embed is not None else self.text_embed
+
+
+class MultimodalEncoder(nn.Module):
+    """ViT patch embedding + token embedding, modality and position embeddings, one joint Transformer."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = c = config
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim)
+        self.image_cls = nn.Parameter(torch.zeros(1, 1, c.dim))
+        self.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + c.num_patches, c.dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dim))  # replaces masked patches (MIM)
+        self.token_embed = nn.Embedding(c.vocab_size, c.dim)
+        self.text_pos_embed = nn.Parameter(torch.zeros(1, c.max_text_len, c.dim))
+        self.modality_embed = nn.Embedding(2, c.dim)  # 0 = image, 1 = text
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio, c.dropout) for _ in range(c.num_layers))
+        self.norm = nn.LayerNorm(c.dim)
+        self._init_weights()
+
+    def _init_weights(self):
+        for p in (self.image_cls, self.image_pos_embed, self.mask_token, self.text_pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def embed_image(self, images, patch_mask=None):
+        """(B, C, H, W) -> (B, 1 + num_patches, dim); patches where patch_mask is True become the mask token."""
+        x = self.patch_embed(images)  # (B, N, dim)
+        if patch_mask is not None:
+            x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype).expand_as(x), x)
+        x = torch.cat([self.image_cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, dim)
+        return x + self.image_pos_embed + self.modality_embed.weight[0]
+
+    def embed_text(self, input_ids):
+        """(B, T) token ids -> (B, T, dim)."""
+        T = input_ids.shape[1]
+        if T > self.config.max_text_len:
+            raise ValueError(f"text length {T} exceeds the model's max_text_len {self.config.max_text_len}")
+        return self.token_embed(input_ids) + self.text_pos_embed[:, :T] + self.modality_embed.weight[1]
+
+    def forward(self, images=None, input_ids=None, attention_mask=None, patch_mask=None) -> EncoderOutput:
+        """Encode an image, a text, or both jointly (single stream); key padding masks are honoured."""
+        if images is None and input_ids is None:
+            raise ValueError("the encoder needs images, input_ids or both")
+        parts, masks = [], []
+        if images is not None:
+            img = self.embed_image(images, patch_mask)
+            parts.append(img)
+            masks.append(torch.ones(img.shape[:2], dtype=torch.bool, device=img.device))
+        if input_ids is not None:
+            if attention_mask is None:
+                attention_mask = input_ids != self.config.pad_token_id
+            parts.append(self.embed_text(input_ids))
+            masks.append(attention_mask.bool())
+        x = self.drop(torch.cat(parts, dim=1))  # (B, S, dim)
+        key_mask = torch.cat(masks, dim=1)
+        # Without padding the mask is all True; dropping it lets SDPA use its fastest kernel.
+        key_mask = None if bool(key_mask.all()) else key_mask
+        for block in self.blocks:
+            x = block(x, key_mask=key_mask)
+        x = self.norm(x)
+
+        out = EncoderOutput(text_mask=attention_mask.bool() if input_ids is not None else None)
+        n_img = parts[0].shape[1] if images is not None else 0
+        if images is not None:
+            out.image_states = x[:, :n_img]
+            out.image_embed = x[:, 0]
+        if input_ids is not None:
+            out.text_states = x[:, n_img:]
+            out.text_embed = x[:, n_img]
+        return out
+
+    # timm-style interface
+    def forward_features(self, images=None, input_ids=None, attention_mask=None) -> EncoderOutput:
+        return self.forward(images, input_ids, attention_mask)
+
+    def freeze(self, mode: str) -> None:
+        """Freeze parameters: 'none', 'encoder' (all of it), or 'all-but-last-N' (train only the top N blocks)."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        if mode == "none":
+            return
+        if mode == "encoder":
+            for p in self.parameters():
+                p.requires_grad_(False)
+            return
+        prefix = "all-but-last-"
+        if mode.startswith(prefix) and mode[len(prefix):].isdigit():
+            n = int(mode[len(prefix):])
+            if n > len(self.blocks):
+                raise ValueError(f"--freeze {mode}: the encoder has only {len(self.blocks)} blocks")
+            for p in self.parameters():
+                p.requires_grad_(False)
+            for block in list(self.blocks)[len(self.blocks) - n:]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+            if n > 0:  # the final norm sits on top of the trained blocks, so it trains with them
+                for p in self.norm.parameters():
+                    p.requires_grad_(True)
+            return
+        raise ValueError(f"unknown freeze mode {mode!r}; use none, encoder or all-but-last-N")

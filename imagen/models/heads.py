@@ -1,0 +1,58 @@
+"""Task adapter heads on top of the multimodal encoder, each returning an output whose loss is set only with labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagen.config import EncoderConfig
+from imagen.models.encoder import MultimodalEncoder
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor  # (B, num_classes)
+    loss: torch.Tensor | None = None
+
+
+class ClassificationHead(nn.Module):
+    """LayerNorm + dropout + linear layer on a pooled embedding."""
+
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.zeros_(self.fc.weight)  # start from uniform predictions; a fresh head should not fight the encoder
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, pooled):
+        return self.fc(self.drop(self.norm(pooled)))
+
+
+class EncoderForClassification(nn.Module):
+    """The encoder + a linear classification head on the pooled image (or text, or fused) embedding."""
+
+    def __init__(self, config: EncoderConfig, num_classes: int, label_smoothing: float = 0.0, head_dropout: float = 0.0):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
+        self.config = config
+        self.label_smoothing = label_smoothing
+        self.encoder = MultimodalEncoder(config)
+        self.head = ClassificationHead(config.dim, num_classes, head_dropout)
+
+    def forward(self, images=None, input_ids=None, attention_mask=None, labels=None) -> ClassifierOutput:
+        out = self.encoder(images=images, input_ids=input_ids, attention_mask=attention_mask)
+        logits = self.head(out.pooled).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return ClassifierOutput(logits=logits, loss=loss)
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the head (timm's reset_classifier), e.g. to fine-tune on a new label set."""
+        self.head = ClassificationHead(self.config.dim, num_classes, self.head.drop.p)

@@ -1,0 +1,77 @@
+"""Transformer building blocks shared by the encoder and decoders: attention, MLP, pre-norm block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def key_padding_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Turn a (B, S) bool mask (True = real token) into an SDPA mask broadcastable to (B, heads, T, S)."""
+    if key_mask is None:
+        return None
+    return key_mask[:, None, None, :].bool()
+
+
+class Attention(nn.Module):
+    """Multi-head attention through PyTorch's fused scaled-dot-product kernel; self- or cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, context_dim: int | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dim_head = dim // num_heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x, context=None, key_mask=None, causal: bool = False):
+        B, T, D = x.shape
+        context = x if context is None else context
+        S = context.shape[1]
+        q = self.to_q(x).view(B, T, self.num_heads, self.dim_head).transpose(1, 2)  # (B, heads, T, dim_head)
+        k, v = self.to_kv(context).view(B, S, 2, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4)  # (B, heads, S, dim_head)
+        mask = key_padding_to_attn_mask(key_mask)
+        if causal:
+            causal_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
+            mask = causal_mask if mask is None else mask & causal_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, dim)
+        return self.proj_drop(self.proj(out))
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward network with GELU."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), [x + cross_attn(norm(x), context)], x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross_attention: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, dropout)
+        self.cross_norm = nn.LayerNorm(dim) if cross_attention else None
+        self.cross_attn = Attention(dim, num_heads, dropout) if cross_attention else None
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, x, key_mask=None, causal: bool = False, context=None, context_mask=None):
+        x = x + self.attn(self.norm1(x), key_mask=key_mask, causal=causal)
+        if self.cross_attn is not None and context is not None:
+            x = x + self.cross_attn(self.cross_norm(x), context=context, key_mask=context_mask)
+        return x + self.mlp(self.norm2(x))

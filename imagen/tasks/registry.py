@@ -1,0 +1,25 @@
+"""The task registry: name -> task class. Later tasks register here too."""
+
+from __future__ import annotations
+
+from imagen.tasks.classify import ClassifyTask
+from imagen.tasks.pretrain import PretrainTask
+
+TASKS = {
+    "pretrain": PretrainTask,
+    "classify": ClassifyTask,
+}
+
+# Names a user may pass to `imagen finetune --task`.
+FINETUNE_TASKS = tuple(name for name in TASKS if name != "pretrain")
+
+
+class UnknownTaskError(ValueError):
+    pass
+
+
+def get_task(name: str):
+    """The task class registered under `name`."""
+    if name not in TASKS:
+        raise UnknownTaskError(f"unknown task {name!r}; available tasks: {', '.join(FINETUNE_TASKS)}")
+    return TASKS[name]

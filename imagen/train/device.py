@@ -1,0 +1,94 @@
+"""Device placement and mixed precision: the one place that knows about cuda, mps and autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Mapping
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn "auto" | "cpu" | "cuda[:i]" | "mps" into a torch.device, preferring cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} was asked for but MPS is not available; use --device cpu or auto")
+    return device
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, the only CPUs where bf16 matmuls beat fp32."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    amx_probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return "AMX" in capability.upper() or bool(amx_probe and amx_probe())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn "auto" | "fp32" | "bf16" into "fp32" or "bf16" for this device."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        # Without AMX, CPUs emulate bf16 matmuls through fp32 conversions, which is slower than plain fp32.
+        return "bf16" if cpu_has_amx() else "fp32"
+    return "fp32"  # mps bf16 autocast coverage is patchy; fp32 is the safe default there
+
+
+def autocast_context(device: torch.device, precision: str):
+    """A context manager running the forward pass in `precision` ("fp32" -> no autocast, "bf16" -> autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision {precision!r} is not resolved; call resolve_precision first")
+
+
+def move_to_device(batch, device: torch.device | str):
+    """Move every tensor inside nested dicts / lists / tuples to `device`; other leaves are left as they are."""
+    if isinstance(batch, torch.Tensor):
+        # non_blocking only pays off (and is only safe) for pinned host -> cuda copies.
+        return batch.to(device, non_blocking=torch.device(device).type == "cuda")
+    if isinstance(batch, Mapping):
+        moved = {k: move_to_device(v, device) for k, v in batch.items()}
+        return moved if type(batch) is dict else type(batch)(moved)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_size_of(batch) -> int:
+    """The size of dim 0 of the first tensor found in a batch (0 when it holds no tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        size = batch_size_of(value)
+        if size:
+            return size
+    return 0
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MiB: allocated CUDA memory on cuda, else the resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux KiB

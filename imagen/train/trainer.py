@@ -1,0 +1,370 @@
+"""The task-agnostic training loop: accumulation, clipping, schedule, validation, early stopping, exact resume.
+
+The trainer knows nothing about models or tasks. A task is any object with
+`training_step(model, batch) -> {"loss": tensor, ...scalars}`, `validation_step(model, batch) -> {...tensors}`,
+`compute_metrics(outputs) -> {name: float}`, `monitor = (metric name, "max" | "min")` and optionally `collate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from imagen.config import TrainConfig, to_dict
+
+from .batching import make_loader
+from .checkpoint import (CheckpointError, best_weights_path, latest_checkpoint, load_checkpoint, load_weights,
+                         save_best, save_checkpoint, save_weights)
+from .device import (autocast_context, batch_size_of, move_to_device, peak_memory_mb, resolve_device,
+                     resolve_precision)
+from .loggers import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+from .rng import get_rng_state, seed_everything, set_rng_state
+
+MAX_NONFINITE_STEPS = 3
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss keeps being NaN / inf)."""
+
+
+@dataclass
+class TrainResult:
+    """How `Trainer.fit` ended."""
+
+    status: str  # "completed" | "early_stopped" | "interrupted"
+    step: int
+    best_metric: float | None
+    best_step: int | None
+    metrics: dict[str, float]  # the last validation metrics ({} when no validation ran)
+    peak_mem_mb: float = 0.0
+
+
+@dataclass
+class LoopState:
+    """The loop's position and history, saved as trainer_state.json so a resume continues exactly."""
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the last improvement
+    last_eval_step: int = 0
+    nonfinite_steps: int = 0  # consecutive skipped optimiser steps
+    window_sums: dict[str, float] = field(default_factory=dict)  # train scalars since the last log line
+    window_counts: dict[str, int] = field(default_factory=dict)
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains `model` on `train_data` with `task`'s loss, validating on `val_data` (may be None)."""
+
+    def __init__(self, model, task, train_data, val_data, cfg: TrainConfig, run_dir, *, collate_fn=None):
+        if len(train_data) == 0:
+            raise ValueError("the training data is empty")
+        self.cfg = cfg
+        self.task = task
+        self.train_data = train_data
+        self.val_data = val_data
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.model = model.to(self.device)
+        self.collate_fn = collate_fn or getattr(task, "collate", None) or default_collate
+        if val_data is not None:
+            _, mode = task.monitor
+            if mode not in ("max", "min"):
+                raise ValueError(f"task.monitor mode {mode!r} must be 'max' or 'min'")
+        self.batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+        # A trailing partial accumulation group still makes an optimiser step, hence the ceil.
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg)
+
+    # ------------------------------------------------------------------------------------------
+    # Public entry points
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to the end (or early stop / Ctrl-C); with `resume`, continue from the latest checkpoint."""
+        state = self._restore() if resume else self._start()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._snapshot = self._capture(state)
+        self._reset_window()
+        self._last_lr = self.optimizer.param_groups[0]["lr"]
+        logger = MetricsLogger(self.run_dir, self.cfg.report_to, to_dict(self.cfg),
+                               resume_step=state.step if resume else None)
+        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.cfg.progress,
+                   dynamic_ncols=True)
+        self.model.train()
+        status = "interrupted"
+        try:
+            status = self._loop(state, logger, bar)
+        except KeyboardInterrupt:
+            # Weights, optimiser and schedule are still those of the last finished step; the snapshot matches them.
+            self._save_snapshot()
+        finally:
+            bar.close()
+            logger.close()
+        if status == "interrupted":
+            state = LoopState(**self._snapshot[0])  # what the checkpoint holds, not a half-finished step
+        else:
+            self._write_final_model(state)
+        return TrainResult(status, state.step, state.best_metric, state.best_step, dict(state.val_metrics),
+                           peak_memory_mb(self.device))
+
+    @torch.no_grad()
+    def evaluate(self, data) -> dict[str, float]:
+        """Run the task's validation over `data` and return its metrics (the model's train/eval mode is kept)."""
+        loader = make_loader(data, self.cfg.batch_size, shuffle=False, collate_fn=self.collate_fn,
+                             num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+        was_training = self.model.training
+        self.model.eval()
+        outputs = []
+        try:
+            for batch in loader:
+                batch = move_to_device(batch, self.device)
+                with autocast_context(self.device, self.precision):
+                    out = self.task.validation_step(self.model, batch)
+                outputs.append(move_to_device(out, "cpu"))  # keep accelerator memory flat over long evals
+        finally:
+            self.model.train(was_training)
+        return {name: float(value) for name, value in self.task.compute_metrics(outputs).items()}
+
+    # ------------------------------------------------------------------------------------------
+    # Start / resume
+
+    def _start(self) -> LoopState:
+        """A fresh run: refuse to mix with an earlier run's checkpoints, seed everything."""
+        if latest_checkpoint(self.run_dir) is not None:
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoints of an earlier run; resume it or choose a new run directory"
+            )
+        seed_everything(self.cfg.seed)
+        return LoopState()
+
+    def _restore(self) -> LoopState:
+        """Load the latest complete checkpoint into model, optimiser, schedule and RNGs."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise CheckpointError(
+                f"no complete checkpoint under {self.run_dir / 'checkpoints'} to resume from; "
+                "start the run without resume"
+            )
+        trainer_state, rng_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        set_rng_state(rng_state)
+        return LoopState(**trainer_state)
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def _loop(self, state: LoopState, logger: MetricsLogger, bar) -> str:
+        """Run optimiser steps until the total, or an early stop; return the status."""
+        if self._eval_due(state):  # resumed from a checkpoint taken while its evaluation was running
+            if self._evaluate_and_track(state, logger):
+                return "early_stopped"
+        while state.step < self.total_steps:
+            if state.batch >= self.batches_per_epoch:
+                state.epoch, state.batch = state.epoch + 1, 0
+            loader = make_loader(self.train_data, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
+                                 epoch=state.epoch, start_batch=state.batch, collate_fn=self.collate_fn,
+                                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+            for batch in loader:
+                if not self._micro_step(batch, state):
+                    continue  # the accumulation group is not complete yet
+                with sigint_deferred():  # so a Ctrl-C never lands between an update and its snapshot
+                    self._optimizer_step(state)
+                    bar.update(1)
+                    if state.step % max(1, self.cfg.log_every) == 0 or state.step >= self.total_steps:
+                        self._log_train(state, logger, bar)
+                    self._snapshot = self._capture(state)
+                if self._after_step(state, logger, bar):
+                    return "early_stopped"
+                if state.step >= self.total_steps:
+                    break
+        return "completed"
+
+    def _micro_step(self, batch, state: LoopState) -> bool:
+        """Forward + backward of one batch; True when it completes an accumulation group."""
+        accum = self.cfg.grad_accum
+        group_start = state.batch - state.batch % accum
+        # The epoch's last group may be short: average over the batches it really has.
+        group_size = min(accum, self.batches_per_epoch - group_start)
+        if state.batch == group_start:
+            self._group = {"sums": {}, "finite": True, "count": 0}
+        batch = move_to_device(batch, self.device)
+        self._window_samples += batch_size_of(batch)
+        with autocast_context(self.device, self.precision):
+            out = self.task.training_step(self.model, batch)
+        loss = out["loss"]
+        loss_value = float(loss.detach())  # one host sync per batch, to skip the backward of a NaN loss
+        if math.isfinite(loss_value):
+            (loss / group_size).backward()
+            scalars = {"loss": loss_value, **{k: _scalar(v) for k, v in out.items() if k != "loss"}}
+            for name, value in scalars.items():
+                if value is not None:
+                    self._group["sums"][name] = self._group["sums"].get(name, 0.0) + value
+            self._group["count"] += 1
+        else:
+            self._group["finite"] = False  # skip backward: NaN grads would poison the whole group
+            self._group["bad_loss"] = loss_value
+        state.batch += 1
+        return state.batch - group_start == group_size
+
+    def _optimizer_step(self, state: LoopState) -> None:
+        """Clip, step (unless the group went non-finite), advance the schedule, update the log window."""
+        group = self._group
+        self._last_lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = None
+        if group["finite"]:
+            # With clipping off, max_norm=inf still returns the norm to log and scales the gradients by exactly 1.
+            max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        if group["finite"] and math.isfinite(grad_norm):
+            self.optimizer.step()
+            state.nonfinite_steps = 0
+        else:
+            state.nonfinite_steps += 1
+            what = f"loss {group['bad_loss']}" if not group["finite"] else f"gradient norm {grad_norm}"
+            if state.nonfinite_steps >= MAX_NONFINITE_STEPS:
+                raise TrainingError(
+                    f"non-finite {what} for {MAX_NONFINITE_STEPS} optimiser steps in a row (step {state.step + 1}); "
+                    "lower the learning rate, enable grad clipping or check the data"
+                )
+            warnings.warn(f"step {state.step + 1}: non-finite {what}; skipped the optimiser step", RuntimeWarning)
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # The schedule advances on skipped steps too (it counts steps, not updates); torch warns about that.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+        state.step += 1
+        if group["count"]:
+            values = {name: total / group["count"] for name, total in group["sums"].items()}
+            if grad_norm is not None and math.isfinite(grad_norm):
+                values["grad_norm"] = grad_norm
+            for name, value in values.items():
+                state.window_sums[name] = state.window_sums.get(name, 0.0) + value
+                state.window_counts[name] = state.window_counts.get(name, 0) + 1
+
+    def _after_step(self, state: LoopState, logger: MetricsLogger, bar) -> bool:
+        """Validate and checkpoint as due after an optimiser step (and its log line); True to stop early."""
+        stop = self._eval_due(state) and self._evaluate_and_track(state, logger)
+        if self.cfg.checkpoint_every and state.step % self.cfg.checkpoint_every == 0:
+            self._save_snapshot()
+        if stop and state.window_counts:
+            self._log_train(state, logger, bar)  # the partial window before stopping
+        return stop
+
+    # ------------------------------------------------------------------------------------------
+    # Validation and early stopping
+
+    def _eval_due(self, state: LoopState) -> bool:
+        """Validate every cfg.eval_every steps (else at each epoch end) and after the last step, once per step."""
+        if self.val_data is None or state.step == 0 or state.last_eval_step >= state.step:
+            return False
+        if state.step >= self.total_steps:
+            return True
+        if self.cfg.eval_every:
+            return state.step % self.cfg.eval_every == 0
+        return state.batch >= self.batches_per_epoch
+
+    def _evaluate_and_track(self, state: LoopState, logger: MetricsLogger) -> bool:
+        """Validate, log, keep the best weights; True when early-stopping patience has run out."""
+        metrics = self.evaluate(self.val_data)
+        state.last_eval_step = state.step
+        state.val_metrics = metrics
+        logger.log(state.step, self._epoch_progress(state), "val", metrics)
+        name, mode = self.task.monitor
+        if name not in metrics:
+            raise ValueError(f"task.monitor names metric {name!r} but compute_metrics returned {sorted(metrics)}")
+        value, best = metrics[name], state.best_metric
+        # NaN never counts as an improvement, so one bad evaluation cannot become the "best" model.
+        if math.isfinite(value) and (best is None or (value > best if mode == "max" else value < best)):
+            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            save_best(self.run_dir, self.model, {"step": state.step, "metric": name, "value": value})
+        else:
+            state.bad_evals += 1
+        self._snapshot = self._capture(state)
+        patience = self.cfg.early_stopping_patience
+        return patience is not None and state.bad_evals >= patience
+
+    # ------------------------------------------------------------------------------------------
+    # Logging, snapshots, final weights
+
+    def _reset_window(self) -> None:
+        """Start a new throughput window (its samples and clock are not part of the saved state)."""
+        self._window_samples = 0
+        self._window_start = time.perf_counter()
+
+    def _log_train(self, state: LoopState, logger: MetricsLogger, bar) -> None:
+        """Write the window's mean train scalars, lr and samples/s; start a new window."""
+        values = {name: state.window_sums[name] / state.window_counts[name] for name in state.window_sums}
+        values["lr"] = self._last_lr
+        elapsed = time.perf_counter() - self._window_start
+        values["samples_per_s"] = self._window_samples / elapsed if elapsed > 0 else 0.0
+        logger.log(state.step, self._epoch_progress(state), "train", values)
+        bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{values['lr']:.2e}",
+                        samples_s=f"{values['samples_per_s']:.0f}", refresh=False)
+        state.window_sums, state.window_counts = {}, {}
+        self._reset_window()
+
+    def _epoch_progress(self, state: LoopState) -> float:
+        """Fractional epochs done, for the logs."""
+        return round(state.epoch + state.batch / self.batches_per_epoch, 4)
+
+    def _capture(self, state: LoopState):
+        """A copy of the loop state (JSON round trip) and the RNG states, as of now."""
+        return json.loads(json.dumps(dataclasses.asdict(state))), get_rng_state()
+
+    def _save_snapshot(self) -> Path:
+        """Checkpoint the model / optimiser / schedule with the last step-boundary snapshot."""
+        trainer_state, rng_state = self._snapshot
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, trainer_state, rng_state,
+                               keep=self.cfg.keep_checkpoints)
+
+    def _write_final_model(self, state: LoopState) -> None:
+        """Write RUN/model.safetensors: the best validated weights when validation ran, else the last weights."""
+        if state.best_step is not None:
+            load_weights(best_weights_path(self.run_dir), self.model)  # the model in memory matches the file
+        save_weights(self.run_dir / "model.safetensors", self.model)
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold a Ctrl-C back until the block ends, then raise it (only where Python's default handler is active)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _scalar(value) -> float | None:
+    """A loggable float from a task output, or None for anything that is not a scalar."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach()) if value.numel() == 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install the Debian packages that carry Imagen's real datasets (see README, "Data"):
+#   dataset-fashion-mnist   Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist/
+#   fonts-noto-color-emoji  the Noto Color Emoji font that the emoji dataset is rendered from
+set -euo pipefail
+packages=(dataset-fashion-mnist fonts-noto-color-emoji)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "install-data: no apt-get here; install ${missing[*]} (or their files) yourself; tests that need them are skipped" >&2
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get install -y --no-install-recommends "${missing[@]}" || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends "${missing[@]}"; }

@@ -1,0 +1,169 @@
+"""The `imagen` command end to end: data -> pretrain -> finetune -> evaluate -> predict, and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from imagen.cli import main
+
+TINY = ["--set", "model.dim=32", "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--no-progress", "--batch-size", "16"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    assert main(["data", "shapes", "--out", str(out), "--n", "120", "--seed", "3", "--max-objects", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pre"
+    assert main(["pretrain", "--data", str(shapes_dir), "--out", str(out), "--max-steps", "4", *TINY]) == 0
+    return out
+
+
+def test_pretrain_writes_a_complete_run(pretrained):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"):
+        assert (pretrained / name).is_file(), name
+    config = json.loads((pretrained / "config.json").read_text())
+    assert config["task"] == "pretrain" and config["model"]["dim"] == 32
+    rows = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r.get("split") == "train"]
+    assert train_rows and {"mim", "itc", "mlm", "itm"} <= set(train_rows[-1])
+
+
+def test_finetune_evaluate_predict(capsys, shapes_dir, pretrained, tmp_path):
+    out = tmp_path / "cls"
+    code, _, err = run(capsys, "finetune", "--task", "classify", "--data", shapes_dir, "--label", "shape", "--init-from", pretrained,
+                       "--out", out, "--max-steps", "3", "--no-progress", "--batch-size", "16")
+    assert code == 0, err
+    encoder = {k: v for k, v in load_file(pretrained / "model.safetensors").items() if k.startswith("encoder.")}
+    assert set(json.loads((out / "config.json").read_text())["class_names"]) == {"circle", "square", "triangle"}
+
+    code, stdout, err = run(capsys, "evaluate", "--run", out, "--split", "test", "--json")
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert 0.0 <= result["accuracy"] <= 1.0 and "macro_f1" in result
+    # The before/after table includes the --init-from run, scored with a linear probe.
+    assert [r["role"] for r in result["comparison"]] == ["this run", "init (before fine-tuning)"]
+    assert result["comparison"][1]["method"] == "linear-probe"
+    assert (out / "eval" / "shapes-test-confusion.png").stat().st_size > 1000
+    assert encoder  # the pretraining run really holds encoder weights
+
+    images = sorted((shapes_dir / "images").glob("*.png"))[:2]
+    code, stdout, err = run(capsys, "predict", "--run", out, *images)
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 2
+    name, label, prob = lines[0].split("\t")
+    assert name == str(images[0]) and label in {"circle", "square", "triangle"} and 0 < float(prob) <= 1
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(capsys, shapes_dir, tmp_path, monkeypatch):
+    args = ["finetune", "--task", "classify", "--data", shapes_dir, "--label", "shape", "--max-steps", "6",
+            "--checkpoint-every", "2", "--dropout", "0.1", *TINY]
+    assert run(capsys, *args, "--out", tmp_path / "straight")[0] == 0
+
+    from imagen.tasks.classify import ClassifyTask
+
+    original = ClassifyTask.training_step
+    calls = {"n": 0}
+
+    def interrupt_at_fourth_step(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ClassifyTask, "training_step", interrupt_at_fourth_step)
+    code, _, err = run(capsys, *args, "--out", tmp_path / "resumed")
+    assert code == 130 and "--resume" in err
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    monkeypatch.setattr(ClassifyTask, "training_step", original)
+    code, _, err = run(capsys, *args, "--out", tmp_path / "resumed", "--resume")
+    assert code == 0, err
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+
+
+def test_demo_fast_runs_end_to_end(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--fast", "--out", tmp_path / "demo")
+    assert code == 0, err
+    assert "demo finished" in out
+    for sub in ("pretrain", "classify", "classify-scratch"):
+        assert (tmp_path / "demo" / sub / "model.safetensors").is_file()
+
+
+# ---- bad input: one line, non-zero exit, nothing half-written ----------------------------------------
+
+
+def _one_line_error(code, err):
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_missing_data_path(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", "--data", tmp_path / "nope", "--out", tmp_path / "run", "--max-steps", "1")
+    line = _one_line_error(code, err)
+    assert "nope" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_task_and_unknown_key_and_bad_steps(capsys, shapes_dir, tmp_path):
+    line = _one_line_error(*run(capsys, "finetune", "--task", "juggle", "--data", shapes_dir, "--out", tmp_path / "a")[::2])
+    assert "juggle" in line and "classify" in line
+    line = _one_line_error(*run(capsys, "pretrain", "--data", shapes_dir, "--out", tmp_path / "b", "--set", "model.wings=2")[::2])
+    assert "model.wings" in line
+    line = _one_line_error(*run(capsys, "pretrain", "--data", shapes_dir, "--out", tmp_path / "c", "--max-steps", "0")[::2])
+    assert "positive" in line
+    line = _one_line_error(*run(capsys, "pretrain", "--data", shapes_dir, "--out", tmp_path / "d", "--bogus")[::2])
+    assert "--bogus" in line
+    for name in "abcd":
+        assert not (tmp_path / name).exists()
+
+
+def test_not_a_run_and_damaged_weights(capsys, tmp_path, pretrained):
+    line = _one_line_error(*run(capsys, "evaluate", "--run", tmp_path)[::2])
+    assert "not a run" in line
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (damaged / name).write_bytes((pretrained / name).read_bytes())
+    (damaged / "model.safetensors").write_bytes(b"\x00garbage")
+    line = _one_line_error(*run(capsys, "evaluate", "--run", damaged, "--data", "shapes")[::2])
+    assert "model.safetensors" in line
+
+
+def test_existing_output_is_never_overwritten(capsys, pretrained, shapes_dir):
+    before = (pretrained / "model.safetensors").read_bytes()
+    line = _one_line_error(*run(capsys, "pretrain", "--data", shapes_dir, "--out", pretrained, "--max-steps", "1")[::2])
+    assert "--resume" in line
+    assert (pretrained / "model.safetensors").read_bytes() == before
+
+
+def test_jsonl_with_broken_line(capsys, shapes_dir, tmp_path):
+    rows = (shapes_dir / "annotations.jsonl").read_text().splitlines()[:20]
+    rows[7] = rows[7][:-5]
+    bad = shapes_dir / "broken.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    try:
+        line = _one_line_error(*run(capsys, "pretrain", "--data", bad, "--out", tmp_path / "r", "--max-steps", "1")[::2])
+        assert "line 8" in line
+    finally:
+        bad.unlink()
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,179 @@
+"""User data: ImageFolder, JSONL/CSV, bad samples, splits, and image mode conversion."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen.data import DataError, image_to_tensor, load_dataset, open_image, to_rgb
+
+
+def _png(path, color=(200, 30, 30), size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _image_folder(root, per_class=5):
+    for cls, color in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
+        for i in range(per_class):
+            _png(root / cls / f"{i}.png", color)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    return root
+
+
+def _all_splits(spec, **kw):
+    return {s: load_dataset(str(spec), s, **kw) for s in ("train", "val", "test")}
+
+
+def test_image_folder_labels_and_seeded_split(tmp_path):
+    root = _image_folder(tmp_path / "pets", per_class=10)
+    splits = _all_splits(root, seed=1)
+    ids = {s: {d[i]["id"] for i in range(len(d))} for s, d in splits.items()}
+    assert sum(len(v) for v in ids.values()) == 20
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    for d in splits.values():
+        assert d.class_names == ["cat", "dog"] and d.has_labels and not d.has_text and d.skipped == []
+    sample = splits["train"][0]
+    assert sample["image"].mode == "RGB" and sample["label"] in ("cat", "dog")
+    assert {s: {d[i]["id"] for i in range(len(d))} for s, d in _all_splits(root, seed=1).items()} == ids
+    assert {d[i]["id"] for d in [load_dataset(str(root), "train", seed=2)] for i in range(len(d))} != ids["train"]
+    assert splits["train"].fast_images(8).shape == (len(splits["train"]), 3, 8, 8)
+
+
+def test_train_val_test_subfolders_are_respected(tmp_path):
+    for split, n in (("train", 4), ("val", 2), ("test", 3)):
+        _png(tmp_path / split / "a" / "x0.png")
+        for i in range(1, n):
+            _png(tmp_path / split / ("b" if split == "test" else "a") / f"x{i}.png")
+    sizes = {s: len(d) for s, d in _all_splits(tmp_path).items()}
+    assert sizes == {"train": 4, "val": 2, "test": 3}
+    assert load_dataset(str(tmp_path), "train").class_names == ["a", "b"]  # union across splits
+
+
+def test_jsonl_and_csv_with_relative_paths(tmp_path):
+    for i in range(10):
+        _png(tmp_path / "img" / f"{i}.png", (i * 20, 0, 0))
+    rows = [{"image": f"img/{i}.png", "caption": f"picture {i}", "label": "odd" if i % 2 else "even",
+             "question": "what number?", "answers": [str(i)], "boxes": [[0, 0, 4, 4]]} for i in range(10)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    csv_lines = ["filename,text,label"] + [f"img/{i}.png,picture {i},{'odd' if i % 2 else 'even'}" for i in range(10)]
+    (tmp_path / "data.csv").write_text("\n".join(csv_lines) + "\n")
+    for name in ("data.jsonl", "data.csv"):
+        splits = _all_splits(tmp_path / name)
+        texts = sorted(s["text"] for d in splits.values() for s in d)
+        assert texts == sorted(f"picture {i}" for i in range(10))
+        d = splits["train"]
+        assert d.has_text and d.class_names == ["even", "odd"]
+        s = d[0]
+        assert s["label"] == ("odd" if int(s["text"].split()[1]) % 2 else "even")
+    s = load_dataset(str(tmp_path / "data.jsonl"))[0]
+    assert s["questions"][0]["answer"] == s["text"].split()[1] and s["objects"][0]["box"] == [0, 0, 4, 4]
+
+
+def _bad_folder(tmp_path):
+    root = _image_folder(tmp_path / "bad", per_class=6)
+    good = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "dog" / "empty.png").write_bytes(b"")
+    (root / "dog" / "text.png").write_text("hello, I am not a PNG")
+    return root
+
+
+def test_bad_files_are_skipped_with_one_warning(tmp_path, caplog):
+    root = _bad_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="imagen.data"):
+        splits = _all_splits(root, on_bad_sample="skip")
+    assert sum(len(d) for d in splits.values()) == 12
+    skipped = sorted(p for d in splits.values() for p in d.skipped)
+    assert sorted(p.rsplit("/", 1)[1] for p in skipped) == ["empty.png", "text.png", "truncated.png"]
+    warnings = [r for r in caplog.records if r.name == "imagen.data" and r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 3 and all("skipped" in r.getMessage() for r in warnings)
+
+
+def test_bad_files_raise_with_on_bad_sample_error(tmp_path):
+    root = _bad_folder(tmp_path)
+    with pytest.raises(DataError, match=r"(empty|truncated|text)\.png"):
+        for split in ("train", "val", "test"):
+            load_dataset(str(root), split, on_bad_sample="error")
+
+
+def test_open_image_errors_name_the_file(tmp_path):
+    (tmp_path / "e.png").write_bytes(b"")
+    (tmp_path / "t.jpg").write_text("plain text")
+    for name in ("e.png", "t.jpg", "missing.png"):
+        with pytest.raises(DataError, match=name) as info:
+            open_image(tmp_path / name)
+        assert "\n" not in str(info.value)
+
+
+def test_broken_jsonl_line_names_line_number(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text('{"image": "a.png", "text": "x"}\n{"image": "a.png", "text": \n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2"):
+        load_dataset(str(tmp_path / "d.jsonl"))
+
+
+def test_rows_without_image_or_file_are_bad_samples(tmp_path):
+    for i in range(5):
+        _png(tmp_path / f"{i}.png")
+    rows = [{"image": f"{i}.png", "text": "ok"} for i in range(5)] + [{"text": "no image"}, {"image": "gone.png"}]
+    (tmp_path / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=r"annotations\.jsonl:6|gone\.png"):
+        _all_splits(tmp_path, on_bad_sample="error")
+    total = sum(len(d) for d in _all_splits(tmp_path).values())
+    assert total == 5
+
+
+def test_missing_path_empty_folder_and_bad_names(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="shapes, fashion-mnist, emoji"):
+        load_dataset("shpaes")
+    with pytest.raises(DataError, match="train, val, test"):
+        load_dataset("shapes", "validation")
+    with pytest.raises(DataError, match="color-shape"):
+        load_dataset("shapes", label="size")
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="no usable"):
+        load_dataset(str(only_bad))
+
+
+def test_mode_conversion_gives_sensible_rgb():
+    cases = {
+        "L": (Image.new("L", (4, 4), 128), (128, 128, 128)),
+        "LA": (Image.new("LA", (4, 4), (200, 0)), (0, 0, 0)),
+        "RGBA": (Image.new("RGBA", (4, 4), (255, 0, 0, 128)), (128, 0, 0)),
+        "CMYK": (Image.new("CMYK", (4, 4), (0, 255, 255, 0)), (255, 0, 0)),
+        "I;16": (Image.new("I;16", (4, 4), 65535), (255, 255, 255)),
+        "I;16 half": (Image.new("I;16", (4, 4), 32768), (128, 128, 128)),
+        "F": (Image.new("F", (4, 4), 1.0), (255, 255, 255)),
+        "1": (Image.new("1", (4, 4), 1), (255, 255, 255)),
+    }
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    cases["P"] = (pal, (10, 200, 30))
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 1
+    cases["P transparent"] = (pal_t, (0, 0, 0))
+    for name, (img, expect) in cases.items():
+        rgb = to_rgb(img)
+        assert rgb.mode == "RGB", name
+        assert np.abs(np.asarray(rgb)[0, 0].astype(int) - expect).max() <= 1, (name, np.asarray(rgb)[0, 0])
+
+
+def test_16bit_png_from_disk_and_tensor_resize(tmp_path):
+    arr = np.full((6, 8), 65535, dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "w.png")
+    assert np.asarray(open_image(tmp_path / "w.png")).min() == 255
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    t = image_to_tensor(img, 16)
+    assert t.shape == (3, 16, 16) and t.dtype.is_floating_point is False and int(t[2].min()) >= 250

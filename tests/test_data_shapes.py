@@ -1,0 +1,136 @@
+"""Shapes world: determinism, geometry, colours, captions, questions and writing to disk."""
+
+import json
+
+import numpy as np
+import pytest
+
+from imagen.data import DataError, ShapesWorld, open_image, load_dataset, shapes_class_names, write_shapes
+from imagen.data.shapes import COLORS, POSITIONS, SHAPES
+from imagen.data.shapes_text import COLOR_ZH, SHAPE_ZH
+
+N = 150
+
+
+def _samples(seed=0, size=32, lang="en", **kw):
+    world = ShapesWorld(seed=seed, size=size, lang=lang, **kw)
+    return [world.sample(i) for i in range(N)]
+
+
+def test_same_seed_same_pixels_different_seed_differs():
+    a, b = ShapesWorld(seed=3), ShapesWorld(seed=3)
+    for i in (0, 7, 1234):
+        assert np.array_equal(np.asarray(a.sample(i)["image"]), np.asarray(b.sample(i)["image"]))
+        assert a.sample(i)["text"] == b.sample(i)["text"]
+    c = ShapesWorld(seed=4)
+    assert any(not np.array_equal(np.asarray(a.sample(i)["image"]), np.asarray(c.sample(i)["image"]))
+               for i in range(5))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_objects_inside_canvas_non_overlapping_and_sized(size):
+    counts = set()
+    for s in _samples(size=size):
+        assert s["image"].mode == "RGB" and s["image"].size == (size, size)
+        objs = s["objects"]
+        counts.add(len(objs))
+        assert 1 <= len(objs) <= 3
+        for o in objs:
+            x0, y0, x1, y1 = o["box"]
+            assert all(isinstance(v, int) for v in o["box"])
+            assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
+            extent = (x1 - x0) / size
+            assert 0.25 <= extent <= 0.45
+            lo, hi = (0.25, 0.33) if o["size"] == "small" else (0.37, 0.45)
+            assert lo <= extent <= hi
+        for i, a in enumerate(objs):
+            for b in objs[i + 1:]:
+                ax0, ay0, ax1, ay1 = a["box"]
+                bx0, by0, bx1, by1 = b["box"]
+                assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, (a, b)
+    assert counts == {1, 2, 3}
+
+
+def test_centre_pixel_has_named_colour():
+    checked = 0
+    for s in _samples():
+        img = np.asarray(s["image"]).astype(int)
+        for o in s["objects"]:
+            if o["shape"] == "triangle":
+                continue
+            x0, y0, x1, y1 = o["box"]
+            px = img[(y0 + y1) // 2, (x0 + x1) // 2]
+            assert np.abs(px - np.array(COLORS[o["color"]])).max() <= 12, (o, px)
+            checked += 1
+    assert checked > 50
+    assert tuple(np.asarray(_samples()[0]["image"])[0, 0]) in {(16, 16, 16)} | {tuple(c) for c in COLORS.values()}
+
+
+def test_caption_names_every_object_and_positions_match():
+    for s in _samples():
+        for o in s["objects"]:
+            assert o["color"] in s["text"] and o["shape"] in s["text"], (s["text"], o)
+            x0, y0, x1, y1 = o["box"]
+            row, col = min(2, int((y0 + y1) / 2 * 3 / 32)), min(2, int((x0 + x1) / 2 * 3 / 32))
+            assert o["position"] == POSITIONS[row][col]
+
+
+def test_questions_and_labels_are_consistent():
+    types = set()
+    for s in _samples():
+        objs = s["objects"]
+        for q in s["questions"]:
+            types.add(q["type"])
+            if q["type"] == "count":
+                assert q["answer"] == str(len(objs))
+            if q["type"] == "exists":
+                assert q["answer"] in ("yes", "no")
+                named = q["question"][len("is there a "):-1]
+                assert (q["answer"] == "yes") == any(f"{o['color']} {o['shape']}" == named for o in objs)
+            if q["type"] == "color":
+                shape = q["question"].split()[-1].rstrip("?")
+                assert [o["color"] for o in objs if o["shape"] == shape] == [q["answer"]]
+        big = max(objs, key=lambda o: o["box"][2] - o["box"][0])
+        assert s["labels"]["count"] == str(len(objs))
+        assert s["labels"]["color-shape"] == f"{big['color']} {big['shape']}"
+    assert types == {"color", "shape", "count", "exists", "position", "relation"}
+
+
+def test_chinese_captions_use_chinese_words():
+    for s in _samples(lang="zh")[:60]:
+        for o in s["objects"]:
+            assert COLOR_ZH[o["color"]] in s["text"] and SHAPE_ZH[o["shape"]] in s["text"], s["text"]
+        assert not any(c in s["text"] for c in COLORS)
+
+
+def test_class_names_and_label_loading():
+    assert len(shapes_class_names("color-shape")) == 18
+    assert shapes_class_names("shape") == list(SHAPES)
+    assert shapes_class_names("count") == ["1", "2", "3"]
+    with pytest.raises(DataError, match="color-shape"):
+        shapes_class_names("size")
+    ds = load_dataset("shapes", "val", label="color-shape", n=80)
+    assert len(ds) == 10 and ds.class_names == shapes_class_names("color-shape")
+    assert all(len(ds[i]["objects"]) == 1 and ds[i]["label"] in ds.class_names for i in range(len(ds)))
+    train, test = load_dataset("shapes", "train", n=16), load_dataset("shapes", "test", n=16)
+    assert train[0]["text"] != test[0]["text"] or train[1]["text"] != test[1]["text"]
+    assert train.class_names is None and train[0]["label"] is None
+    assert load_dataset("shapes", n=8).fast_images(16).shape == (8, 3, 16, 16)
+
+
+def test_write_shapes_round_trip(tmp_path):
+    out = write_shapes(tmp_path / "ds", n=12, seed=5)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(12)]
+    rows = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and rows[0]["image"] == "images/000000.png"
+    world = ShapesWorld(seed=5)
+    assert [r["text"] for r in rows] == [world.sample(i)["text"] for i in range(12)]
+    assert np.array_equal(np.asarray(world.sample(3)["image"]), np.asarray(open_image(out / "images/000003.png")))
+    loaded = [load_dataset(str(out), split) for split in ("train", "val", "test")]
+    assert sorted(s["text"] for d in loaded for s in d) == sorted(r["text"] for r in rows)
+    assert any(s.get("questions") for s in loaded[0])
+    labelled = load_dataset(str(out), "train", label="shape")
+    assert labelled.class_names == sorted({r["labels"]["shape"] for r in rows}) and labelled[0]["label"] in SHAPES
+    with pytest.raises(DataError, match="not empty"):
+        write_shapes(out, n=2, seed=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dir cleaned up
