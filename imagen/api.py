@@ -89,7 +89,7 @@ def _load_splits(spec, seed, label, n, on_bad_sample, need_val=True):
 def _fit(rc: RunConfig, model, tokenizer, train_ds, val_ds, out: Path, resume: bool, image_size: int, use_text: bool):
     from imagen.train import Trainer
 
-    task = get_task(rc.task)()
+    task = get_task(rc.task)(rc)
     train_split = build_split(train_ds, image_size, tokenizer, rc.model.max_text_len, rc.class_names, use_text)
     val_split = build_split(val_ds, image_size, tokenizer, rc.model.max_text_len, rc.class_names, use_text) if val_ds is not None else None
     trainer = Trainer(model, task, train_split, val_split, rc.train, out, collate_fn=task.collate)
@@ -173,6 +173,7 @@ def finetune(
     freeze: str = "none",
     label: str | None = None,
     label_smoothing: float = 0.0,
+    augment: str = "none",
     resume: bool = False,
     n: int | None = None,
     on_bad_sample: str = "skip",
@@ -216,7 +217,7 @@ def finetune(
             task=task,
             model=model_cfg,
             train=_train_config(train_kwargs, {"lr": 1e-3, "weight_decay": 0.05}),
-            classify=ClassifyConfig(label=label or "label", label_smoothing=label_smoothing),
+            classify=ClassifyConfig(label=label or "label", label_smoothing=label_smoothing, augment=augment),
             class_names=list(train_ds.class_names),
             data=_data_info(data, seed, label, n),
             init_from=str(init_from) if init_from is not None else None,

@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", default="none", help="none, encoder (head only), or all-but-last-N (default: none)")
     p.add_argument("--label", default=None, help="Shapes label kind: shape, color, color-shape, count (default: color-shape)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: 0)")
+    p.add_argument("--augment", choices=("none", "shift", "shift-flip"), default="none", help="training augmentation: random shifts, and left-right flips (default: none)")
 
     p = sub.add_parser("evaluate", help="metrics of a run on a data split")
     p.add_argument("--run", required=True, help="run directory")
@@ -160,7 +161,7 @@ def run_command(args) -> int:
         return _report_fit(result, args.out, "imagen pretrain")
     if args.command == "finetune":
         result = api.finetune(args.task, args.data, args.out, init_from=args.init_from, preset=args.preset, freeze=args.freeze,
-                              label=args.label, label_smoothing=args.label_smoothing, resume=args.resume, n=args.n,
+                              label=args.label, label_smoothing=args.label_smoothing, augment=args.augment, resume=args.resume, n=args.n,
                               on_bad_sample=args.on_bad_sample, sets=args.sets, **_train_kwargs(args))
         return _report_fit(result, args.out, f"imagen finetune --task {args.task}")
     if args.command == "evaluate":

@@ -23,6 +23,7 @@ class EncoderConfig:
     image_size: int = 32
     patch_size: int = 4
     in_channels: int = 3
+    stem_channels: int = 32  # 3x3 conv before patchify; 0 = plain ViT patch projection
     vocab_size: int = 1024
     max_text_len: int = 32
     dim: int = 128
@@ -76,7 +77,13 @@ class ClassifyConfig:
 
     label: str = "color-shape"  # Shapes label kind: shape, color, color-shape, count
     label_smoothing: float = 0.0
-    pooling: str = "image"  # which pooled embedding feeds the head: image, text or fused
+    augment: str = "none"  # none | shift | shift-flip (training batches only)
+
+    def __post_init__(self):
+        if self.augment not in ("none", "shift", "shift-flip"):
+            raise ConfigError(f"unknown augmentation {self.augment!r}; choose none, shift or shift-flip")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import nn
 from imagen.config import TrainConfig
 from imagen.train import (MetricsLogger, autocast_context, build_optimizer, build_scheduler, lr_lambda,
                           move_to_device, resolve_device, resolve_precision)
-from imagen.train.device import batch_size_of, cpu_has_amx
+from imagen.train.device import batch_size_of, cpu_has_fast_bf16
 
 
 class Tagger(nn.Module):
@@ -92,7 +92,7 @@ def test_device_helpers():
     assert resolve_device("cpu") == torch.device("cpu")
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_amx() else "fp32")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
     with autocast_context(cpu, "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     batch = {"x": torch.ones(3, 2), "pair": (torch.zeros(3), [torch.zeros(1)]), "name": "a"}

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
+from imagen.data.augment import augment
 from imagen.data.cache import collate_batch, normalize_images
 
 
@@ -15,11 +16,16 @@ class ClassifyTask:
     name = "classify"
     monitor = ("accuracy", "max")
 
+    def __init__(self, run_config=None):
+        classify = getattr(run_config, "classify", None)
+        self.augment = classify.augment if classify is not None else "none"
+
     def collate(self, batch):
         return collate_batch(batch)
 
     def training_step(self, model, batch):
-        out = model(images=normalize_images(batch["images"]), labels=batch["labels"])
+        images = augment(batch["images"], self.augment)
+        out = model(images=normalize_images(images), labels=batch["labels"])
         acc = (out.logits.argmax(-1) == batch["labels"]).float().mean()
         return {"loss": out.loss, "acc": acc.detach()}
 

@@ -13,6 +13,9 @@ class PretrainTask:
     name = "pretrain"
     monitor = ("loss", "min")
 
+    def __init__(self, run_config=None):
+        self.run_config = run_config
+
     def collate(self, batch):
         return collate_batch(batch)
 

@@ -25,11 +25,28 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, the only CPUs where bf16 matmuls beat fp32."""
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: AMX tiles (Intel) or AVX512-BF16 (recent AMD and Intel).
+
+    Measured on a 2-core AVX512-BF16 machine: a ViT trained 2x faster under bf16 autocast than in fp32.
+    Elsewhere bf16 is emulated through fp32 conversions and is slower than plain fp32.
+    """
     capability = torch.backends.cpu.get_cpu_capability()
     amx_probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return "AMX" in capability.upper() or bool(amx_probe and amx_probe())
+    if "AMX" in capability.upper() or bool(amx_probe and amx_probe()):
+        return True
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -41,8 +58,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        # Without AMX, CPUs emulate bf16 matmuls through fp32 conversions, which is slower than plain fp32.
-        return "bf16" if cpu_has_amx() else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"  # mps bf16 autocast coverage is patchy; fp32 is the safe default there
 
 

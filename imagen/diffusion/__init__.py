@@ -1,0 +1,67 @@
+"""Diffusion core for Imagen (Saharia et al. 2022): noise schedules, forward process and loss, guidance, samplers.
+
+Nothing here owns a network: a denoiser is any callable `denoiser(x_t, t, **cond) -> prediction`.
+"""
+
+from imagen.diffusion.guidance import classifier_free_guidance
+from imagen.diffusion.process import (
+    OBJECTIVES,
+    min_snr_weight,
+    predict_eps_from_v,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    predict_x0_from_v,
+    q_sample,
+    training_loss,
+    uniform_timesteps,
+    v_target,
+)
+from imagen.diffusion.samplers import (
+    SAMPLERS,
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPP2MSampler,
+    Sampler,
+    make_sampler,
+    model_output_to_x0_eps,
+    sample,
+)
+from imagen.diffusion.schedules import (
+    NoiseSchedule,
+    cosine_beta_schedule,
+    extract,
+    linear_beta_schedule,
+    spaced_timesteps,
+)
+from imagen.diffusion.thresholding import THRESHOLDS, apply_threshold, dynamic_threshold, static_threshold
+
+__all__ = [
+    "NoiseSchedule",
+    "linear_beta_schedule",
+    "cosine_beta_schedule",
+    "extract",
+    "spaced_timesteps",
+    "OBJECTIVES",
+    "q_sample",
+    "predict_x0_from_eps",
+    "predict_eps_from_x0",
+    "v_target",
+    "predict_x0_from_v",
+    "predict_eps_from_v",
+    "min_snr_weight",
+    "training_loss",
+    "uniform_timesteps",
+    "classifier_free_guidance",
+    "THRESHOLDS",
+    "static_threshold",
+    "dynamic_threshold",
+    "apply_threshold",
+    "SAMPLERS",
+    "Sampler",
+    "DDPMSampler",
+    "DDIMSampler",
+    "DPMSolverPP2MSampler",
+    "make_sampler",
+    "model_output_to_x0_eps",
+    "sample",
+]

@@ -1,0 +1,99 @@
+"""The forward diffusion process, conversions between eps / x0 / v, and the training loss; owns no network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from imagen.diffusion.schedules import NoiseSchedule, extract
+
+OBJECTIVES = ("eps", "v", "x0")
+
+
+def _alpha_sigma(schedule: NoiseSchedule, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (B, 1, ..., 1) coefficients in x's dtype and device.
+    alpha = extract(schedule.sqrt_alphas_cumprod, t, x.shape).to(x)
+    sigma = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.shape).to(x)
+    return alpha, sigma
+
+
+def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Sample x_t ~ q(x_t | x_0) (Ho et al. 2020, eq. 4): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+    alpha, sigma = _alpha_sigma(schedule, t, x0)
+    return alpha * x0 + sigma * noise
+
+
+def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Invert eq. 4 of Ho et al. 2020 for x0: x0 = (x_t - sigma_t eps) / alpha_t."""
+    alpha, sigma = _alpha_sigma(schedule, t, x_t)
+    return (x_t - sigma * eps) / alpha
+
+
+def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Invert eq. 4 of Ho et al. 2020 for eps: eps = (x_t - alpha_t x0) / sigma_t."""
+    alpha, sigma = _alpha_sigma(schedule, t, x_t)
+    return (x_t - alpha * x0) / sigma
+
+
+def v_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Velocity target v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022, "Progressive Distillation", sec. 4)."""
+    alpha, sigma = _alpha_sigma(schedule, t, x0)
+    return alpha * noise - sigma * x0
+
+
+def predict_x0_from_v(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """x0 = alpha_t x_t - sigma_t v, since alpha^2 + sigma^2 = 1 (Salimans & Ho 2022)."""
+    alpha, sigma = _alpha_sigma(schedule, t, x_t)
+    return alpha * x_t - sigma * v
+
+
+def predict_eps_from_v(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """eps = sigma_t x_t + alpha_t v (Salimans & Ho 2022)."""
+    alpha, sigma = _alpha_sigma(schedule, t, x_t)
+    return sigma * x_t + alpha * v
+
+
+def uniform_timesteps(batch: int, T: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Draw integer timesteps uniformly from {0, ..., T-1} (Ho et al. 2020, Algorithm 1)."""
+    return torch.randint(0, T, (batch,), generator=generator, device=device)
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, objective: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 9 and sec. 3.4), expressed for each prediction target."""
+    clipped = snr.clamp(max=gamma)
+    if objective == "eps":  # the eps-loss is SNR times the x0-loss, so divide SNR back out
+        return clipped / snr
+    if objective == "v":  # the v-loss is (SNR + 1) times the x0-loss
+        return clipped / (snr + 1)
+    if objective == "x0":
+        return clipped
+    raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+
+
+def training_loss(
+    denoiser: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict | None = None,
+    *,
+    schedule: NoiseSchedule,
+    objective: str = "eps",
+    min_snr_gamma: float | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Simple diffusion loss (Ho et al. 2020, eq. 14) for an eps, v or x0 target; optional Min-SNR-gamma weights."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    noise = torch.randn_like(x0) if noise is None else noise
+    x_t = q_sample(schedule, x0, t, noise)
+    pred = denoiser(x_t, t, **(cond or {}))
+    target = {"eps": noise, "x0": x0}.get(objective)
+    if target is None:
+        target = v_target(schedule, x0, noise, t)
+    loss = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
+    if min_snr_gamma is not None:
+        snr = schedule.log_snr.to(t.device)[t].exp()  # (B,)
+        loss = loss * min_snr_weight(snr, min_snr_gamma, objective).to(loss)
+    return loss.mean()

@@ -1,0 +1,231 @@
+"""Reverse-process samplers (DDPM, DDIM, DPM-Solver++(2M)); they hold no weights and take a denoiser callable."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from imagen.diffusion.process import (
+    OBJECTIVES,
+    predict_eps_from_v,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    predict_x0_from_v,
+    q_sample,
+)
+from imagen.diffusion.schedules import NoiseSchedule, spaced_timesteps
+from imagen.diffusion.thresholding import THRESHOLDS, apply_threshold
+
+# Every sampler walks the timesteps of `spaced_timesteps` ("trailing": evenly spaced, starting at T-1) and takes
+# its last step from the smallest of them straight to t = -1, the clean data. Coefficients come from alphas_cumprod
+# at the strided timesteps, so any number of steps <= T is a valid respacing (Nichol & Dhariwal 2021, sec. 4).
+# Per-step scalars are Python floats (float64), so x keeps its own dtype.
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+class Sampler:
+    """Base sampler: `set_timesteps(n)`, then `step(pred_x0, eps, t, t_prev, x_t)` once per timestep."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+        self.timesteps: list[int] = []
+
+    def set_timesteps(self, steps: int) -> list[int]:
+        """Choose `steps` trailing timesteps starting at T-1 and forget any multistep history."""
+        self.timesteps = spaced_timesteps(self.schedule.num_timesteps, steps)
+        self.reset()
+        return self.timesteps
+
+    def reset(self) -> None:
+        """Forget state carried between steps (only multistep solvers have any)."""
+
+    def step(self, pred_x0, eps, t: int, t_prev: int, x_t, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling from the posterior q(x_{t_prev} | x_t, x0) (Ho et al. 2020, eqs. 6-7)."""
+
+    def posterior_coefficients(self, t: int, t_prev: int) -> tuple[float, float, float]:
+        """(coef_x0, coef_xt, variance) of eq. 7 for the (possibly strided) step t -> t_prev."""
+        abar_t, abar_prev = self.schedule.abar(t), self.schedule.abar(t_prev)
+        alpha = abar_t / abar_prev  # alpha of the strided step, so that abar_t = alpha * abar_prev
+        beta = 1.0 - alpha
+        coef_x0 = beta * math.sqrt(abar_prev) / (1.0 - abar_t)  # (7) mu~ first term
+        coef_xt = math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar_t)  # (7) mu~ second term
+        variance = beta * (1.0 - abar_prev) / (1.0 - abar_t)  # (7) beta~_t; zero for the step to clean data
+        return coef_x0, coef_xt, variance
+
+    def step(self, pred_x0, eps, t, t_prev, x_t, generator=None):
+        coef_x0, coef_xt, variance = self.posterior_coefficients(t, t_prev)
+        mean = coef_x0 * pred_x0 + coef_xt * x_t
+        if variance == 0.0:
+            return mean
+        return mean + math.sqrt(variance) * _randn_like(x_t, generator)
+
+
+class DDIMSampler(Sampler):
+    """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
+
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0):
+        super().__init__(schedule)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = eta
+
+    def step(self, pred_x0, eps, t, t_prev, x_t, generator=None):
+        abar_t, abar_prev = self.schedule.abar(t), self.schedule.abar(t_prev)
+        # (16): sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
+        sigma = self.eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+        # (12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
+        x_prev = math.sqrt(abar_prev) * pred_x0 + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+        if sigma == 0.0:
+            return x_prev
+        return x_prev + sigma * _randn_like(x_t, generator)
+
+
+class DPMSolverPP2MSampler(Sampler):
+    """DPM-Solver++(2M), multistep second order in data prediction (Lu et al. 2022, Algorithm 2)."""
+
+    def reset(self):
+        self._prev_x0: torch.Tensor | None = None
+        self._prev_h: float | None = None
+
+    def step(self, pred_x0, eps, t, t_prev, x_t, generator=None):
+        alpha_s, sigma_s = self.schedule.alpha_sigma(t)
+        alpha_t, sigma_t = self.schedule.alpha_sigma(t_prev)
+        if sigma_t == 0.0:
+            # Final step to clean data: first order ("lower_order_final"); with sigma_t = 0 the update is x0 itself.
+            self.reset()
+            return pred_x0
+        h = self.schedule.half_log_snr(t_prev) - self.schedule.half_log_snr(t)  # h_i = lambda_{t_i} - lambda_{t_i-1}
+        if self._prev_x0 is None:
+            D = pred_x0  # first step: first order (DPM-Solver++(1) = DDIM)
+        else:
+            r = self._prev_h / h
+            D = (1 + 1 / (2 * r)) * pred_x0 - 1 / (2 * r) * self._prev_x0  # D_i = (1 + 1/2r) x0_i - 1/2r x0_{i-1}
+        # x_{t_i} = (sigma_{t_i} / sigma_{t_i-1}) x_{t_i-1} - alpha_{t_i} (e^{-h_i} - 1) D_i
+        x_prev = (sigma_t / sigma_s) * x_t - alpha_t * math.expm1(-h) * D
+        self._prev_x0, self._prev_h = pred_x0, h
+        return x_prev
+
+
+SAMPLERS = {"dpmpp2m": DPMSolverPP2MSampler, "ddim": DDIMSampler, "ddpm": DDPMSampler}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, eta: float = 0.0) -> Sampler:
+    """Build a sampler by name: "dpmpp2m", "ddim" or "ddpm" (`eta` applies to DDIM only)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    if name == "ddim":
+        return DDIMSampler(schedule, eta)
+    if eta != 0.0:
+        raise ValueError(f"eta={eta} only applies to the 'ddim' sampler, not {name!r}")
+    return SAMPLERS[name](schedule)
+
+
+def model_output_to_x0_eps(
+    schedule: NoiseSchedule,
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    objective: str = "eps",
+    threshold: str = "dynamic",
+    percentile: float = 0.995,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a denoiser's eps / v / x0 output into (thresholded pred_x0, eps consistent with it)."""
+    if objective == "eps":
+        pred_x0, eps = predict_x0_from_eps(schedule, x_t, t, model_output), model_output
+    elif objective == "v":
+        pred_x0 = predict_x0_from_v(schedule, x_t, t, model_output)
+        eps = predict_eps_from_v(schedule, x_t, t, model_output)
+    elif objective == "x0":
+        pred_x0, eps = model_output, predict_eps_from_x0(schedule, x_t, t, model_output)
+    else:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    if threshold == "none":
+        return pred_x0, eps
+    pred_x0 = apply_threshold(pred_x0, threshold, percentile)
+    # Re-derive eps from the clipped x0 so the update stays on the line through x_t (as in guided-diffusion's DDIM).
+    return pred_x0, predict_eps_from_x0(schedule, x_t, t, pred_x0)
+
+
+def _noise_to(schedule: NoiseSchedule, x0: torch.Tensor, t: int, generator) -> torch.Tensor:
+    # q_sample at a scalar timestep; t = -1 returns x0 itself.
+    if t < 0:
+        return x0
+    t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+    return q_sample(schedule, x0, t_batch, _randn_like(x0, generator))
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Callable[..., torch.Tensor],
+    shape,
+    *,
+    schedule: NoiseSchedule,
+    sampler: str = "dpmpp2m",
+    steps: int = 25,
+    objective: str = "eps",
+    threshold: str = "dynamic",
+    percentile: float = 0.995,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    x_T: torch.Tensor | None = None,
+    cond: dict | None = None,
+    init_x0: torch.Tensor | None = None,
+    strength: float = 1.0,
+    inpaint_mask: torch.Tensor | None = None,
+    known_x0: torch.Tensor | None = None,
+    callback: Callable | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Draw x0 from `denoiser(x_t, t, **cond)` by reverse diffusion (text-to-image, image-to-image, inpainting).
+
+    Image-to-image (SDEdit, Meng et al. 2022): `init_x0` is noised to the timestep reached after skipping the
+    first (1 - strength) of the steps, and sampling runs the rest. Inpainting (RePaint, Lugmayr et al. 2022):
+    `inpaint_mask` is 1 where pixels are generated and 0 where `known_x0` is kept; after every step the known
+    region is replaced by `known_x0` noised to the new timestep, so the result equals `known_x0` there.
+    `x_T` fixes the starting noise; `callback(i, t, x_t, pred_x0)` sees every step.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"unknown threshold {threshold!r}; choose one of {list(THRESHOLDS)}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if (inpaint_mask is None) != (known_x0 is None):
+        raise ValueError("inpainting needs both inpaint_mask and known_x0")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    solver = make_sampler(sampler, schedule, eta)
+    timesteps = solver.set_timesteps(steps)
+    cond = cond or {}
+
+    x = x_T if x_T is not None else torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if init_x0 is not None:
+        timesteps = timesteps[steps - max(1, round(strength * steps)) :]
+        t_start = torch.full((x.shape[0],), timesteps[0], dtype=torch.long, device=x.device)
+        x = q_sample(schedule, init_x0.to(x), t_start, x)  # x_T serves as the noise of the forward jump
+    if inpaint_mask is not None:
+        inpaint_mask, known_x0 = inpaint_mask.to(x), known_x0.to(x)
+        x = inpaint_mask * x + (1 - inpaint_mask) * _noise_to(schedule, known_x0, timesteps[0], generator)
+
+    # The denoising loop, written once for every sampler.
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        model_output = denoiser(x, t_batch, **cond)
+        pred_x0, eps = model_output_to_x0_eps(schedule, model_output, x, t_batch, objective, threshold, percentile)
+        x = solver.step(pred_x0, eps, t, t_prev, x, generator)
+        if inpaint_mask is not None:
+            x = inpaint_mask * x + (1 - inpaint_mask) * _noise_to(schedule, known_x0, t_prev, generator)
+        if callback is not None:
+            callback(i, t, x, pred_x0)
+    return x

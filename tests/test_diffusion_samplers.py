@@ -1,0 +1,217 @@
+"""Samplers against the published update rules (hand-computed in float math) and against known distributions."""
+
+import math
+
+import pytest
+import torch
+
+from imagen.diffusion import (
+    SAMPLERS,
+    DDIMSampler,
+    DDPMSampler,
+    NoiseSchedule,
+    make_sampler,
+    sample,
+)
+
+T = 1000
+LINEAR = NoiseSchedule.from_name("linear", T=T)
+COSINE = NoiseSchedule.from_name("cosine", T=T)
+_BETAS = [1e-4 + i * (0.02 - 1e-4) / (T - 1) for i in range(T)]  # Ho et al. 2020, sec. 4
+
+
+def _abar(t):
+    """alphas_cumprod of the linear schedule, by hand; 1 for t = -1 (clean data)."""
+    return math.prod(1 - b for b in _BETAS[: t + 1])
+
+
+def _x(seed=0, shape=(2, 3, 4)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class Recorder:
+    """Wraps a denoiser and keeps every (x_t, t) it was called with."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x_t, t, **cond):
+        self.calls.append((x_t.clone(), t.clone()))
+        return self.fn(x_t, t)
+
+
+def _trajectory(denoiser, **kw):
+    xs = []
+    out = sample(denoiser, None, callback=lambda i, t, x, pred_x0: xs.append(x.clone()), **kw)
+    return xs, out
+
+
+def test_ddim_eta0_step_is_eq_12():
+    x_T, eps = _x(0), 0.1
+    xs, _ = _trajectory(lambda x, t: torch.full_like(x, eps), schedule=LINEAR, sampler="ddim", steps=2, x_T=x_T,
+                        threshold="none")
+    a_t, a_prev = _abar(999), _abar(499)  # steps=2 -> timesteps [999, 499]
+    pred_x0 = (x_T - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    expected = math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev) * eps  # (12) with sigma = 0
+    torch.testing.assert_close(xs[0], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_ddim_eta1_noise_follows_sigma_formula():
+    x_t, pred_x0, eps = _x(1), _x(2).clamp(-1, 1), _x(3)
+    t, t_prev = 600, 350
+    out = DDIMSampler(LINEAR, eta=1.0).step(pred_x0, eps, t, t_prev, x_t, torch.Generator().manual_seed(7))
+    a_t, a_prev = _abar(t), _abar(t_prev)
+    sigma = math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)  # (16) with eta = 1
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    expected = math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * z
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    # eta = 1 is DDPM's posterior variance.
+    assert sigma**2 == pytest.approx(DDPMSampler(LINEAR).posterior_coefficients(t, t_prev)[2], rel=1e-9)
+
+
+@pytest.mark.parametrize("t, t_prev", [(500, 499), (1, 0), (600, 350)])
+def test_ddpm_posterior_is_eq_7(t, t_prev):
+    a_t, a_prev = _abar(t), _abar(t_prev)
+    # For a strided step the effective beta is 1 - abar_t / abar_prev; unstrided it is beta_t itself.
+    beta = _BETAS[t] if t_prev == t - 1 else 1 - a_t / a_prev
+    coef_x0 = beta * math.sqrt(a_prev) / (1 - a_t)
+    coef_xt = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
+    var = beta * (1 - a_prev) / (1 - a_t)
+    assert DDPMSampler(LINEAR).posterior_coefficients(t, t_prev) == pytest.approx((coef_x0, coef_xt, var), rel=1e-9)
+
+    x_t, pred_x0 = _x(1), _x(2)
+    out = DDPMSampler(LINEAR).step(pred_x0, None, t, t_prev, x_t, torch.Generator().manual_seed(3))
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(out, coef_x0 * pred_x0 + coef_xt * x_t + math.sqrt(var) * z, rtol=1e-9, atol=1e-9)
+
+
+def test_dpmpp2m_matches_algorithm_2():
+    f = lambda x, t: 0.8 * torch.tanh(x) + 1e-4 * t.double()[:, None, None]  # noqa: E731  a known x0(x_t, t)
+    x_T = _x(4)
+    xs, out = _trajectory(f, schedule=LINEAR, sampler="dpmpp2m", steps=3, x_T=x_T, objective="x0", threshold="none")
+    ts = [999, 666, 332]  # trailing spacing for 3 steps, then clean data
+
+    def alpha_sigma_lam(t):
+        a = math.sqrt(_abar(t))
+        s = math.sqrt(1 - _abar(t))
+        return a, s, math.log(a / s)
+
+    a0, s0, l0 = alpha_sigma_lam(ts[0])
+    a1, s1, l1 = alpha_sigma_lam(ts[1])
+    a2, s2, l2 = alpha_sigma_lam(ts[2])
+    t0 = lambda t: torch.full((2,), t)  # noqa: E731
+    # Step 1, first order: x_1 = (s1/s0) x_0 - a1 (e^{-h1} - 1) x0_0
+    x0_0 = f(x_T, t0(ts[0]))
+    h1 = l1 - l0
+    x1 = (s1 / s0) * x_T - a1 * (math.exp(-h1) - 1) * x0_0
+    torch.testing.assert_close(xs[0], x1, rtol=1e-9, atol=1e-9)
+    # Step 2, second order: r = h1/h2, D = (1 + 1/2r) x0_1 - 1/2r x0_0
+    x0_1 = f(x1, t0(ts[1]))
+    h2 = l2 - l1
+    r = h1 / h2
+    D = (1 + 1 / (2 * r)) * x0_1 - 1 / (2 * r) * x0_0
+    x2 = (s2 / s1) * x1 - a2 * (math.exp(-h2) - 1) * D
+    torch.testing.assert_close(xs[1], x2, rtol=1e-9, atol=1e-9)
+    # Final step to sigma = 0, first order: the data prediction itself.
+    torch.testing.assert_close(out, f(x2, t0(ts[2])), rtol=1e-12, atol=1e-12)
+
+
+def _point_denoiser(schedule, c, objective):
+    """The exact optimal denoiser for the one-point dataset {c}, for each objective."""
+
+    def den(x_t, t):
+        a = schedule.sqrt_alphas_cumprod[t].reshape(-1, 1).to(x_t)
+        s = schedule.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1).to(x_t)
+        eps = (x_t - a * c) / s
+        return {"eps": eps, "x0": c.expand_as(x_t), "v": a * eps - s * c}[objective]
+
+    return den
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
+@pytest.mark.parametrize("schedule", [COSINE, LINEAR], ids=["cosine", "linear"])
+def test_samplers_recover_single_point(sampler, objective, schedule):
+    c = torch.tensor([0.7, -0.3, 0.05, -0.95])
+    out = sample(_point_denoiser(schedule, c, objective), (8, 4), schedule=schedule, sampler=sampler, steps=10,
+                 objective=objective, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, c.expand(8, 4), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler, steps", [("dpmpp2m", 20), ("ddpm", 250)])
+def test_gaussian_data_is_reproduced(sampler, steps):
+    mu, std = 0.3, 0.5
+
+    def den(x_t, t):  # optimal eps for x0 ~ N(mu, std^2 I): E[eps | x_t] = sigma (x_t - alpha mu) / Var[x_t]
+        a = COSINE.sqrt_alphas_cumprod[t].reshape(-1, 1).to(x_t)
+        s = COSINE.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1).to(x_t)
+        return s * (x_t - a * mu) / (a**2 * std**2 + s**2)
+
+    out = sample(den, (2000, 3), schedule=COSINE, sampler=sampler, steps=steps, threshold="none",
+                 generator=torch.Generator().manual_seed(0))
+    assert out.mean().item() == pytest.approx(mu, abs=0.05)
+    assert out.std().item() == pytest.approx(std, abs=0.05)
+
+
+def test_img2img_starts_from_noised_init():
+    init, x_T = _x(5).clamp(-1, 1), _x(6)
+    den = Recorder(lambda x, t: torch.zeros_like(x))
+    calls = []
+    sample(den, None, schedule=LINEAR, sampler="ddim", steps=10, x_T=x_T, init_x0=init, strength=0.3,
+           threshold="none", callback=lambda i, t, x, p: calls.append(t))
+    assert calls == [299, 199, 99]  # the last 3 of the 10 trailing timesteps
+    x_first, t_first = den.calls[0]
+    assert t_first.tolist() == [299, 299]
+    torch.testing.assert_close(x_first, math.sqrt(_abar(299)) * init + math.sqrt(1 - _abar(299)) * x_T,
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_inpainting_keeps_known_region(sampler):
+    c = torch.tensor([0.5, -0.5, 0.25, 0.0])
+    known = torch.tensor([-0.9, 0.8, 0.1, 0.6]).expand(3, 4)
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])  # 1 = generate, 0 = keep known_x0
+    x_T = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    den = Recorder(_point_denoiser(COSINE, c, "eps"))
+    out = sample(den, (3, 4), schedule=COSINE, sampler=sampler, steps=8, x_T=x_T, inpaint_mask=mask, known_x0=known,
+                 threshold="static", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out[:, 1::2], known[:, 1::2])  # exactly the known image at the end
+    torch.testing.assert_close(out[:, ::2], c[::2].expand(3, 2), rtol=0, atol=1e-3)
+    # Before the first step the known region is q_sample(known_x0, T-1) with the generator's first draw.
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    a, s = COSINE.alpha_sigma(999)
+    x_first = den.calls[0][0]
+    torch.testing.assert_close(x_first[:, 1::2], (a * known + s * z)[:, 1::2])
+    assert torch.equal(x_first[:, ::2], x_T[:, ::2])
+
+
+def test_sample_is_seeded_and_calls_back_every_step():
+    den = _point_denoiser(COSINE, torch.zeros(2), "eps")
+    seen = []
+    a = sample(lambda x, t: den(x, t) + 0.1, (4, 2), schedule=COSINE, sampler="ddpm", steps=5,
+               generator=torch.Generator().manual_seed(0), callback=lambda i, t, x, p: seen.append((i, t)))
+    b = sample(lambda x, t: den(x, t) + 0.1, (4, 2), schedule=COSINE, sampler="ddpm", steps=5,
+               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert seen == [(0, 999), (1, 799), (2, 599), (3, 399), (4, 199)]
+    assert a.abs().max() <= 1.0  # dynamic thresholding keeps pred_x0, hence the sample, in [-1, 1]
+
+
+def test_bad_arguments_fail_with_one_line():
+    den = lambda x, t: x  # noqa: E731
+    with pytest.raises(ValueError, match=r"unknown sampler 'euler'.*dpmpp2m.*ddim.*ddpm"):
+        sample(den, (1, 2), schedule=COSINE, sampler="euler")
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            sample(den, (1, 2), schedule=COSINE, steps=bad)
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 1000\]"):
+        sample(den, (1, 2), schedule=COSINE, steps=1001)
+    with pytest.raises(ValueError, match=r"unknown objective 'score'.*eps.*v.*x0"):
+        sample(den, (1, 2), schedule=COSINE, objective="score")
+    with pytest.raises(ValueError, match=r"unknown threshold 'soft'.*dynamic.*static.*none"):
+        sample(den, (1, 2), schedule=COSINE, threshold="soft")
+    with pytest.raises(ValueError, match="both inpaint_mask and known_x0"):
+        sample(den, (1, 2), schedule=COSINE, known_x0=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="only applies to the 'ddim'"):
+        make_sampler("ddpm", COSINE, eta=0.5)
