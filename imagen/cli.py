@@ -86,6 +86,15 @@ def _train_kwargs(args) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def _sizes(text):
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        from imagen.config import ConfigError
+
+        raise ConfigError(f"--sizes {text!r} must be comma-separated integers, e.g. 16,32") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="imagen", description="Imagen: multimodal pretraining, fine-tuning and text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
@@ -132,6 +141,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("files", nargs="+", metavar="FILE", help="image files")
 
+    p = sub.add_parser("train-t2i", help="train the text-to-image cascade (base + super-resolution stages)")
+    _add_data_args(p)
+    _add_train_args(p, lr=1e-3, batch_size=32, epochs=1)
+    p.add_argument("--stage", default=None, help="train only this stage (base, sr1, ...) (default: every stage)")
+    p.add_argument("--sizes", default="16,32", help="resolution of each stage, base first (default: 16,32)")
+    p.add_argument("--text-encoder", default="trainable", help="trainable (a small Transformer trained with the U-Nets), minilm (frozen all-MiniLM-L6-v2), an imagen pretraining run, or a local Hugging Face model folder (default: trainable)")
+    p.add_argument("--sr-max-steps", type=_positive_int, default=None, help="optimiser steps for super-resolution stages (default: --max-steps)")
+    p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
+
+    p = sub.add_parser("generate", help="sample images from text with a trained cascade")
+    p.add_argument("--run", required=True, help="text-to-image run directory")
+    p.add_argument("prompt", nargs="?", default=None, help="the text prompt (or use --prompts FILE)")
+    p.add_argument("--prompts", default=None, help="a text file with one prompt per line (blank lines are skipped)")
+    p.add_argument("--out", default=None, help="PNG file for a grid of all samples (with a single prompt)")
+    p.add_argument("--out-dir", default=None, help="folder for one PNG per (prompt, sample) plus index.jsonl")
+    p.add_argument("--n", type=_positive_int, default=4, help="samples per prompt (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same pictures (default: 0)")
+    p.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--sampler", default="dpmpp2m", help="dpmpp2m, ddim or ddpm (default: dpmpp2m)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale, 1 = off (default: 5)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--threshold", default="dynamic", help="dynamic, static or none (default: dynamic)")
+    p.add_argument("--aug-level", type=float, default=0.1, help="noise-augmentation level of the low-res image at each SR stage (default: 0.1)")
+    p.add_argument("--stage", default=None, help="stop after this stage (e.g. base) (default: the whole cascade)")
+    p.add_argument("--init-image", default=None, help="image-to-image: start from this image")
+    p.add_argument("--strength", type=float, default=0.6, help="image-to-image / inpainting: share of the steps to run (default: 0.6)")
+    p.add_argument("--mask", default=None, help="inpainting: a mask image, white where pixels are regenerated (needs --init-image)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+
     p = sub.add_parser("demo", help="the whole pipeline on built-in data, small enough for a CPU")
     p.add_argument("--out", default=None, help="directory for the demo's runs (default: runs/demo-<time>)")
     p.add_argument("--fast", action="store_true", help="a much shorter demo (a smoke test)")
@@ -177,6 +216,32 @@ def run_command(args) -> int:
                 print(json.dumps(r, ensure_ascii=False))
             else:
                 print(f"{r['file']}\t{r['label']}\t{r['probability']:.4f}" + "".join(f"\t{t['label']}:{t['probability']:.3f}" for t in r["top"][1:]))
+        return 0
+    if args.command == "train-t2i":
+        import imagen.generation as gen
+
+        sizes = _sizes(args.sizes)
+        kw = _train_kwargs(args)
+        results = gen.train_t2i(args.data, args.out, stage=args.stage, sizes=sizes, text_encoder=args.text_encoder,
+                                resume=args.resume, n=args.n, sr_max_steps=args.sr_max_steps, sample_every=args.sample_every,
+                                on_bad_sample=args.on_bad_sample, sets=args.sets, **kw)
+        for name, result in results.items():
+            if result.status == "interrupted":
+                print(f"stage {name} interrupted at step {result.step}; checkpoint saved. Continue with: imagen train-t2i --out {args.out} --resume", file=sys.stderr)
+                return 130
+            print(f"stage {name}: {result.status} at step {result.step}")
+        print(f"run saved to {args.out}; sample with: imagen generate --run {args.out} \"PROMPT\" --out grid.png")
+        return 0
+    if args.command == "generate":
+        import imagen.generation as gen
+
+        prompts = gen.read_prompts(args.prompt, args.prompts)
+        files = gen.generate_to_files(args.run, prompts, out=args.out, out_dir=args.out_dir, n=args.n, seed=args.seed,
+                                      steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
+                                      negative=args.negative, threshold=args.threshold, aug_level=args.aug_level,
+                                      stage=args.stage, init_image=args.init_image, strength=args.strength, mask=args.mask,
+                                      device=args.device)
+        print(f"wrote {files[0] if args.out else args.out_dir} ({len(prompts)} prompt(s) x {args.n} sample(s))")
         return 0
     if args.command == "demo":
         from imagen.demo import run_demo

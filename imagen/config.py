@@ -184,20 +184,28 @@ def _coerce(value: str, current: Any, key: str) -> Any:
 
 
 def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> None:
-    """Apply ``section.key=value`` overrides in place; unknown sections or keys are errors."""
+    """Apply ``section.key=value`` (or ``section.sub.key=value``) overrides in place; unknown keys are errors."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         dotted, value = item.split("=", 1)
-        section, _, key = dotted.partition(".")
-        if section not in configs or not key:
+        parts = dotted.split(".")
+        if parts[0] not in configs or len(parts) < 2:
             raise ConfigError(f"unknown config key {dotted!r}; sections are: {', '.join(sorted(configs))}")
-        cfg = configs[section]
-        names = {f.name for f in dataclasses.fields(cfg)}
-        if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys in {section}: {', '.join(sorted(names))}")
+        chain = [configs[parts[0]]]
+        for depth, key in enumerate(parts[1:], start=1):
+            cfg = chain[-1]
+            names = {f.name for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else set()
+            if key not in names:
+                where = ".".join(parts[:depth])
+                raise ConfigError(f"unknown config key {dotted!r}; valid keys in {where}: {', '.join(sorted(names)) or '(none)'}")
+            if depth < len(parts) - 1:
+                chain.append(getattr(cfg, key))
+        cfg, key = chain[-1], parts[-1]
         setattr(cfg, key, _coerce(value, getattr(cfg, key), dotted))
-        cfg.__post_init__()  # re-validate
+        for c in reversed(chain):  # re-validate from the innermost config out
+            if hasattr(c, "__post_init__"):
+                c.__post_init__()
 
 
 def encoder_config(preset: str = "tiny", **overrides) -> EncoderConfig:

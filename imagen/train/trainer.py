@@ -2,7 +2,8 @@
 
 The trainer knows nothing about models or tasks. A task is any object with
 `training_step(model, batch) -> {"loss": tensor, ...scalars}`, `validation_step(model, batch) -> {...tensors}`,
-`compute_metrics(outputs) -> {name: float}`, `monitor = (metric name, "max" | "min")` and optionally `collate`.
+`compute_metrics(outputs) -> {name: float}`, `monitor = (metric name, "max" | "min")` and optionally `collate`
+and `on_optimizer_step(model, step)` (called after every update, e.g. for EMA weights).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # Optional task hook run after every optimiser step: `task.on_optimizer_step(model, step)`.
+        self._step_hook = getattr(task, "on_optimizer_step", None)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg)
 
@@ -189,6 +192,8 @@ class Trainer:
                     continue  # the accumulation group is not complete yet
                 with sigint_deferred():  # so a Ctrl-C never lands between an update and its snapshot
                     self._optimizer_step(state)
+                    if self._step_hook is not None:  # e.g. EMA weights, sample grids
+                        self._step_hook(self.model, state.step)
                     bar.update(1)
                     if state.step % max(1, self.cfg.log_every) == 0 or state.step >= self.total_steps:
                         self._log_train(state, logger, bar)

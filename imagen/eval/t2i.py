@@ -1,0 +1,303 @@
+"""Text-to-image evaluation on the Shapes world: compositional accuracy, FID and a CLIPScore-style alignment.
+
+- `compositional_prompts` draws held-out Shapes scenes and words them with the dataset's own templates, in three
+  categories: "single" ("a red circle", optionally "... in the top left"), "relation" ("a red circle to the
+  left of a blue square") and "count" ("two green triangles"). Each prompt carries its expected facts.
+- A generator's images are read back by `ShapesEvaluator` (imagen.eval.evaluator) and `score_scene` checks
+  the facts (GenEval-style, on a world where the checker can be trained to near-perfect accuracy).
+- `fid` is the Fréchet distance between Gaussian fits of features from a network the project trains itself
+  (the evaluator's penultimate layer by default): no Inception weights exist offline. `inception_fid` takes
+  a TorchScript Inception feature extractor that a user supplies (nothing is downloaded).
+- `alignment_score` is CLIPScore (Hessel et al. 2021) with our pretrained encoder's ITC projections.
+
+Expected scene facts (a dict): {"objects": [{"color", "shape", "cell": (row, col) or None, "box": [x0, y0, x1,
+y1]}], "count": k, "relation": {"subject": i, "object": j, "relation": "left of"} or None, "canvas": S}.
+A non-None "cell" means the prompt states the object's position; "box" (pixels on an S canvas) lets
+`render_expected` draw the true scene.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imagen.data.cache import normalize_images
+from imagen.data.shapes import POSITIONS, ShapesWorld, relation, render
+from imagen.data.shapes_text import RELATION_ZH, _group_phrase, _name, _phrase_en, _phrase_zh
+
+from .evaluator import EvalError, ShapesEvaluator
+
+CATEGORIES = ("single", "relation", "count")
+PROMPT_SEED = 20_000  # default held-out seed stream, disjoint from dataset splits and the evaluator's training
+RELATION_TOLERANCE = 0.05  # fraction of the canvas by which the off axis may exceed the relation's axis
+CELL_OF_POSITION = {word: (r, c) for r, row in enumerate(POSITIONS) for c, word in enumerate(row)}
+
+
+# --- prompts ----------------------------------------------------------------------------------------
+
+
+def _fact(obj: dict, with_pos: bool) -> dict:
+    return {"color": obj["color"], "shape": obj["shape"], "box": list(obj["box"]),
+            "cell": CELL_OF_POSITION[obj["position"]] if with_pos else None}
+
+
+def _scenes(seed: int, size: int, n_objects: int, offset: int):
+    """Held-out ShapesWorld scenes with exactly n_objects objects (seed stream [seed + offset, i])."""
+    world = ShapesWorld(seed=seed + offset, size=size, min_objects=n_objects, max_objects=n_objects)
+    for i in itertools.count():
+        objects = world.sample(i)["objects"]
+        if len(objects) == n_objects:  # placement may drop an object that does not fit
+            yield i, objects
+
+
+def compositional_prompts(n_per_category: int, seed: int = PROMPT_SEED, lang: str = "en", size: int = 32) -> list[dict]:
+    """n_per_category prompts of each category: [{"prompt", "category", "expected"}], deterministic in seed."""
+    if lang not in ("en", "zh"):
+        raise EvalError(f"unknown prompt language {lang!r}; choose 'en' or 'zh'")
+    out: list[dict] = []
+    phrase = _phrase_zh if lang == "zh" else _phrase_en
+    # single: one object, its position stated in half of the prompts
+    for j, (_, objects) in enumerate(itertools.islice(_scenes(seed, size, 1, 0), n_per_category)):
+        with_pos = j % 2 == 1
+        out.append({"prompt": phrase(objects[0], False, with_pos), "category": "single",
+                    "expected": {"objects": [_fact(objects[0], with_pos)], "count": 1, "relation": None, "canvas": size}})
+    # relation: two different colour-shapes and the generator's relation of the first to the second
+    scenes = ((i, o) for i, o in _scenes(seed, size, 2, 1) if _name(o[0], "en") != _name(o[1], "en"))
+    for _, (a, b) in itertools.islice(scenes, n_per_category):
+        rel = relation(a, b)
+        if lang == "zh":
+            text = f"{_name(a, lang)}在{_name(b, lang)}的{RELATION_ZH[rel]}"
+        else:
+            text = f"a {_name(a, lang)} {({'left of': 'to the left of', 'right of': 'to the right of'}).get(rel, rel)} a {_name(b, lang)}"
+        out.append({"prompt": text, "category": "relation",
+                    "expected": {"objects": [_fact(a, False), _fact(b, False)], "count": 2,
+                                 "relation": {"subject": 0, "object": 1, "relation": rel}, "canvas": size}})
+    # count: two or three identical objects (placement from a real scene, then one colour-shape for all)
+    streams = {k: _scenes(seed, size, k, 1 + k) for k in (2, 3)}
+    for j in range(n_per_category):
+        k = 2 + j % 2
+        _, objects = next(streams[k])
+        rng = np.random.default_rng([seed, 7, j])
+        color, shape = objects[int(rng.integers(k))]["color"], objects[int(rng.integers(k))]["shape"]
+        facts = [{"color": color, "shape": shape, "box": list(o["box"]), "cell": None} for o in objects]
+        out.append({"prompt": _group_phrase(color, shape, k, lang), "category": "count",
+                    "expected": {"objects": facts, "count": k, "relation": None, "canvas": size}})
+    return out
+
+
+def render_expected(expected: dict, size: int | None = None) -> torch.Tensor:
+    """The true scene of a prompt drawn the Shapes way: uint8 (3, S, S); boxes rescale to another canvas size."""
+    canvas = int(expected.get("canvas", 32))
+    size = int(size or canvas)
+    scale = size / canvas
+    objects = [{"color": o["color"], "shape": o["shape"], "box": [round(v * scale) for v in o["box"]]}
+               for o in expected["objects"]]
+    return torch.from_numpy(np.asarray(render(objects, size)).copy()).permute(2, 0, 1).contiguous()
+
+
+def reference_generator(prompts: Sequence[dict], size: int | None = None) -> Callable[[list[str]], torch.Tensor]:
+    """A perfect 'generator' for sanity checks: returns each prompt's true scene (looked up by prompt text)."""
+    truth = {p["prompt"]: p["expected"] for p in prompts}
+    return lambda texts: torch.stack([render_expected(truth[t], size) for t in texts])
+
+
+# --- scoring -------------------------------------------------------------------------------------------
+
+
+def _center(obj: dict) -> tuple[float, float]:
+    """Predicted object centre in canvas fractions; falls back to its cell's middle."""
+    if obj.get("center") is not None:
+        return float(obj["center"][0]), float(obj["center"][1])
+    r, c = obj["cell"]
+    return (c + 0.5) / 3, (r + 0.5) / 3
+
+
+def relation_holds(a: dict, b: dict, rel: str, tolerance: float = RELATION_TOLERANCE) -> bool:
+    """Whether predicted object a stands in `rel` to b. Mirrors shapes.relation (dominant axis of the centre
+    offset) with slack: the relation's axis must have the right sign and may be shorter than the other axis by
+    at most `tolerance` (canvas fraction), since centres read from pixels are not exact."""
+    (ax, ay), (bx, by) = _center(a), _center(b)
+    dx, dy = ax - bx, ay - by
+    main, other, sign = {"left of": (dx, dy, -1), "right of": (dx, dy, 1), "above": (dy, dx, -1),
+                         "below": (dy, dx, 1)}[rel]
+    return main * sign > 0 and abs(main) >= abs(other) - tolerance
+
+
+def score_scene(expected: dict, predicted: dict, tolerance: float = RELATION_TOLERANCE) -> dict[str, bool]:
+    """Per-check pass/fail and "correct" (all applicable checks pass).
+
+    Expected objects are matched one-to-one to predicted objects by the assignment that agrees most (whole
+    objects first, then single attributes). Checks: "count" (predicted count == expected count; captions name
+    every object, so extra objects are wrong), "color" and "shape" (every expected object's matched object has
+    that attribute; a missing object fails both, and a swapped binding fails one), "position" (only when the
+    prompt states a position: matched object in that cell) and "relation" (only for relation prompts).
+    """
+    exp_objs, pred_objs = expected["objects"], list(predicted.get("objects", []))
+    m = len(exp_objs)
+    rel = expected.get("relation")
+    padded = pred_objs + [None] * max(0, m - len(pred_objs))
+
+    def agree(e, p, key):
+        if p is None:
+            return False
+        return tuple(p["cell"]) == tuple(e["cell"]) if key == "cell" else p[key] == e[key]
+
+    best, best_key = None, None
+    for perm in itertools.permutations(range(len(padded)), m):
+        pairs = [(e, padded[j]) for e, j in zip(exp_objs, perm)]
+        whole = sum(all(agree(e, p, k) for k in ("color", "shape")) and (e["cell"] is None or agree(e, p, "cell"))
+                    for e, p in pairs)
+        parts = sum(agree(e, p, k) for e, p in pairs for k in ("color", "shape")) + \
+            sum(agree(e, p, "cell") for e, p in pairs if e["cell"] is not None)
+        rel_ok = False
+        if rel:
+            a, b = pairs[rel["subject"]][1], pairs[rel["object"]][1]
+            rel_ok = a is not None and b is not None and relation_holds(a, b, rel["relation"], tolerance)
+        key = (whole, parts, rel_ok)
+        if best_key is None or key > best_key:
+            best, best_key = pairs, key
+    best = best or []
+    checks = {
+        "count": int(predicted.get("count", len(pred_objs))) == int(expected["count"]),
+        "color": all(agree(e, p, "color") for e, p in best),
+        "shape": all(agree(e, p, "shape") for e, p in best),
+    }
+    if any(e["cell"] is not None for e in exp_objs):
+        checks["position"] = all(agree(e, p, "cell") for e, p in best if e["cell"] is not None)
+    if rel:
+        checks["relation"] = bool(best_key[2])
+    checks["correct"] = all(checks.values())
+    return checks
+
+
+def compositional_accuracy(generate_fn: Callable[[list[str]], torch.Tensor], prompts: Sequence[dict], evaluator,
+                           batch_size: int = 16) -> dict[str, float]:
+    """Generate every prompt, read the images back with the evaluator and aggregate score_scene.
+
+    Keys: compositional_accuracy (share fully correct), {single,relation,count}_accuracy (per category; NaN when
+    a category has no prompts), color/shape/position_accuracy (share of prompts passing that check, where it
+    applies) and n. generate_fn(list[str]) -> uint8 (N, 3, S, S)."""
+    scores: list[tuple[str, dict]] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        images = generate_fn([p["prompt"] for p in chunk])
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(chunk):
+            raise EvalError(f"generate_fn must return uint8 images (N, 3, S, S) with N = {len(chunk)} prompts")
+        for p, scene in zip(chunk, evaluator.predict(images)):
+            scores.append((p["category"], score_scene(p["expected"], scene)))
+
+    def share(rows: list[dict], key: str) -> float:
+        vals = [r[key] for r in rows if key in r]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    rows = [s for _, s in scores]
+    out = {"compositional_accuracy": share(rows, "correct")}
+    for cat in CATEGORIES:
+        out[f"{cat}_accuracy"] = share([s for c, s in scores if c == cat], "correct")
+    for key in ("color", "shape", "position", "count", "relation"):
+        out[f"{key}_check_accuracy" if key in ("count", "relation") else f"{key}_accuracy"] = share(rows, key)
+    out["n"] = len(rows)
+    return out
+
+
+# --- FID -----------------------------------------------------------------------------------------------
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^1/2), in float64.
+
+    tr((C1 C2)^1/2) = tr((C1^1/2 C2 C1^1/2)^1/2) and the inner matrix is symmetric PSD, so two symmetric eigen-
+    decompositions (negative round-off clipped to 0) replace a general sqrtm: no complex parts, no blow-ups on
+    singular covariances."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    w, v = np.linalg.eigh((cov1 + cov1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root1 @ ((cov2 + cov2.T) / 2) @ root1
+    tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    value = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_cross)
+    return max(value, 0.0)
+
+
+def _gaussian(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(feats) < 2:
+        raise EvalError(f"FID needs at least 2 images per set, got {len(feats)}")
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def _features(images: torch.Tensor, feature_fn, batch_size: int) -> np.ndarray:
+    fn = feature_fn.features if isinstance(feature_fn, ShapesEvaluator) else feature_fn  # its penultimate layer
+    with torch.no_grad():
+        chunks = [torch.as_tensor(fn(images[i:i + batch_size])).float().reshape(len(images[i:i + batch_size]), -1).cpu()
+                  for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks).double().numpy()
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor, feature_fn, batch_size: int = 256) -> float:
+    """Fréchet distance between Gaussian fits of feature_fn(real) and feature_fn(fake) (uint8 (N, 3, S, S)).
+
+    feature_fn: images -> (N, D) features, e.g. a ShapesEvaluator (its penultimate layer) or its .features."""
+    mu1, c1 = _gaussian(_features(real, feature_fn, batch_size))
+    mu2, c2 = _gaussian(_features(fake, feature_fn, batch_size))
+    return frechet_distance(mu1, c1, mu2, c2)
+
+
+def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path, batch_size: int = 64) -> float:
+    """Standard FID with a user-supplied TorchScript Inception feature extractor (e.g. the common
+    `inception-2015-12-05.pt` used by StyleGAN2-ADA / clean-fid: uint8 (N, 3, H, W) in, 2048-d features out
+    when called with return_features=True). Nothing is downloaded."""
+    from pathlib import Path
+
+    path = Path(weights_path) if weights_path else None
+    if path is None or not path.is_file():
+        raise EvalError(f"Inception weights not found at {weights_path}: standard FID needs a TorchScript Inception "
+                        f"file you supply (none can be downloaded here); use fid() with the Shapes evaluator instead")
+    import warnings
+
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream but remains the format these files use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        net = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def feature_fn(x):
+        try:
+            return net(x, return_features=True)
+        except (RuntimeError, TypeError):
+            return net(x)
+
+    return fid(real, fake, feature_fn, batch_size)
+
+
+# --- text-image alignment -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def alignment_score(images: torch.Tensor, texts: Sequence[str], model, tokenizer=None, batch_size: int = 64) -> float:
+    """CLIPScore-style: mean over pairs of max(100 * cos(image_proj(image_embed), text_proj(text_embed)), 0).
+
+    model: a PretrainingModel (or a loaded pretrain run, whose tokenizer is used when none is given)."""
+    if hasattr(model, "model") and hasattr(model, "tokenizer"):  # imagen.load(run)
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    if tokenizer is None:
+        raise EvalError("alignment_score needs the pretraining run's tokenizer")
+    if len(images) != len(texts):
+        raise EvalError(f"alignment_score got {len(images)} images but {len(texts)} texts")
+    if len(texts) == 0:
+        return float("nan")
+    model.eval()
+    dev = next(model.parameters()).device
+    side = model.config.image_size
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        x = normalize_images(images[i:i + batch_size].to(dev))
+        if x.shape[-2:] != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=x.shape[-1] > side)
+        ids, mask = tokenizer.encode(list(texts[i:i + batch_size]), max_length=model.config.max_text_len)
+        img = model.image_proj(model.encoder(images=x).image_embed).float()
+        txt = model.text_proj(model.encoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).text_embed).float()
+        scores.append((100 * F.cosine_similarity(img, txt, dim=-1)).clamp(min=0).cpu())
+    return float(torch.cat(scores).mean())

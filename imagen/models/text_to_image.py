@@ -1,0 +1,171 @@
+"""One stage of Imagen's cascade: a text-conditioned Efficient U-Net with EMA weights, and the cascade itself.
+
+A stage owns its U-Net (and, when trainable, its text encoder) but no diffusion logic: training and sampling
+go through `imagen.diffusion` (schedules, `training_loss`, `sample`, classifier-free guidance). Frozen text
+encoders are kept out of the state dict, so a run's weights hold only what the run trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagen.config import ConfigError
+from imagen.diffusion import NoiseSchedule, classifier_free_guidance, q_sample
+from imagen.diffusion import sample as diffusion_sample
+from imagen.models.unet import EfficientUNet, UNetConfig
+
+
+@dataclass
+class StageConfig:
+    """A cascade stage: its U-Net, diffusion process, conditioning dropout, EMA and (SR) noise augmentation."""
+
+    name: str = "base"  # base | sr1 | sr2 ...
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    objective: str = "v"  # eps | v | x0
+    min_snr_gamma: float | None = 5.0
+    cond_drop_prob: float = 0.1  # classifier-free guidance: text dropped for this share of training samples
+    ema_decay: float = 0.995
+    lowres_size: int | None = None  # SR stages: the resolution of the stage below
+    aug_level_max: float = 0.5  # SR training: noise-augmentation level drawn uniformly in [0, max]
+    text_encoder: dict[str, Any] = field(default_factory=dict)  # spec() of the text encoder
+
+    def __post_init__(self):
+        if isinstance(self.unet, dict):
+            self.unet = UNetConfig(**self.unet)
+        if self.objective not in ("eps", "v", "x0"):
+            raise ConfigError(f"unknown objective {self.objective!r}; choose eps, v or x0")
+        if self.schedule not in ("cosine", "linear"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose cosine or linear")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.unet.lowres_cond and not self.lowres_size:
+            raise ConfigError(f"stage {self.name} is super-resolution but has no lowres_size")
+
+    @property
+    def is_sr(self) -> bool:
+        return self.unet.lowres_cond
+
+
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize float images (B, C, H, W): antialiased bilinear down, bicubic up (the SR input)."""
+    if x.shape[-1] == size:
+        return x
+    if size < x.shape[-1]:
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+class TextToImageStage(nn.Module):
+    """U-Net + EMA copy + text encoder for one cascade stage."""
+
+    def __init__(self, config: StageConfig, text_encoder=None):
+        super().__init__()
+        self.config = config
+        self.unet = EfficientUNet(config.unet)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_unet.eval()
+        self.schedule = NoiseSchedule.from_name(config.schedule, config.timesteps)
+        if text_encoder is not None and not getattr(text_encoder, "frozen", True):
+            self.text_encoder = text_encoder  # trainable: a submodule, saved with the stage
+        else:
+            self.text_encoder = None
+            self.__dict__["frozen_text_encoder"] = text_encoder  # kept out of parameters and state_dict
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.ema_unet.eval()  # the EMA copy never runs dropout
+        return self
+
+    @property
+    def encoder(self):
+        return self.text_encoder if self.text_encoder is not None else self.__dict__.get("frozen_text_encoder")
+
+    # --- conditioning -----------------------------------------------------------------------------
+
+    def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Condition tensors for a list of prompts: token states, their mask and the pooled embedding."""
+        enc = self.encoder.encode(list(texts))
+        device = next(self.unet.parameters()).device
+        return {"text_states": enc.states.to(device), "text_mask": enc.mask.to(device), "text_embed": enc.pooled.to(device)}
+
+    @staticmethod
+    def drop_condition(cond: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Replace the text of samples where `drop` is True by the null condition (no visible tokens, zero pooled)."""
+        return {
+            "text_states": cond["text_states"],
+            "text_mask": cond["text_mask"] & ~drop[:, None],
+            "text_embed": torch.where(drop[:, None], torch.zeros_like(cond["text_embed"]), cond["text_embed"]),
+        }
+
+    def null_condition(self, batch: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.drop_condition(like, torch.ones(batch, dtype=torch.bool, device=like["text_mask"].device))
+
+    def augment_lowres(self, lowres: torch.Tensor, level: torch.Tensor, generator=None) -> torch.Tensor:
+        """Noise-conditioning augmentation (Imagen sec. 2.5): diffuse the low-res image to `level` in [0, 1]."""
+        t = (level * (self.config.timesteps - 1)).round().long()
+        noise = torch.randn(lowres.shape, generator=generator, device=lowres.device, dtype=lowres.dtype)
+        return q_sample(self.schedule, lowres, t, noise)
+
+    def lowres_input(self, lowres: torch.Tensor, level: torch.Tensor, generator=None) -> torch.Tensor:
+        """The SR stage's extra input: the low-res image, noise-augmented, upsampled to the stage's size."""
+        return resize_images(self.augment_lowres(lowres, level, generator), self.config.unet.image_size)
+
+    # --- sampling ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, cond, *, n_per_prompt=1, steps=25, sampler="dpmpp2m", guidance=5.0, negative=None,
+                 threshold="dynamic", percentile=0.995, eta=0.0, generator=None, lowres=None, aug_level=0.1,
+                 init_images=None, strength=1.0, inpaint_mask=None, use_ema=True, callback=None) -> torch.Tensor:
+        """Sample images (B, 3, S, S) in [-1, 1] for a condition dict (one row per image)."""
+        unet = self.ema_unet if use_ema else self.unet
+        device = next(unet.parameters()).device
+        c = self.config
+        B = cond["text_mask"].shape[0]
+        extra = {}
+        if c.is_sr:
+            if lowres is None:
+                raise ValueError(f"stage {c.name} needs the low-resolution images of the stage below")
+            level = torch.full((B,), float(aug_level), device=device)
+            extra = {"lowres_image": self.lowres_input(lowres.to(device), level, generator), "lowres_noise_level": level}
+
+        def denoiser(x_t, t, **kw):
+            t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+            reps = x_t.shape[0] // B  # guidance doubles the batch
+            more = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in extra.items()}
+            return unet(x_t, t, **kw, **more).float()
+
+        if guidance != 1.0:
+            null = self.null_condition(B, cond)
+            denoiser = classifier_free_guidance(denoiser, null, scale=guidance, negative_cond=negative)
+        size = c.unet.image_size
+        shape = (B, c.unet.in_channels, size, size)
+        return diffusion_sample(
+            denoiser, shape, schedule=self.schedule, sampler=sampler, steps=steps, objective=c.objective,
+            threshold=threshold, percentile=percentile, eta=eta, generator=generator, cond=cond,
+            init_x0=init_images, strength=strength, inpaint_mask=inpaint_mask,
+            known_x0=init_images if inpaint_mask is not None else None, callback=callback, device=device,
+        )
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * online, for every parameter and buffer."""
+        decay = self.config.ema_decay
+        for ema_p, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - decay)
+        for ema_b, b in zip(self.ema_unet.buffers(), self.unet.buffers()):
+            ema_b.copy_(b)
+
+
+def stage_config_to_json(config: StageConfig) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(config)))

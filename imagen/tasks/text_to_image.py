@@ -1,0 +1,134 @@
+"""Text-to-image diffusion as a task: the denoising loss with text dropout, EMA updates and sample grids.
+
+The trainer sees an ordinary task. Frozen text encoders are run once over the whole split before training
+(`T2ISplit.precompute`), so each caption is encoded once; a trainable encoder runs inside the training step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from imagen.data.cache import normalize_images
+from imagen.diffusion import training_loss, uniform_timesteps
+from imagen.models.text_to_image import resize_images
+
+
+class T2ISplit(torch.utils.data.Dataset):
+    """uint8 images at the stage's size with their captions, or with precomputed frozen text encodings."""
+
+    def __init__(self, images: torch.Tensor, texts: list[str]):
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} captions")
+        self.images = images
+        self.texts = list(texts)
+        self.encoded: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def precompute(self, stage, batch_size: int = 256) -> None:
+        """Encode every caption once with the stage's frozen text encoder; batches then carry the encodings."""
+        chunks = [stage.encode_text(self.texts[i:i + batch_size]) for i in range(0, len(self.texts), batch_size)]
+        length = max(c["text_states"].shape[1] for c in chunks)
+
+        def pad(x, value):
+            return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]) if x.dim() == 3 else (0, length - x.shape[1]), value=value)
+
+        self.encoded = {
+            "text_states": torch.cat([pad(c["text_states"].float().cpu(), 0.0) for c in chunks]),
+            "text_mask": torch.cat([pad(c["text_mask"].cpu(), False) for c in chunks]),
+            "text_embed": torch.cat([c["text_embed"].float().cpu() for c in chunks]),
+        }
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = {"images": self.images[idx]}
+        if self.encoded is not None:
+            mask = self.encoded["text_mask"][idx]
+            length = max(1, int(mask.sum(1).max()))  # trim padding shared by the whole batch
+            batch.update(text_states=self.encoded["text_states"][idx, :length], text_mask=mask[:, :length],
+                         text_embed=self.encoded["text_embed"][idx])
+        else:
+            batch["texts"] = [self.texts[i] for i in indices]
+        return batch
+
+
+class TextToImageTask:
+    """Trains one cascade stage (base or super-resolution) with the diffusion loss."""
+
+    name = "text-to-image"
+    monitor = ("loss", "min")
+
+    def __init__(self, run_config=None, *, sample_every: int | None = None, sample_prompts=(), run_dir=None,
+                 sample_steps: int = 20, lowres_source=None):
+        self.sample_every = sample_every
+        self.sample_prompts = list(sample_prompts)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.sample_steps = sample_steps
+        self.lowres_source = lowres_source  # SR grids: callable(prompts) -> low-res images of the stage below
+
+    def collate(self, batch):
+        return batch
+
+    def _condition(self, model, batch):
+        if "text_states" in batch:
+            return {k: batch[k] for k in ("text_states", "text_mask", "text_embed")}
+        return model.encode_text(batch["texts"])
+
+    def _loss(self, model, batch):
+        c = model.config
+        x0 = normalize_images(batch["images"])
+        B = x0.shape[0]
+        cond = self._condition(model, batch)
+        drop = torch.rand(B, device=x0.device) < c.cond_drop_prob
+        cond = model.drop_condition(cond, drop)
+        extra = {}
+        if c.is_sr:
+            lowres = resize_images(x0, c.lowres_size)
+            level = torch.rand(B, device=x0.device) * c.aug_level_max
+            extra = {"lowres_image": model.lowres_input(lowres, level), "lowres_noise_level": level}
+        t = uniform_timesteps(B, c.timesteps, device=x0.device)
+
+        def denoiser(x_t, t, **kw):
+            return model.unet(x_t, t, **kw, **extra).float()
+
+        return training_loss(denoiser, x0, t, cond, schedule=model.schedule, objective=c.objective,
+                             min_snr_gamma=c.min_snr_gamma)
+
+    def training_step(self, model, batch):
+        return {"loss": self._loss(model, batch)}
+
+    @torch.no_grad()
+    def validation_step(self, model, batch):
+        return {"loss": self._loss(model, batch).detach().float()}
+
+    def compute_metrics(self, outputs):
+        return {"loss": float(torch.stack([o["loss"] for o in outputs]).mean())}
+
+    def on_optimizer_step(self, model, step: int) -> None:
+        """After every update: move the EMA weights; every `sample_every` steps, write a sample grid."""
+        model.update_ema()
+        if self.sample_every and self.run_dir is not None and self.sample_prompts and step % self.sample_every == 0:
+            self.write_grid(model, step)
+
+    def write_grid(self, model, step: int) -> Path:
+        """Samples for the fixed validation prompts (own generator: the training RNG stream is untouched)."""
+        from imagen.generation import save_grid
+
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+        was_training = model.training
+        model.eval()
+        try:
+            cond = model.encode_text(self.sample_prompts)
+            lowres = self.lowres_source(self.sample_prompts) if model.config.is_sr and self.lowres_source else None
+            images = model.generate(cond, steps=self.sample_steps, guidance=3.0, generator=generator, lowres=lowres)
+        finally:
+            model.train(was_training)
+        path = self.run_dir / "samples" / f"step-{step:06d}.png"
+        return save_grid(images, path, nrow=len(self.sample_prompts))
