@@ -171,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, help="inpainting: a mask image, white where pixels are regenerated (needs --init-image)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
 
+    p = sub.add_parser("evaluate-t2i", help="score a text-to-image run: compositional accuracy, FID, alignment")
+    p.add_argument("--run", required=True, help="text-to-image run directory")
+    p.add_argument("--data", default="shapes", help="shapes (compositional accuracy + FID) or other data (FID) (default: shapes)")
+    p.add_argument("--n-per-category", type=_positive_int, default=50, help="held-out prompts per category: single, relation, count (default: 50)")
+    p.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--sampler", default="dpmpp2m", help="dpmpp2m, ddim or ddpm (default: dpmpp2m)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fid-samples", type=_positive_int, default=500, help="test images for FID (default: 500)")
+    p.add_argument("--alignment-run", default=None, help="a pretraining run whose contrastive heads score text-image alignment")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
     p = sub.add_parser("demo", help="the whole pipeline on built-in data, small enough for a CPU")
     p.add_argument("--out", default=None, help="directory for the demo's runs (default: runs/demo-<time>)")
     p.add_argument("--fast", action="store_true", help="a much shorter demo (a smoke test)")
@@ -242,6 +255,18 @@ def run_command(args) -> int:
                                       stage=args.stage, init_image=args.init_image, strength=args.strength, mask=args.mask,
                                       device=args.device)
         print(f"wrote {files[0] if args.out else args.out_dir} ({len(prompts)} prompt(s) x {args.n} sample(s))")
+        return 0
+    if args.command == "evaluate-t2i":
+        import imagen.generation as gen
+
+        if args.sampler not in ("dpmpp2m", "ddim", "ddpm"):
+            raise gen.GenerationError(f"unknown sampler {args.sampler!r}; choose one of: dpmpp2m, ddim, ddpm")
+        echo = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+        result = gen.evaluate_t2i(args.run, args.data, n_per_category=args.n_per_category, steps=args.steps,
+                                  sampler=args.sampler, guidance=args.guidance, seed=args.seed, fid_samples=args.fid_samples,
+                                  alignment_run=args.alignment_run, device=args.device, echo=echo)
+        if args.json:
+            print(json.dumps(result))
         return 0
     if args.command == "demo":
         from imagen.demo import run_demo

@@ -417,3 +417,57 @@ def generate_to_files(run, prompts: Sequence[str], *, out=None, out_dir=None, n:
     tmp.write_text(write_json_lines, encoding="utf-8")
     tmp.replace(out_dir / "index.jsonl")
     return written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation (what `imagen evaluate-t2i` does)
+
+
+def evaluate_t2i(run, data: str = "shapes", *, n_per_category: int = 50, steps: int = 25, sampler: str = "dpmpp2m",
+                 guidance: float = 5.0, seed: int = 0, aug_level: float = 0.1, fid_samples: int = 500,
+                 alignment_run=None, device: str = "auto", batch_size: int = 64, echo=print) -> dict[str, Any]:
+    """Compositional accuracy on held-out Shapes prompts, FID against real test images, optional alignment."""
+    from imagen.data.cache import normalize_images
+    from imagen.eval.evaluator import get_evaluator
+    from imagen.eval.t2i import alignment_score, compositional_accuracy, compositional_prompts, fid
+    from imagen.train import resolve_device
+
+    dev = resolve_device(device)
+    cascade = load_cascade(run, map_location=dev)
+    size = cascade.image_size
+
+    def generate_fn(prompts):
+        return to_uint8(cascade.generate(prompts, seed=seed, steps=steps, sampler=sampler, guidance=guidance, aug_level=aug_level))
+
+    result: dict[str, Any] = {"run": str(run), "data": str(data), "steps": steps, "sampler": sampler, "guidance": guidance, "image_size": size}
+    if str(data) == "shapes":
+        evaluator = get_evaluator(32, device=str(dev))
+        prompts = compositional_prompts(n_per_category, seed=20_000 + seed, size=32)
+        gen32 = (lambda p: to_uint8(resize_images(normalize_images(generate_fn(p)).to(dev), 32))) if size != 32 else generate_fn
+        result.update(compositional_accuracy(gen32, prompts, evaluator, batch_size=batch_size))
+        feature_fn = evaluator
+    else:
+        feature_fn = None
+    test = load_dataset(data, "test", seed=cascade.config["data"].get("seed", 0))
+    texts = [t or "" for t in test.texts()][:fid_samples]
+    real = test.fast_images(size)[:len(texts)]
+    fake = torch.cat([generate_fn(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+    if feature_fn is None:
+        from imagen.eval.evaluator import ShapesEvaluator  # noqa: F401  (features of a network trained on real images)
+
+        feature_fn = get_evaluator(32, device=str(dev)).features
+    result["fid"] = fid(real, fake, feature_fn)
+    result["fid_samples"] = len(texts)
+    if alignment_run is not None:
+        from imagen.runs import load
+
+        aligner = load(alignment_run)
+        result["alignment"] = alignment_score(fake, texts, aligner)
+    out_dir = Path(run) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / f"t2i-{Path(str(data)).name}.json", result)
+    save_grid(fake[:32], out_dir / f"t2i-{Path(str(data)).name}-samples.png", nrow=8)
+    for key, value in result.items():
+        if isinstance(value, float):
+            echo(f"{key:28s} {value:.4f}")
+    return result
