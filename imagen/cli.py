@@ -53,8 +53,9 @@ def _add_train_args(p, lr, batch_size, epochs):
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help="optimiser (default: adamw)")
     g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default: {lr})")
     g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"batch size (default: {batch_size})")
-    g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"epochs over the training split (default: {epochs})")
-    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs")
+    g.add_argument("--epochs", type=_positive_int, default=epochs,
+                   help="epochs over the training split (default: " + (str(epochs) if epochs else "the recipe's --max-steps") + ")")
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs" + (" (default: 5000 base, 3000 per SR stage)" if epochs is None else ""))
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the run)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW/SGD weight decay, never on norms, biases or embeddings (default: 0.05)")
     g.add_argument("--dropout", type=float, default=None, help="dropout in the encoder and head (default: 0)")
@@ -143,11 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-t2i", help="train the text-to-image cascade (base + super-resolution stages)")
     _add_data_args(p)
-    _add_train_args(p, lr=1e-3, batch_size=32, epochs=1)
+    _add_train_args(p, lr=1e-3, batch_size=32, epochs=None)
     p.add_argument("--stage", default=None, help="train only this stage (base, sr1, ...) (default: every stage)")
     p.add_argument("--sizes", default="16,32", help="resolution of each stage, base first (default: 16,32)")
     p.add_argument("--text-encoder", default="trainable", help="trainable (a small Transformer trained with the U-Nets), minilm (frozen all-MiniLM-L6-v2), an imagen pretraining run, or a local Hugging Face model folder (default: trainable)")
-    p.add_argument("--sr-max-steps", type=_positive_int, default=None, help="optimiser steps for super-resolution stages (default: --max-steps)")
+    p.add_argument("--sr-max-steps", type=_positive_int, default=None, help="optimiser steps for super-resolution stages (default: --max-steps when given, else 3000)")
     p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
 
     p = sub.add_parser("generate", help="sample images from text with a trained cascade")

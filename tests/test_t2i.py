@@ -1,0 +1,162 @@
+"""Text-to-image end to end on tiny cascades: train-t2i, generate (grid, files, img2img, inpainting), resume, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from imagen.cli import main
+from imagen.models.text_to_image import StageConfig, TextToImageStage
+from imagen.models.unet import UNET_PRESETS, UNetConfig
+
+# A two-stage cascade small enough for a test: 8x8 base, 8 -> 16 super-resolution.
+TINY = ["--sizes", "8,16", "--n", "48", "--batch-size", "8", "--no-progress", "--precision", "fp32",
+        "--set", "base.unet.dim=16", "--set", "base.unet.num_heads=2", "--set", "sr1.unet.dim=16", "--set", "sr1.unet.num_heads=2"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def t2i_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2i") / "run"
+    assert main(["train-t2i", "--data", "shapes", "--out", str(out), "--max-steps", "3", *TINY]) == 0
+    return out
+
+
+def test_train_t2i_writes_every_stage(t2i_run):
+    config = json.loads((t2i_run / "config.json").read_text())
+    assert config["task"] == "text-to-image" and config["stages"] == ["base", "sr1"]
+    for stage in ("base", "sr1"):
+        assert (t2i_run / stage / "model.safetensors").is_file()
+        assert sorted((t2i_run / stage / "samples").glob("*.png")), "sample grids are written as training goes"
+        weights = load_file(t2i_run / stage / "model.safetensors")
+        assert any(k.startswith("ema_unet.") for k in weights) and any(k.startswith("text_encoder.") for k in weights)
+
+
+def test_generate_is_deterministic_by_seed(capsys, t2i_run, tmp_path):
+    for name in ("a.png", "b.png"):
+        code, _, err = run(capsys, "generate", "--run", t2i_run, "a red circle", "--n", "2", "--steps", "3", "--seed", "7", "--out", tmp_path / name)
+        assert code == 0, err
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    assert a.shape == (2 + 1 * (16 + 2), 2 + 2 * (16 + 2), 3)  # one row of two 16x16 samples, 2 px padding
+    assert (a == b).all()
+    run(capsys, "generate", "--run", t2i_run, "a red circle", "--n", "2", "--steps", "3", "--seed", "8", "--out", tmp_path / "c.png")
+    assert not (np.asarray(Image.open(tmp_path / "c.png")) == a).all()
+
+
+def test_generate_prompt_file_to_folder(capsys, t2i_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  \na blue square to the left of a green triangle\n")
+    code, _, err = run(capsys, "generate", "--run", t2i_run, "--prompts", prompts, "--n", "2", "--steps", "2",
+                       "--sampler", "ddim", "--guidance", "3", "--negative", "a yellow square", "--out-dir", tmp_path / "out")
+    assert code == 0, err
+    rows = [json.loads(l) for l in (tmp_path / "out" / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red circle"] * 2 + ["a blue square to the left of a green triangle"] * 2
+    for r in rows:
+        assert Image.open(tmp_path / "out" / r["file"]).size == (16, 16) and r["seed"] == 0
+
+
+def test_inpainting_keeps_the_known_region(capsys, t2i_run, tmp_path):
+    init = np.zeros((16, 16, 3), dtype=np.uint8)
+    init[:, :8] = (220, 40, 40)
+    Image.fromarray(init).save(tmp_path / "init.png")
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, 8:] = 255  # regenerate the right half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code, _, err = run(capsys, "generate", "--run", t2i_run, "a red circle", "--n", "1", "--steps", "4",
+                       "--init-image", tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--out-dir", tmp_path / "inp")
+    assert code == 0, err
+    out = np.asarray(Image.open(tmp_path / "inp" / "0000-00.png")).astype(int)
+    assert np.abs(out[:, :8] - init[:, :8]).max() <= 1  # kept exactly (up to uint8 rounding)
+    code, _, err = run(capsys, "generate", "--run", t2i_run, "a red circle", "--n", "1", "--steps", "4",
+                       "--init-image", tmp_path / "init.png", "--strength", "0.5", "--out", tmp_path / "i2i.png")
+    assert code == 0, err
+
+
+def test_ema_update_follows_the_formula():
+    cfg = StageConfig(unet=UNetConfig(**dict(UNET_PRESETS["tiny"], image_size=8, text_dim=16)), ema_decay=0.9)
+    stage = TextToImageStage(cfg, text_encoder=None)
+    before = {k: v.clone() for k, v in stage.ema_unet.state_dict().items()}
+    with torch.no_grad():
+        for p in stage.unet.parameters():
+            p.add_(1.0)
+    stage.update_ema()
+    online = stage.unet.state_dict()
+    for name, p in stage.ema_unet.named_parameters():
+        torch.testing.assert_close(p, 0.9 * before[name] + 0.1 * online[name])
+
+
+def test_text_dropout_gives_the_null_condition():
+    cond = {"text_states": torch.randn(4, 5, 8), "text_mask": torch.ones(4, 5, dtype=torch.bool), "text_embed": torch.randn(4, 8)}
+    drop = torch.tensor([True, False, True, False])
+    out = TextToImageStage.drop_condition(cond, drop)
+    assert not out["text_mask"][drop].any() and out["text_mask"][~drop].all()
+    assert (out["text_embed"][drop] == 0).all()
+    torch.testing.assert_close(out["text_embed"][~drop], cond["text_embed"][~drop])
+
+
+def test_interrupted_and_resumed_t2i_equals_uninterrupted(capsys, tmp_path, monkeypatch):
+    args = ["train-t2i", "--data", "shapes", "--max-steps", "5", "--checkpoint-every", "2", *TINY]
+    assert run(capsys, *args, "--out", tmp_path / "straight")[0] == 0
+    from imagen.tasks.text_to_image import TextToImageTask
+
+    original = TextToImageTask.training_step
+    calls = {"n": 0}
+
+    def interrupt(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    monkeypatch.setattr(TextToImageTask, "training_step", interrupt)
+    code, _, err = run(capsys, *args, "--out", tmp_path / "resumed")
+    assert code == 130 and "--resume" in err
+    monkeypatch.setattr(TextToImageTask, "training_step", original)
+    code, _, err = run(capsys, *args, "--out", tmp_path / "resumed", "--resume")
+    assert code == 0, err
+    for stage in ("base", "sr1"):
+        a = load_file(tmp_path / "straight" / stage / "model.safetensors")
+        b = load_file(tmp_path / "resumed" / stage / "model.safetensors")
+        for k in a:
+            assert (a[k] == b[k]).all(), (stage, k)
+
+
+def _one_line_error(code, err):
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith("imagen: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_generate_bad_input(capsys, t2i_run, tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n")
+    cases = [
+        (["generate", "--run", t2i_run, "   ", "--out", tmp_path / "x.png"], "empty"),
+        (["generate", "--run", t2i_run, "--prompts", blank, "--out", tmp_path / "x.png"], "no prompts"),
+        (["generate", "--run", t2i_run, "a red circle", "--sampler", "euler", "--out", tmp_path / "x.png"], "dpmpp2m"),
+        (["generate", "--run", t2i_run, "a red circle", "--steps", "0", "--out", tmp_path / "x.png"], "positive"),
+        (["generate", "--run", t2i_run, "a red circle", "--guidance", "-1", "--out", tmp_path / "x.png"], "guidance"),
+        (["generate", "--run", t2i_run, "a red circle", "--stage", "sr5", "--out", tmp_path / "x.png"], "sr5"),
+        (["generate", "--run", tmp_path, "a red circle", "--out", tmp_path / "x.png"], "not a run"),
+        (["train-t2i", "--data", "shapes", "--out", tmp_path / "t", "--text-encoder", tmp_path / "nowhere", "--max-steps", "1"], "nowhere"),
+    ]
+    for argv, needle in cases:
+        line = _one_line_error(*run(capsys, *argv)[::2])
+        assert needle in line, (argv, line)
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "t").exists()
+
+
+def test_generate_refuses_a_classification_run(capsys, tmp_path):
+    cls = tmp_path / "cls"
+    assert main(["finetune", "--task", "classify", "--data", "shapes", "--n", "32", "--out", str(cls), "--max-steps", "1", "--no-progress"]) == 0
+    line = _one_line_error(*run(capsys, "generate", "--run", cls, "a red circle", "--out", tmp_path / "x.png")[::2])
+    assert "not a text-to-image run" in line
