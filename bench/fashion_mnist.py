@@ -22,7 +22,7 @@ def main():
     p.add_argument("--preset", default="small")
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--augment", default="shift-flip")
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", default="runs/bench-fmnist")

@@ -33,13 +33,13 @@ def main():
     common = dict(progress=False, device=args.device)
     start = time.time()
     imagen.pretrain("fashion-mnist", out / "pretrain", preset=args.preset, image_only=True, max_steps=args.pretrain_steps,
-                    batch_size=args.pretrain_batch_size, lr=1.5e-3, weight_decay=0.05, **common)
+                    batch_size=args.pretrain_batch_size, lr=5e-4, weight_decay=0.05, **common)
     pretrain_min = (time.time() - start) / 60
     rows = {}
     for name, init in (("pretrained", out / "pretrain"), ("scratch", None)):
         kw = dict(init_from=init) if init else dict(preset=args.preset)
         imagen.finetune("classify", "fashion-mnist", out / name, n=args.labels, max_steps=args.finetune_steps, batch_size=64,
-                        lr=1e-3, augment="shift-flip", label_smoothing=0.1, eval_every=50, **kw, **common)
+                        lr=5e-4, augment="shift-flip", label_smoothing=0.1, eval_every=50, **kw, **common)
         rows[name] = imagen.evaluate(out / name, "fashion-mnist", split="test", compare_init=False, echo=lambda *a, **k: None)
     gain = 100 * (rows["pretrained"]["accuracy"] - rows["scratch"]["accuracy"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

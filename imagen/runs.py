@@ -68,6 +68,8 @@ def read_config(run: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{path} is damaged ({e.msg if hasattr(e, 'msg') else e}); re-run training to recreate it") from None
+    if isinstance(config, dict) and config.get("task") == "text-to-image":
+        raise RunError(f"{run} is a text-to-image run; use `imagen generate` or `imagen evaluate-t2i` with it")
     if not isinstance(config, dict) or "task" not in config or "model" not in config:
         raise RunError(f"{path} is not an imagen run config (missing 'task' or 'model')")
     return config
@@ -126,7 +128,7 @@ def build_model(rc: RunConfig, tokenizer: Tokenizer | None = None) -> torch.nn.M
         return PretrainingModel(rc.model, rc.pretrain or PretrainConfig(), mask_id=mask_id)
     if rc.task == "classify":
         c = rc.classify or ClassifyConfig()
-        return EncoderForClassification(rc.model, len(rc.class_names or []), c.label_smoothing, rc.model.dropout)
+        return EncoderForClassification(rc.model, len(rc.class_names or []), c.label_smoothing, rc.model.dropout, c.pooling)
     raise RunError(f"this version of imagen cannot build models for task {rc.task!r}")
 
 

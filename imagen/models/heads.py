@@ -34,10 +34,12 @@ class ClassificationHead(nn.Module):
 
 
 class EncoderForClassification(nn.Module):
-    """The encoder + a linear classification head on the pooled image (or text, or fused) embedding."""
+    """The encoder + a linear classification head on the mean patch state (or the [CLS] / text embedding)."""
 
-    def __init__(self, config: EncoderConfig, num_classes: int, label_smoothing: float = 0.0, head_dropout: float = 0.0):
+    def __init__(self, config: EncoderConfig, num_classes: int, label_smoothing: float = 0.0, head_dropout: float = 0.0,
+                 pooling: str = "mean"):
         super().__init__()
+        self.pooling = pooling
         if num_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
         self.config = config
@@ -47,7 +49,11 @@ class EncoderForClassification(nn.Module):
 
     def forward(self, images=None, input_ids=None, attention_mask=None, labels=None) -> ClassifierOutput:
         out = self.encoder(images=images, input_ids=input_ids, attention_mask=attention_mask)
-        logits = self.head(out.pooled).float()
+        if self.pooling == "mean" and out.image_states is not None:
+            pooled = out.image_states[:, 1:].mean(1)  # (B, dim): average over patches
+        else:
+            pooled = out.pooled
+        logits = self.head(pooled).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
