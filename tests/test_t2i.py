@@ -91,6 +91,11 @@ def test_ema_update_follows_the_formula():
     online = stage.unet.state_dict()
     for name, p in stage.ema_unet.named_parameters():
         torch.testing.assert_close(p, 0.9 * before[name] + 0.1 * online[name])
+    # Warm-up: at step 2 the decay is min(0.9, 3 / 12) = 0.25.
+    before = {k: v.clone() for k, v in stage.ema_unet.state_dict().items()}
+    stage.update_ema(step=2)
+    for name, p in stage.ema_unet.named_parameters():
+        torch.testing.assert_close(p, 0.25 * before[name] + 0.75 * online[name])
 
 
 def test_text_dropout_gives_the_null_condition():

@@ -156,9 +156,14 @@ class TextToImageStage(nn.Module):
         )
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        """ema <- decay * ema + (1 - decay) * online, for every parameter and buffer."""
-        decay = self.config.ema_decay
+    def update_ema(self, step: int | None = None) -> None:
+        """ema <- decay * ema + (1 - decay) * online, for every parameter and buffer.
+
+        With `step` (optimiser steps taken), the decay warms up as min(ema_decay, (1 + step) / (10 + step)):
+        without it a short run's EMA still holds a large share of the random initial weights
+        (0.995 ** 250 = 29 % after 250 steps), which samples as noise.
+        """
+        decay = self.config.ema_decay if step is None else min(self.config.ema_decay, (1 + step) / (10 + step))
         for ema_p, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
             ema_p.lerp_(p.detach(), 1.0 - decay)
         for ema_b, b in zip(self.ema_unet.buffers(), self.unet.buffers()):

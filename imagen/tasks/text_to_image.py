@@ -113,7 +113,7 @@ class TextToImageTask:
 
     def on_optimizer_step(self, model, step: int) -> None:
         """After every update: move the EMA weights; every `sample_every` steps, write a sample grid."""
-        model.update_ema()
+        model.update_ema(step)
         if self.sample_every and self.run_dir is not None and self.sample_prompts and step % self.sample_every == 0:
             self.write_grid(model, step)
 
