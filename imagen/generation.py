@@ -446,23 +446,18 @@ def evaluate_t2i(run, data: str = "shapes", *, n_per_category: int = 50, steps: 
         return to_uint8(cascade.generate(prompts, seed=seed, steps=steps, sampler=sampler, guidance=guidance, aug_level=aug_level))
 
     result: dict[str, Any] = {"run": str(run), "data": str(data), "steps": steps, "sampler": sampler, "guidance": guidance, "image_size": size}
+    # One evaluator serves both: it reads scenes back, and its features (a network trained only on real Shapes
+    # renderings) stand in for Inception's in FID.
+    evaluator = get_evaluator(32, device=str(dev))
     if str(data) == "shapes":
-        evaluator = get_evaluator(32, device=str(dev))
         prompts = compositional_prompts(n_per_category, seed=20_000 + seed, size=32)
         gen32 = (lambda p: to_uint8(resize_images(normalize_images(generate_fn(p)).to(dev), 32))) if size != 32 else generate_fn
         result.update(compositional_accuracy(gen32, prompts, evaluator, batch_size=batch_size))
-        feature_fn = evaluator
-    else:
-        feature_fn = None
     test = load_dataset(data, "test", seed=cascade.config["data"].get("seed", 0))
     texts = [t or "" for t in test.texts()][:fid_samples]
     real = test.fast_images(size)[:len(texts)]
     fake = torch.cat([generate_fn(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
-    if feature_fn is None:
-        from imagen.eval.evaluator import ShapesEvaluator  # noqa: F401  (features of a network trained on real images)
-
-        feature_fn = get_evaluator(32, device=str(dev)).features
-    result["fid"] = fid(real, fake, feature_fn)
+    result["fid"] = fid(real, fake, evaluator)
     result["fid_samples"] = len(texts)
     if alignment_run is not None:
         from imagen.runs import load

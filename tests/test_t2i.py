@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from cli_helpers import one_line_error, run_cli as run
 from imagen.cli import main
 from imagen.models.text_to_image import StageConfig, TextToImageStage
 from imagen.models.unet import UNET_PRESETS, UNetConfig
@@ -16,11 +17,6 @@ from imagen.models.unet import UNET_PRESETS, UNetConfig
 TINY = ["--sizes", "8,16", "--n", "48", "--batch-size", "8", "--no-progress", "--precision", "fp32",
         "--set", "base.unet.dim=16", "--set", "base.unet.num_heads=2", "--set", "sr1.unet.dim=16", "--set", "sr1.unet.num_heads=2"]
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +131,7 @@ def test_interrupted_and_resumed_t2i_equals_uninterrupted(capsys, tmp_path, monk
 
 
 def _one_line_error(code, err):
-    assert code != 0
-    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith("imagen: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    return one_line_error(code, err, ignore_logs=True)
 
 
 def test_generate_bad_input(capsys, t2i_run, tmp_path):
