@@ -181,9 +181,12 @@ def finetune(
     **kwargs,
 ):
     """Fine-tune a task head (and, per --freeze, the encoder) on labelled data; returns the TrainResult."""
-    get_task(task)  # unknown task names fail before anything is created
+    task_cls = get_task(task)  # unknown task names fail before anything is created
     if task == "pretrain":
         raise ConfigError("use `imagen pretrain` for pretraining")
+    if task != "classify":
+        return _finetune_task(task_cls, data, out, init_from=init_from, preset=preset, freeze=freeze, resume=resume,
+                              n=n, on_bad_sample=on_bad_sample, sets=sets, **kwargs)
     out = prepare_run_dir(out, resume)
     if resume:
         rc = RunConfig.from_json(read_config(out))
@@ -238,6 +241,123 @@ def finetune(
     return _fit(rc, model, tokenizer, train_ds, val_ds, out, False, rc.model.image_size, use_text=False)
 
 
+def _task_splits(task_cls, spec, seed, n, on_bad_sample, image_size):
+    """(train images, train meta), (val images, val meta) or None, decoded once for example building."""
+    from imagen.data.examples import collect
+
+    train_ds, val_ds = _load_splits(spec, seed, None, n, on_bad_sample)
+    train = collect(train_ds, image_size or train_ds.image_size)
+    val = collect(val_ds, image_size or train_ds.image_size) if val_ds is not None else None
+    return train_ds, train, val
+
+
+def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n, on_bad_sample, sets, **kwargs):
+    """Fine-tuning for every task but classification: examples from the task, vocabulary fixed at the start."""
+    from imagen.train import Trainer
+
+    out = prepare_run_dir(out, resume)
+    try:
+        if resume:
+            rc = RunConfig.from_json(read_config(out))
+            tokenizer = load_tokenizer(out)
+            d = rc.data
+            _, train, val = _task_splits(task_cls, d["spec"], d["seed"], d.get("n"), on_bad_sample, rc.model.image_size)
+        else:
+            model_kwargs, train_kwargs = _split_kwargs(kwargs)
+            seed = train_kwargs.get("seed", 0)
+            init = None
+            if init_from is not None:
+                init = load(init_from)
+                if model_kwargs.keys() - {"dropout"}:
+                    raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_kwargs.keys() - {'dropout'})}")
+            size = init.config.model.image_size if init is not None else model_kwargs.get("image_size")
+            train_ds, train, val = _task_splits(task_cls, data, seed, n, on_bad_sample, size)
+            task_cfg = task_cls.Config()
+            train_cfg = _train_config(train_kwargs, {"lr": 1e-3, "weight_decay": 0.05})
+            if init is not None:
+                model_cfg = dataclasses.replace(init.config.model, dropout=model_kwargs.get("dropout", init.config.model.dropout))
+            else:
+                model_kwargs.setdefault("image_size", train_ds.image_size)
+                model_cfg = encoder_config(preset, **model_kwargs)
+            apply_overrides({"model": model_cfg, "train": train_cfg, task_cls.name: task_cfg}, list(sets))
+            tokenizer = init.tokenizer if init is not None else None
+            if tokenizer is None and task_cls.needs_tokenizer:
+                if init is not None:
+                    raise ConfigError(f"--init-from {init_from} has no tokenizer (an image-only run); the {task_cls.name} "
+                                      "task needs text: start from a run pretrained on captions, or from scratch")
+                tokenizer = Tokenizer.train(task_cls.tokenizer_texts(train[1], task_cfg), vocab_size=1024)
+                model_cfg.vocab_size = tokenizer.vocab_size
+            rc = RunConfig(task=task_cls.name, model=model_cfg, train=train_cfg,
+                           class_names=task_cls.vocabulary(train[1], task_cfg), data=_data_info(data, seed, None, n),
+                           init_from=str(init_from) if init_from is not None else None, freeze=freeze,
+                           task_config=to_dict(task_cfg))
+        task = task_cls(rc, tokenizer)
+        train_split = task.build_split(*train, train=True)
+        val_split = task.build_split(*val, train=False) if val is not None else None
+        model = _build_seeded(rc, tokenizer)
+        if not resume and init is not None:
+            what = task.init_from(model, init)
+            log.info("initialised the %s from %s", what, init_from)
+        model.encoder.freeze(rc.freeze)
+    except BaseException:
+        if not resume:
+            _remove_if_empty(out)
+        raise
+    if not resume:
+        if tokenizer is not None:
+            tokenizer.save(out / TOKENIZER_NAME)
+        write_json_atomic(out / CONFIG_NAME, rc.to_json())
+    trainer = Trainer(model, task, train_split, val_split, rc.train, out, collate_fn=task.collate)
+    return trainer.fit(resume=resume)
+
+
+def _evaluate_task(loaded, spec, split, seed, n, on_bad_sample):
+    """The task's own metrics of a finished run on one split of `spec`."""
+    from imagen.data.examples import collect
+
+    ds = load_dataset(spec, split, seed=seed, n=n, on_bad_sample=on_bad_sample)
+    task = get_task(loaded.task)(loaded.config, loaded.tokenizer)
+    examples = task.build_split(*collect(ds, loaded.config.model.image_size), train=False)
+    return task.evaluate(loaded.model, examples), len(examples)
+
+
+def evaluate_task_run(run, data=None, *, split="test", compare=(), compare_init=True, n=None, on_bad_sample="skip",
+                      echo=print) -> dict[str, Any]:
+    """Metrics of a VQA / caption / detection / retrieval / instruct run, with a before/after table."""
+    loaded = load(run)
+    rc = loaded.config
+    spec = data if data is not None else rc.data.get("spec")
+    seed = rc.data.get("seed", 0)
+    metrics, count = _evaluate_task(loaded, spec, split, seed, n, on_bad_sample)
+    task_cls = get_task(rc.task)
+    for k, v in metrics.items():
+        echo(f"{k:28s} {v:.4f}")
+    result: dict[str, Any] = {"run": str(run), "task": rc.task, "data": str(spec), "split": split, "n": count, **metrics}
+    others = [str(c) for c in compare]
+    if others:
+        rows = [{"run": str(run), "role": _role(rc), **metrics}]
+        for other in others:
+            o = load(other)
+            if o.task != rc.task:
+                raise RunError(f"--compare {other} is a {o.task} run; compare runs of the same task ({rc.task})")
+            rows.append({"run": other, "role": _role(o.config), **_evaluate_task(o, spec, split, seed, n, on_bad_sample)[0]})
+        keys = task_cls.headline
+        echo(f"{'run':40s} {'start':34s} " + " ".join(f"{k:>14s}" for k in keys))
+        for r in rows:
+            echo(f"{r['run'][-40:]:40s} {r['role']:34s} " + " ".join(f"{r.get(k, float('nan')):14.4f}" for k in keys))
+        result["comparison"] = rows
+    eval_dir = Path(run) / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(eval_dir / f"{Path(str(spec)).name}-{split}.json", result)
+    return result
+
+
+def _role(rc: RunConfig) -> str:
+    if rc.init_from is None:
+        return "from scratch"
+    return "pretrained, encoder frozen" if rc.freeze == "encoder" else f"pretrained, fine-tuned (freeze={rc.freeze})"
+
+
 def _labelled_split(loaded, spec, split, label, seed, n, on_bad_sample, class_names):
     ds = load_dataset(spec, split, seed=seed, label=label, n=n, on_bad_sample=on_bad_sample)
     if not ds.has_labels:
@@ -275,6 +395,9 @@ def evaluate(
     """Metrics of a run on a split; a classification report, a confusion matrix PNG and a before/after table."""
     from imagen.eval.classification import classification_metrics, save_confusion_matrix, text_report
 
+    if read_config(run).get("task") not in ("classify", "pretrain"):
+        return evaluate_task_run(run, data, split=split, compare=compare, compare_init=compare_init, n=n,
+                                 on_bad_sample=on_bad_sample, echo=echo)
     loaded = load(run)
     rc = loaded.config
     spec = data if data is not None else rc.data.get("spec")
@@ -314,18 +437,22 @@ def evaluate(
     return result
 
 
-def predict(run: str | Path, files: Sequence[str | Path], top_k: int = 1) -> list[dict[str, Any]]:
-    """Label and probability for each image file, from a fine-tuned classification run."""
+def predict(run: str | Path, files: Sequence[str | Path], top_k: int = 1, **inputs) -> list[dict[str, Any]]:
+    """Answers of a fine-tuned run for image files: labels (classify), answers (vqa, with question=...),
+    captions (caption), responses (instruct, with instruction=...), boxes (detect), best texts (retrieval)."""
     from imagen.data import image_to_tensor, open_image
     from imagen.data.cache import normalize_images
 
     loaded = load(run)
-    if loaded.task != "classify":
-        raise RunError(f"{run} is a {loaded.task} run; predict needs a fine-tuned run (imagen finetune --task classify)")
+    if loaded.task == "pretrain":
+        raise RunError(f"{run} is a pretrain run; predict needs a fine-tuned run (imagen finetune --task ...)")
     if not files:
         raise DataError("no input files given; pass one or more image paths")
     size = loaded.config.model.image_size
     images = torch.stack([image_to_tensor(open_image(f), size) for f in files])
+    if loaded.task != "classify":
+        task = get_task(loaded.task)(loaded.config, loaded.tokenizer)
+        return task.predict(loaded.model, images, [str(f) for f in files], top_k=top_k, **inputs)
     with torch.no_grad():
         probs = loaded.model(images=normalize_images(images)).logits.float().softmax(-1)
     results = []

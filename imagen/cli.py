@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_positive_int, default=1024, help="BPE vocabulary size (default: 1024)")
 
     p = sub.add_parser("finetune", help="fine-tune a task head on labelled data")
-    p.add_argument("--task", required=True, help="task to train: classify")
+    p.add_argument("--task", required=True, help="task to train: classify, vqa, caption, detect, retrieval or instruct")
     _add_data_args(p)
     _add_train_args(p, lr=1e-3, batch_size=64, epochs=3)
     p.add_argument("--init-from", default=None, help="a pretraining (or fine-tuning) run to start from")
@@ -138,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a fine-tuned model on image files")
     p.add_argument("--run", required=True, help="run directory of a fine-tuned model")
-    p.add_argument("--top-k", type=_positive_int, default=1, help="labels to show per file (default: 1)")
+    p.add_argument("--top-k", type=_positive_int, default=1, help="labels / answers / texts to show per file (default: 1)")
+    p.add_argument("--question", default=None, help="vqa: the question to answer about each image")
+    p.add_argument("--instruction", default=None, help="instruct: the instruction, e.g. \"Describe the image.\"")
+    p.add_argument("--texts", nargs="+", default=None, metavar="TEXT", help="retrieval: candidate texts or labels to rank (default: the run's zero-shot labels)")
+    p.add_argument("--decoding", default=None, help="caption / instruct: greedy, beam or sample (default: the run's)")
+    p.add_argument("--out-dir", default=None, help="detect: folder for copies of the images with their boxes drawn")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("files", nargs="+", metavar="FILE", help="image files")
 
@@ -225,11 +230,15 @@ def run_command(args) -> int:
             print(json.dumps(result))
         return 0
     if args.command == "predict":
-        for r in api.predict(args.run, args.files, top_k=args.top_k):
+        inputs = {k: v for k, v in dict(question=args.question, instruction=args.instruction, texts=args.texts,
+                                         decoding=args.decoding, out_dir=args.out_dir).items() if v is not None}
+        for r in api.predict(args.run, args.files, top_k=args.top_k, **inputs):
             if args.json:
                 print(json.dumps(r, ensure_ascii=False))
-            else:
+            elif "label" in r and "probability" in r:
                 print(f"{r['file']}\t{r['label']}\t{r['probability']:.4f}" + "".join(f"\t{t['label']}:{t['probability']:.3f}" for t in r["top"][1:]))
+            else:
+                print(r["file"] + "\t" + r.get("summary", json.dumps({k: v for k, v in r.items() if k != "file"}, ensure_ascii=False)))
         return 0
     if args.command == "train-t2i":
         import imagen.generation as gen

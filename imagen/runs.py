@@ -88,6 +88,7 @@ class RunConfig:
     data: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
     freeze: str = "none"
+    task_config: dict[str, Any] | None = None  # the task's own options (tasks/<task>.py Config)
 
     def to_json(self) -> dict[str, Any]:
         from imagen.config import to_dict
@@ -98,6 +99,8 @@ class RunConfig:
         if self.classify is not None:
             out["classify"] = to_dict(self.classify)
         out.update(class_names=self.class_names, data=self.data, init_from=self.init_from, freeze=self.freeze)
+        if self.task_config is not None:
+            out["task_config"] = self.task_config
         return out
 
     @classmethod
@@ -113,6 +116,7 @@ class RunConfig:
                 data=data.get("data", {}),
                 init_from=data.get("init_from"),
                 freeze=data.get("freeze", "none"),
+                task_config=data.get("task_config"),
             )
         except (TypeError, ValueError, KeyError) as e:
             raise RunError(f"config.json does not describe a valid run: {e}") from None
@@ -129,6 +133,11 @@ def build_model(rc: RunConfig, tokenizer: Tokenizer | None = None) -> torch.nn.M
     if rc.task == "classify":
         c = rc.classify or ClassifyConfig()
         return EncoderForClassification(rc.model, len(rc.class_names or []), c.label_smoothing, rc.model.dropout, c.pooling)
+    from imagen.tasks.registry import TASKS
+
+    task = TASKS.get(rc.task)
+    if task is not None and hasattr(task, "build_model"):
+        return task.build_model(rc, tokenizer)
     raise RunError(f"this version of imagen cannot build models for task {rc.task!r}")
 
 

@@ -62,3 +62,21 @@ class EncoderForClassification(nn.Module):
     def reset_head(self, num_classes: int) -> None:
         """Replace the head (timm's reset_classifier), e.g. to fine-tune on a new label set."""
         self.head = ClassificationHead(self.config.dim, num_classes, self.head.drop.p)
+
+
+class EncoderForVQA(nn.Module):
+    """The encoder's joint [image; question] pass + ViLT's answer classifier on the fused [CLS] states."""
+
+    def __init__(self, config: EncoderConfig, num_answers: int):
+        super().__init__()
+        if num_answers < 1:
+            raise ValueError("VQA needs at least one answer in its vocabulary")
+        self.config = config
+        self.encoder = MultimodalEncoder(config)
+        d = config.dim
+        # Image [CLS] and question [CLS] of the fused pass, concatenated.
+        self.head = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(), nn.Linear(2 * d, num_answers))
+
+    def forward(self, images, input_ids, attention_mask=None) -> torch.Tensor:
+        out = self.encoder(images=images, input_ids=input_ids, attention_mask=attention_mask)
+        return self.head(torch.cat([out.image_embed, out.text_embed], dim=-1))  # (B, num_answers) logits

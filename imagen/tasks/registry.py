@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from imagen.tasks.classify import ClassifyTask
 from imagen.tasks.pretrain import PretrainTask
+from imagen.tasks.vqa import VQATask
 
 TASKS = {
     "pretrain": PretrainTask,
     "classify": ClassifyTask,
+    "vqa": VQATask,
 }
 
 # Names a user may pass to `imagen finetune --task`.

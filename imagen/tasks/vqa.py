@@ -1,0 +1,148 @@
+"""Visual question answering: a classifier over an answer vocabulary on the fused [image; question] state.
+
+The ViLT recipe (Kim et al. 2021): one joint pass over image patches and question tokens, an MLP on the fused
+[CLS] states, binary cross-entropy against soft scores (each answer's VQA accuracy), and VQA accuracy as the
+metric, reported overall and per question type when the data names types (Shapes: color, shape, count,
+exists, position, relation).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from imagen.config import ConfigError
+from imagen.data.cache import normalize_images
+from imagen.data.errors import DataError
+from imagen.data.examples import ExampleSplit
+from imagen.eval.vqa import answer_scores, normalize_answer, vqa_accuracy
+from imagen.models.heads import EncoderForVQA
+from imagen.tasks.base import Task, require_tokenizer
+
+
+@dataclass
+class VQAConfig:
+    max_answers: int = 1000  # the most frequent training answers form the vocabulary (VQAv2 uses 3,129)
+    min_answer_count: int = 1
+
+    def __post_init__(self):
+        if self.max_answers < 2:
+            raise ConfigError(f"vqa.max_answers must be at least 2, got {self.max_answers}")
+
+
+def qa_rows(meta: list[dict]) -> list[tuple[int, str, list[str], str]]:
+    """(image index, question, answers, type) for every question of every sample."""
+    rows = []
+    for k, m in enumerate(meta):
+        for q in m.get("questions") or []:
+            question = str(q.get("question") or "").strip()
+            answers = q.get("answers")
+            if answers is None:
+                answers = [q["answer"]] if q.get("answer") is not None else []
+            if not question:
+                raise DataError(f"sample {m.get('id', k)}: a question is empty; give every row a question text")
+            if not answers:
+                raise DataError(f"sample {m.get('id', k)}: question {question!r} has no answers; add 'answers': [...]")
+            rows.append((k, question, [str(a) for a in answers], str(q.get("type") or "all")))
+    return rows
+
+
+class VQATask(Task):
+    name = "vqa"
+    monitor = ("vqa_accuracy", "max")
+    Config = VQAConfig
+    headline = ("vqa_accuracy",)
+
+    @classmethod
+    def vocabulary(cls, meta, cfg):
+        rows = qa_rows(meta)
+        if not rows:
+            raise DataError("no questions in the training data; VQA needs rows with 'question' and 'answers' "
+                            "(or Shapes' built-in questions)")
+        counts = Counter(normalize_answer(a) for _, _, answers, _ in rows for a in set(answers))
+        vocab = [a for a, c in counts.most_common(cfg.max_answers) if c >= cfg.min_answer_count]
+        return sorted(vocab)
+
+    @classmethod
+    def tokenizer_texts(cls, meta, cfg):
+        return [q for _, q, _, _ in qa_rows(meta)] + [m["text"] for m in meta if m.get("text")]
+
+    @classmethod
+    def build_model(cls, rc, tokenizer):
+        return EncoderForVQA(rc.model, len(rc.class_names or []))
+
+    def build_split(self, images, meta, train):
+        tok = require_tokenizer(self.tokenizer, self.name)
+        rows = qa_rows(meta)
+        if not rows:
+            raise DataError("no questions in this split; VQA needs rows with 'question' and 'answers'")
+        index = {a: i for i, a in enumerate(self.rc.class_names)}
+        ids, mask = tok.encode([q for _, q, _, _ in rows], max_length=self.rc.model.max_text_len, pad_to_max=True)
+        width = max(len(answer_scores(a)) for _, _, a, _ in rows)
+        target_idx = torch.full((len(rows), width), -1, dtype=torch.long)
+        target_score = torch.zeros((len(rows), width))
+        for r, (_, _, answers, _) in enumerate(rows):
+            for j, (a, s) in enumerate(answer_scores(answers).items()):
+                if a in index:  # answers outside the vocabulary cannot be predicted; their rows still teach "not these"
+                    target_idx[r, j], target_score[r, j] = index[a], s
+        fields = {"question_ids": ids, "question_mask": mask, "target_idx": target_idx, "target_score": target_score,
+                  "answers": [a for _, _, a, _ in rows], "qtype": [t for _, _, _, t in rows]}
+        return ExampleSplit(images, torch.tensor([r[0] for r in rows]), fields)
+
+    def _targets(self, batch, num_answers):
+        idx, score = batch["target_idx"], batch["target_score"]
+        dense = torch.zeros(idx.shape[0], num_answers + 1, device=idx.device)
+        dense.scatter_(1, torch.where(idx < 0, num_answers, idx), score)  # -1 padding lands in a spare column
+        return dense[:, :num_answers]
+
+    def _forward(self, model, batch):
+        return model(normalize_images(batch["images"]), batch["question_ids"], batch["question_mask"]).float()
+
+    def training_step(self, model, batch):
+        logits = self._forward(model, batch)
+        targets = self._targets(batch, logits.shape[1])
+        # ViLT scales the mean BCE by the number of answers, i.e. sums over answers and averages over questions.
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+        hit = targets.gather(1, logits.argmax(1, keepdim=True)).mean()
+        return {"loss": loss, "acc": hit.detach()}
+
+    @torch.no_grad()
+    def validation_step(self, model, batch):
+        logits = self._forward(model, batch)
+        targets = self._targets(batch, logits.shape[1])
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1)
+        preds = [self.rc.class_names[i] for i in logits.argmax(1).tolist()]
+        acc = torch.tensor([vqa_accuracy(p, a) for p, a in zip(preds, batch["answers"])])
+        return {"loss": loss.cpu(), "acc": acc, "qtype": batch["qtype"]}
+
+    def compute_metrics(self, outputs):
+        acc = torch.cat([o["acc"] for o in outputs])
+        types = [t for o in outputs for t in o["qtype"]]
+        metrics = {"loss": float(torch.cat([o["loss"] for o in outputs]).mean()), "vqa_accuracy": float(acc.mean())}
+        for t in sorted(set(types)):
+            if t != "all":
+                sel = torch.tensor([x == t for x in types])
+                metrics[f"vqa_accuracy_{t}"] = float(acc[sel].mean())
+        return metrics
+
+    @torch.no_grad()
+    def predict(self, model, images, files, question=None, top_k=1, **_):
+        if not question or not str(question).strip():
+            raise DataError("VQA needs a question: pass --question \"...\"")
+        tok = require_tokenizer(self.tokenizer, self.name)
+        ids, mask = tok.encode([question] * len(images), max_length=self.rc.model.max_text_len)
+        if len(tok.tokenize(question)) + 2 > self.rc.model.max_text_len:
+            import logging
+
+            logging.getLogger("imagen").warning("question truncated to %d tokens", self.rc.model.max_text_len)
+        probs = model(normalize_images(images), ids, mask).float().sigmoid()
+        out = []
+        for f, p in zip(files, probs):
+            top = p.topk(min(top_k, len(p)))
+            out.append({"file": f, "question": question, "answer": self.rc.class_names[int(top.indices[0])],
+                        "score": float(top.values[0]),
+                        "top": [{"answer": self.rc.class_names[int(i)], "score": float(v)} for v, i in zip(top.values, top.indices)]})
+        return out
