@@ -437,6 +437,11 @@ def evaluate(
     return result
 
 
+# The extra inputs each task's predict understands (besides image files and top_k).
+PREDICT_INPUTS = {"vqa": ("question",), "instruct": ("instruction", "decoding"), "caption": ("decoding",),
+                  "detect": ("out_dir",), "retrieval": ("texts",)}
+
+
 def predict(run: str | Path, files: Sequence[str | Path], top_k: int = 1, **inputs) -> list[dict[str, Any]]:
     """Answers of a fine-tuned run for image files: labels (classify), answers (vqa, with question=...),
     captions (caption), responses (instruct, with instruction=...), boxes (detect), best texts (retrieval)."""
@@ -450,6 +455,11 @@ def predict(run: str | Path, files: Sequence[str | Path], top_k: int = 1, **inpu
         raise DataError("no input files given; pass one or more image paths")
     size = loaded.config.model.image_size
     images = torch.stack([image_to_tensor(open_image(f), size) for f in files])
+    given = sorted(k for k, v in inputs.items() if v is not None)
+    unused = [k for k in given if k not in PREDICT_INPUTS.get(loaded.task, ())]
+    if unused:
+        raise DataError(f"--{unused[0].replace('_', '-')} does not apply to {run}, a {loaded.task} run; "
+                        f"{loaded.task} runs take: " + (", ".join(f"--{k.replace('_', '-')}" for k in PREDICT_INPUTS.get(loaded.task, ())) or "image files only"))
     if loaded.task != "classify":
         task = get_task(loaded.task)(loaded.config, loaded.tokenizer)
         return task.predict(loaded.model, images, [str(f) for f in files], top_k=top_k, **inputs)

@@ -89,6 +89,8 @@ def _row_to_record(row: dict, where: str, base: Path, label_key: str) -> dict:
         answers = [str(a) for a in answers] if isinstance(answers, list) else ([] if answers is None else [str(answers)])
         rec["questions"] = [{"question": str(row["question"]), "answer": answers[0] if answers else None,
                              "answers": answers}]
+    if row.get("instruction") is not None or row.get("response") is not None:  # instruction-tuning rows
+        rec.update(instruction=row.get("instruction"), response=row.get("response"), task=row.get("task"))
     objects = _maybe_json(row.get("objects", row.get("boxes")))
     if isinstance(objects, list):
         rec["objects"] = [o if isinstance(o, dict) else {"box": list(o)} for o in objects]

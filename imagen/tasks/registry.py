@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from imagen.tasks.caption import CaptionTask
 from imagen.tasks.classify import ClassifyTask
+from imagen.tasks.instruct import InstructTask
 from imagen.tasks.pretrain import PretrainTask
+from imagen.tasks.retrieval import RetrievalTask
 from imagen.tasks.vqa import VQATask
 
 TASKS = {
     "pretrain": PretrainTask,
     "classify": ClassifyTask,
     "vqa": VQATask,
+    "retrieval": RetrievalTask,
+    "caption": CaptionTask,
+    "instruct": InstructTask,
 }
 
 # Names a user may pass to `imagen finetune --task`.

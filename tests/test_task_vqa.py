@@ -1,0 +1,95 @@
+"""VQA: the accuracy formula, answer normalisation, soft targets, a learned result and bad input."""
+
+import json
+
+import pytest
+import torch
+
+import imagen
+from imagen.data.errors import DataError
+from imagen.eval.vqa import answer_scores, normalize_answer, vqa_accuracy
+from imagen.runs import RunConfig
+from imagen.tasks.vqa import VQATask, qa_rows
+
+from cli_helpers import one_line_error, run_cli
+
+QUIET = dict(precision="fp32", progress=False, report_to=("jsonl",))
+
+
+def test_answer_normalisation():
+    assert normalize_answer("Two.") == "2"
+    assert normalize_answer("  the Red circle! ") == "red circle"
+    assert normalize_answer("top-left") == "top left"
+    assert normalize_answer("3.5") == "3.5"
+
+
+def test_vqa_accuracy_is_min_of_matches_over_three():
+    ten = ["2"] * 2 + ["two"] + ["3"] * 7
+    assert vqa_accuracy("2", ten) == 1.0  # 3 annotators (after normalisation) said it
+    assert vqa_accuracy("3", ten) == 1.0
+    assert vqa_accuracy("4", ten) == 0.0
+    assert vqa_accuracy("yes", ["yes", "no", "no", "no"]) == pytest.approx(1 / 3)
+    assert vqa_accuracy("red", ["red"]) == 1.0  # a single annotator must be matched
+    assert vqa_accuracy("red", ["red", "blue"]) == 0.5
+    assert answer_scores(["yes", "yes", "no", "no", "no", "maybe"]) == {"yes": pytest.approx(2 / 3), "no": 1.0, "maybe": pytest.approx(1 / 3)}
+
+
+def test_split_targets_point_at_the_answer_vocabulary():
+    meta = [{"id": "a", "questions": [{"question": "what color?", "answers": ["red", "red", "blue"], "type": "color"}]},
+            {"id": "b", "questions": [{"question": "how many?", "answer": "two"}]}]
+    cfg = VQATask.Config()
+    vocab = VQATask.vocabulary(meta, cfg)
+    assert vocab == ["2", "blue", "red"]
+    tok = imagen.data.Tokenizer.train(["what color how many"], vocab_size=300)
+    rc = RunConfig(task="vqa", model=imagen.config.encoder_config("tiny", image_size=8, patch_size=4), train=imagen.config.TrainConfig(),
+                   class_names=vocab)
+    task = VQATask(rc, tok)
+    split = task.build_split(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), meta, train=True)
+    batch = split.__getitems__([0, 1])
+    dense = task._targets(batch, len(vocab))
+    assert torch.allclose(dense, torch.tensor([[0.0, 1 / 3, 2 / 3], [1.0, 0.0, 0.0]]))
+    assert batch["question_ids"].shape[1] == int(batch["question_mask"].sum(1).max())  # padding trimmed
+
+
+def test_rows_without_answers_or_questions_are_named(tmp_path):
+    with pytest.raises(DataError, match="has no answers"):
+        qa_rows([{"id": "x", "questions": [{"question": "what?", "answers": []}]}])
+    with pytest.raises(DataError, match="question is empty"):
+        qa_rows([{"id": "x", "questions": [{"question": " ", "answers": ["a"]}]}])
+
+
+def test_vqa_learns_shapes_questions(tmp_path):
+    """A learned result: a short fine-tune answers far better than the untrained model (which scores ~0)."""
+    result = imagen.finetune("vqa", "shapes", tmp_path / "vqa", n=400, max_steps=150, lr=2e-3, **QUIET)
+    assert result.status == "completed"
+    report = imagen.evaluate(tmp_path / "vqa", "shapes", n=400, echo=lambda *a, **k: None)
+    # Guessing among the ~30 answers scores ~0.03; learning which answers fit which question type scores ~0.3.
+    assert report["vqa_accuracy"] > 0.25, report
+    assert report["vqa_accuracy_exists"] >= 0.5 and report["vqa_accuracy_shape"] > 0.3, report
+    assert set(report) >= {"vqa_accuracy_color", "vqa_accuracy_shape", "vqa_accuracy_position", "vqa_accuracy_relation"}
+
+
+def test_vqa_user_jsonl_cli_predict_and_bad_input(tmp_path, capsys):
+    from PIL import Image
+
+    rows = []
+    for i, color in enumerate(["red", "blue"] * 8):
+        Image.new("RGB", (16, 16), (220, 40, 40) if color == "red" else (40, 80, 220)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "what color is it?", "answers": [color]})
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    code, out, err = run_cli(capsys, "finetune", "--task", "vqa", "--data", data, "--out", tmp_path / "run", "--max-steps", "5",
+                             "--no-progress", "--precision", "fp32", "--report-to", "jsonl")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "predict", "--run", tmp_path / "run", "--question", "what color is it?", "--json", tmp_path / "0.png")
+    assert code == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["answer"] in ("red", "blue") and 0 <= row["score"] <= 1
+    line = one_line_error(*run_cli(capsys, "predict", "--run", tmp_path / "run", tmp_path / "0.png")[::2])
+    assert "--question" in line
+    line = one_line_error(*run_cli(capsys, "predict", "--run", tmp_path / "run", "--instruction", "Describe the image.", tmp_path / "0.png")[::2])
+    assert "--instruction" in line and "vqa" in line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "0.png", "question": "what color?"}) + "\n")
+    line = one_line_error(*run_cli(capsys, "finetune", "--task", "vqa", "--data", bad, "--out", tmp_path / "bad", "--max-steps", "1")[::2], ignore_logs=True)
+    assert "no answers" in line and not (tmp_path / "bad").exists()
