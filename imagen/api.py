@@ -219,7 +219,7 @@ def finetune(
         rc = RunConfig(
             task=task,
             model=model_cfg,
-            train=_train_config(train_kwargs, {"lr": 1e-3, "weight_decay": 0.05}),
+            train=_train_config(train_kwargs, {"lr": 1e-3, "weight_decay": 0.05, "epochs": 3}),
             classify=ClassifyConfig(label=label or "label", label_smoothing=label_smoothing, augment=augment),
             class_names=list(train_ds.class_names),
             data=_data_info(data, seed, label, n),
@@ -273,7 +273,7 @@ def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n,
             size = init.config.model.image_size if init is not None else model_kwargs.get("image_size")
             train_ds, train, val = _task_splits(task_cls, data, seed, n, on_bad_sample, size)
             task_cfg = task_cls.Config()
-            train_cfg = _train_config(train_kwargs, {"lr": 1e-3, "weight_decay": 0.05})
+            train_cfg = _train_config(train_kwargs, {"weight_decay": 0.05, **task_cls.recipe})
             if init is not None:
                 model_cfg = dataclasses.replace(init.config.model, dropout=model_kwargs.get("dropout", init.config.model.dropout))
             else:

@@ -46,15 +46,15 @@ def _add_data_args(p):
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable samples (named in a warning) or stop (default: skip)")
 
 
-def _add_train_args(p, lr, batch_size, epochs):
+def _add_train_args(p, lr, batch_size, epochs, recipe_note=None):
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
     g.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"), help="model size (default: tiny)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help="optimiser (default: adamw)")
-    g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default: {lr})")
+    g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default: {recipe_note or lr})")
     g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"batch size (default: {batch_size})")
     g.add_argument("--epochs", type=_positive_int, default=epochs,
-                   help="epochs over the training split (default: " + (str(epochs) if epochs else "the recipe's --max-steps") + ")")
+                   help="epochs over the training split (default: " + (recipe_note or (str(epochs) if epochs else "the recipe's --max-steps")) + ")")
     g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs" + (" (default: 5000 base, 3000 per SR stage)" if epochs is None else ""))
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the run)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW/SGD weight decay, never on norms, biases or embeddings (default: 0.05)")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a task head on labelled data")
     p.add_argument("--task", required=True, help="task to train: classify, vqa, caption, detect, retrieval or instruct")
     _add_data_args(p)
-    _add_train_args(p, lr=1e-3, batch_size=64, epochs=3)
+    _add_train_args(p, lr=None, batch_size=64, epochs=None, recipe_note="the task's recipe: 3 epochs at 1e-3 for classify; see `imagen.tasks.<task>.recipe`")
     p.add_argument("--init-from", default=None, help="a pretraining (or fine-tuning) run to start from")
     p.add_argument("--freeze", default="none", help="none, encoder (head only), or all-but-last-N (default: none)")
     p.add_argument("--label", default=None, help="Shapes label kind: shape, color, color-shape, count (default: color-shape)")

@@ -177,3 +177,25 @@ def test_16bit_png_from_disk_and_tensor_resize(tmp_path):
     img = Image.new("RGB", (40, 20), (0, 0, 255))
     t = image_to_tensor(img, 16)
     assert t.shape == (3, 16, 16) and t.dtype.is_floating_point is False and int(t[2].min()) >= 250
+
+
+def test_coco_instances_file_as_data(tmp_path):
+    """A COCO .json file is a data source: boxes become objects with category names; the image size is kept."""
+    import json
+
+    from PIL import Image
+
+    from imagen.data import load_dataset
+
+    images, anns = [], []
+    for i in range(10):
+        Image.new("RGB", (40, 20), (10, 10, 10)).save(tmp_path / f"{i}.png")
+        images.append({"id": 100 + i, "file_name": f"{i}.png", "width": 40, "height": 20})
+        anns.append({"id": i, "image_id": 100 + i, "category_id": 7, "bbox": [2, 3, 10, 5], "iscrowd": 0})
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 7, "name": "lamp"}]}))
+    ds = load_dataset(coco, "train")
+    sample = ds[0]
+    assert sample["objects"] == [{"box": [2.0, 3.0, 12.0, 8.0], "label": "lamp"}]
+    assert (sample["width"], sample["height"]) == (40, 20) and sample["image"].size == (40, 20)
+    assert len(ds) + len(load_dataset(coco, "val")) + len(load_dataset(coco, "test")) == 10

@@ -93,3 +93,15 @@ def test_vqa_user_jsonl_cli_predict_and_bad_input(tmp_path, capsys):
     bad.write_text(json.dumps({"image": "0.png", "question": "what color?"}) + "\n")
     line = one_line_error(*run_cli(capsys, "finetune", "--task", "vqa", "--data", bad, "--out", tmp_path / "bad", "--max-steps", "1")[::2], ignore_logs=True)
     assert "no answers" in line and not (tmp_path / "bad").exists()
+
+
+def test_generative_vqa_head_trains_and_answers(tmp_path):
+    result = imagen.finetune("vqa", "shapes", tmp_path / "gen", n=200, max_steps=30, lr=2e-3,
+                             sets=["vqa.head=generative"], **QUIET)
+    assert result.status == "completed"
+    loaded = imagen.load(tmp_path / "gen")
+    assert type(loaded.model).__name__ == "EncoderDecoder"
+    report = imagen.evaluate(tmp_path / "gen", "shapes", n=200, echo=lambda *a, **k: None)
+    assert 0.0 <= report["vqa_accuracy"] <= 1.0 and "vqa_accuracy_count" in report
+    with pytest.raises(imagen.config.ConfigError, match="vqa.head"):
+        VQATask.Config(head="pointer")

@@ -1,4 +1,4 @@
-"""User data on disk: ImageFolder trees, annotations.jsonl folders, and .jsonl / .csv files."""
+"""User data on disk: ImageFolder trees, annotations.jsonl folders, .jsonl / .csv files and COCO .json files."""
 
 from __future__ import annotations
 
@@ -122,11 +122,21 @@ def _folder_source(root: Path) -> list[dict]:
     return records
 
 
+def _coco_source(path: Path) -> list[dict]:
+    """Records from a COCO instances file: boxes as objects with category names, plus the image size."""
+    from .coco import read_coco
+
+    return [{"path": p, "id": str(meta["id"]), "text": None, "label": None, "objects": meta["objects"],
+             **{k: meta[k] for k in ("width", "height") if k in meta}} for p, meta in read_coco(path)]
+
+
 def _source(path: Path, label_key: str, bad: list[str]) -> list[dict]:
     """Records from one split source: an annotation file, a folder with annotations, or an ImageFolder."""
     if path.is_file():
         if path.suffix.lower() not in (".jsonl", ".csv", ".json"):
-            raise DataError(f"{path} is not a .jsonl or .csv annotation file; pass a folder or an annotation file")
+            raise DataError(f"{path} is not a .jsonl, .csv or COCO .json annotation file; pass a folder or an annotation file")
+        if path.suffix.lower() == ".json":
+            return _coco_source(path)
         return _rows_source(path, label_key, bad)
     for name in ANNOTATION_NAMES:
         if (path / name).is_file():
@@ -151,7 +161,7 @@ def _split_sources(root: Path) -> dict[str, Path]:
     found = {}
     if root.is_dir():
         for s in SPLITS:
-            for cand in (root / s, root / f"{s}.jsonl", root / f"{s}.csv"):
+            for cand in (root / s, root / f"{s}.jsonl", root / f"{s}.csv", root / f"{s}.json"):
                 if cand.exists():
                     found[s] = cand
                     break

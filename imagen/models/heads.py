@@ -65,18 +65,28 @@ class EncoderForClassification(nn.Module):
 
 
 class EncoderForVQA(nn.Module):
-    """The encoder's joint [image; question] pass + ViLT's answer classifier on the fused [CLS] states."""
+    """The encoder's joint [image; question] pass + ViLT's answer classifier on the fused [CLS] states.
 
-    def __init__(self, config: EncoderConfig, num_answers: int):
+    With `grid_dim` > 0 the classifier also reads every fused patch state, each projected to `grid_dim`
+    channels and flattened in raster order, so "where" answers come from which patches the question lit up
+    rather than from attention pooling, which has to learn to find them first.
+    """
+
+    def __init__(self, config: EncoderConfig, num_answers: int, grid_dim: int = 0):
         super().__init__()
         if num_answers < 1:
             raise ValueError("VQA needs at least one answer in its vocabulary")
         self.config = config
         self.encoder = MultimodalEncoder(config)
         d = config.dim
-        # Image [CLS] and question [CLS] of the fused pass, concatenated.
-        self.head = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(), nn.Linear(2 * d, num_answers))
+        self.grid = nn.Linear(d, grid_dim) if grid_dim > 0 else None
+        width = 2 * d + grid_dim * config.num_patches
+        # Image [CLS] and question [CLS] of the fused pass (and the patch grid), concatenated.
+        self.head = nn.Sequential(nn.Linear(width, 2 * d), nn.LayerNorm(2 * d), nn.GELU(), nn.Linear(2 * d, num_answers))
 
     def forward(self, images, input_ids, attention_mask=None) -> torch.Tensor:
         out = self.encoder(images=images, input_ids=input_ids, attention_mask=attention_mask)
-        return self.head(torch.cat([out.image_embed, out.text_embed], dim=-1))  # (B, num_answers) logits
+        parts = [out.image_embed, out.text_embed]
+        if self.grid is not None:
+            parts.append(self.grid(out.image_states[:, 1:]).flatten(1))  # (B, num_patches * grid_dim)
+        return self.head(torch.cat(parts, dim=-1))  # (B, num_answers) logits

@@ -28,6 +28,8 @@ class Task:
     # Metrics shown in before/after tables, first = the headline.
     headline: tuple[str, ...] = ("loss",)
     needs_tokenizer = True
+    # Training defaults of the task's default recipe (any TrainConfig field); the user's options override them.
+    recipe: dict[str, Any] = {"epochs": 3, "lr": 1e-3}
 
     def __init__(self, run_config, tokenizer=None):
         self.rc = run_config

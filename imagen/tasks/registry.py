@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from imagen.tasks.caption import CaptionTask
 from imagen.tasks.classify import ClassifyTask
+from imagen.tasks.detect import DetectTask
 from imagen.tasks.instruct import InstructTask
 from imagen.tasks.pretrain import PretrainTask
 from imagen.tasks.retrieval import RetrievalTask
@@ -15,6 +16,7 @@ TASKS = {
     "vqa": VQATask,
     "retrieval": RetrievalTask,
     "caption": CaptionTask,
+    "detect": DetectTask,
     "instruct": InstructTask,
 }
 

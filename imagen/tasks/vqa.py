@@ -4,6 +4,9 @@ The ViLT recipe (Kim et al. 2021): one joint pass over image patches and questio
 [CLS] states, binary cross-entropy against soft scores (each answer's VQA accuracy), and VQA accuracy as the
 metric, reported overall and per question type when the data names types (Shapes: color, shape, count,
 exists, position, relation).
+
+`--set vqa.head=generative` answers through the text decoder instead (the encoder reads [image; question],
+the decoder writes the answer): open-ended answers, no vocabulary, same metric.
 """
 
 from __future__ import annotations
@@ -21,14 +24,20 @@ from imagen.data.examples import ExampleSplit
 from imagen.eval.vqa import answer_scores, normalize_answer, vqa_accuracy
 from imagen.models.heads import EncoderForVQA
 from imagen.tasks.base import Task, require_tokenizer
+from imagen.tasks.generative import GenerationOptions, GenerativeTask
 
 
 @dataclass
-class VQAConfig:
+class VQAConfig(GenerationOptions):
+    head: str = "classifier"  # classifier (answer vocabulary) | generative (text decoder)
     max_answers: int = 1000  # the most frequent training answers form the vocabulary (VQAv2 uses 3,129)
     min_answer_count: int = 1
+    grid_dim: int = 8  # the classifier also reads each fused patch state projected to this many channels; 0 = [CLS] only
 
     def __post_init__(self):
+        super().__post_init__()
+        if self.head not in ("classifier", "generative"):
+            raise ConfigError(f"unknown vqa.head {self.head!r}; choose classifier or generative")
         if self.max_answers < 2:
             raise ConfigError(f"vqa.max_answers must be at least 2, got {self.max_answers}")
 
@@ -50,11 +59,26 @@ def qa_rows(meta: list[dict]) -> list[tuple[int, str, list[str], str]]:
     return rows
 
 
+def _metrics(loss, acc, types):
+    metrics = {"loss": loss, "vqa_accuracy": float(acc.mean())}
+    for t in sorted(set(types)):
+        if t != "all":
+            sel = torch.tensor([x == t for x in types])
+            metrics[f"vqa_accuracy_{t}"] = float(acc[sel].mean())
+    return metrics
+
+
 class VQATask(Task):
     name = "vqa"
     monitor = ("vqa_accuracy", "max")
     Config = VQAConfig
     headline = ("vqa_accuracy",)
+    recipe = {"epochs": 10, "lr": 2e-3}
+
+    def __new__(cls, run_config=None, tokenizer=None):
+        if cls is VQATask and cls.config_from(getattr(run_config, "task_config", None)).head == "generative":
+            return GenerativeVQATask(run_config, tokenizer)  # not a VQATask, so __init__ is not run twice
+        return super().__new__(cls)
 
     @classmethod
     def vocabulary(cls, meta, cfg):
@@ -72,7 +96,9 @@ class VQATask(Task):
 
     @classmethod
     def build_model(cls, rc, tokenizer):
-        return EncoderForVQA(rc.model, len(rc.class_names or []))
+        if cls.config_from(rc.task_config).head == "generative":
+            return GenerativeVQATask.build_model(rc, tokenizer)
+        return EncoderForVQA(rc.model, len(rc.class_names or []), cls.config_from(rc.task_config).grid_dim)
 
     def build_split(self, images, meta, train):
         tok = require_tokenizer(self.tokenizer, self.name)
@@ -121,12 +147,7 @@ class VQATask(Task):
     def compute_metrics(self, outputs):
         acc = torch.cat([o["acc"] for o in outputs])
         types = [t for o in outputs for t in o["qtype"]]
-        metrics = {"loss": float(torch.cat([o["loss"] for o in outputs]).mean()), "vqa_accuracy": float(acc.mean())}
-        for t in sorted(set(types)):
-            if t != "all":
-                sel = torch.tensor([x == t for x in types])
-                metrics[f"vqa_accuracy_{t}"] = float(acc[sel].mean())
-        return metrics
+        return _metrics(float(torch.cat([o["loss"] for o in outputs]).mean()), acc, types)
 
     @torch.no_grad()
     def predict(self, model, images, files, question=None, top_k=1, **_):
@@ -145,4 +166,37 @@ class VQATask(Task):
             out.append({"file": f, "question": question, "answer": self.rc.class_names[int(top.indices[0])],
                         "score": float(top.values[0]),
                         "top": [{"answer": self.rc.class_names[int(i)], "score": float(v)} for v, i in zip(top.values, top.indices)]})
+        return out
+
+
+class GenerativeVQATask(GenerativeTask):
+    """VQA through the encoder-decoder: the question is the prompt, the most common answer the target."""
+
+    name = "vqa"
+    monitor = ("vqa_accuracy", "max")
+    Config = VQAConfig
+    headline = ("vqa_accuracy",)
+    vocabulary = VQATask.vocabulary
+    tokenizer_texts = VQATask.tokenizer_texts
+
+    def rows(self, meta, train):
+        rows = []
+        for k, question, answers, qtype in qa_rows(meta):
+            best = Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
+            rows.append({"image": k, "prompt": question, "target": best, "kind": qtype, "references": answers})
+        if not rows:
+            raise DataError("no questions in this split; VQA needs rows with 'question' and 'answers'")
+        return rows
+
+    def compute_metrics(self, outputs):
+        loss, texts, kinds, refs, _ = self.gather(outputs)
+        acc = torch.tensor([vqa_accuracy(t, r) for t, r in zip(texts, refs)])
+        return _metrics(loss, acc, kinds)
+
+    def predict(self, model, images, files, question=None, **_):
+        if not question or not str(question).strip():
+            raise DataError("VQA needs a question: pass --question \"...\"")
+        out = self.predict_texts(model, images, files, prompt=str(question).strip())
+        for r in out:
+            r.update(question=question, answer=r["text"])
         return out
