@@ -93,6 +93,9 @@ def test_device_helpers():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
     assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("auto", cpu, num_params=3_000_000) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("auto", cpu, num_params=170_000) == "fp32"  # tiny models run faster in fp32 on CPU
+    assert resolve_precision("bf16", cpu, num_params=170_000) == "bf16"  # an explicit choice is kept
     with autocast_context(cpu, "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     batch = {"x": torch.ones(3, 2), "pair": (torch.zeros(3), [torch.zeros(1)]), "name": "a"}

@@ -65,21 +65,35 @@ class EncoderDecoder(nn.Module):
     """
 
     def __init__(self, config: EncoderConfig, decoder_layers: int = 2, max_len: int = 32, bos_id: int = 5,
-                 eos_id: int = 6, pad_id: int = 0):
+                 eos_id: int = 6, pad_id: int = 0, grid_dim: int = 0):
         super().__init__()
         self.config = config
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.encoder = MultimodalEncoder(config)
+        # Optional layout token: every fused patch state projected to grid_dim channels, flattened in raster order
+        # and mapped back to one context token, so "where" is read off the grid by an MLP instead of having to be
+        # found by cross-attention first (the same readout as EncoderForVQA's grid_dim).
+        self.grid = None
+        if grid_dim > 0:
+            self.grid = nn.Sequential(nn.Linear(config.dim, grid_dim), nn.Flatten(1),
+                                      nn.Linear(grid_dim * config.num_patches, config.dim), nn.LayerNorm(config.dim))
         self.decoder = TextDecoder(config.vocab_size, config.dim, decoder_layers, config.num_heads, max_len,
                                    config.mlp_ratio, config.dropout)
 
     def encode(self, images, prompt_ids=None, prompt_mask=None):
         """(context (B, S, dim), context_mask (B, S) bool) from the joint pass."""
         out = self.encoder(images=images, input_ids=prompt_ids, attention_mask=prompt_mask)
-        image_mask = torch.ones(out.image_states.shape[:2], dtype=torch.bool, device=images.device)
-        if out.text_states is None:
-            return out.image_states, image_mask
-        return torch.cat([out.image_states, out.text_states], 1), torch.cat([image_mask, out.text_mask], 1)
+        states = [out.image_states]
+        if out.text_states is not None:
+            states.append(out.text_states)
+        if self.grid is not None:
+            states.append(self.grid(out.image_states[:, 1:])[:, None])  # (B, 1, dim) layout token
+        context = torch.cat(states, 1)
+        mask = torch.ones(context.shape[:2], dtype=torch.bool, device=images.device)
+        if out.text_states is not None:
+            n_img = out.image_states.shape[1]
+            mask[:, n_img:n_img + out.text_states.shape[1]] = out.text_mask
+        return context, mask
 
     def forward(self, images, target_ids, target_mask, prompt_ids=None, prompt_mask=None):
         """Teacher-forced NLL of targets `[BOS] tokens [EOS] [PAD]...`; returns (loss, logits)."""

@@ -28,7 +28,7 @@ class CaptionTask(GenerativeTask):
     monitor = ("loss", "min")  # held-out NLL: smooth, unlike generation metrics on small validation sets
     Config = CaptionConfig
     headline = ("fact_accuracy", "bleu4", "cider")
-    recipe = {"epochs": 20, "lr": 2e-3}
+    recipe = {"epochs": 40, "lr": 2e-3}
 
     def rows(self, meta, train):
         rows = []

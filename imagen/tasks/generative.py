@@ -25,6 +25,7 @@ class GenerationOptions:
     """Decoder size and default decoding, shared by the generative tasks' configs."""
 
     decoder_layers: int = 2
+    grid_dim: int = 8  # channels per patch of the decoder's layout token (0 = none); see EncoderDecoder
     max_target_len: int = 32  # target tokens, [BOS] and [EOS] included; longer targets are truncated
     decoding: str = "greedy"  # greedy | beam | sample
     num_beams: int = 3
@@ -56,7 +57,7 @@ class GenerativeTask(Task):
     @classmethod
     def build_model(cls, rc, tokenizer):
         cfg = cls.config_from(rc.task_config)
-        return EncoderDecoder(rc.model, cfg.decoder_layers, cfg.max_target_len)
+        return EncoderDecoder(rc.model, cfg.decoder_layers, cfg.max_target_len, grid_dim=cfg.grid_dim)
 
     def encode_prompts(self, prompts: list[str]):
         tok = require_tokenizer(self.tokenizer, self.name)

@@ -73,7 +73,7 @@ class VQATask(Task):
     monitor = ("vqa_accuracy", "max")
     Config = VQAConfig
     headline = ("vqa_accuracy",)
-    recipe = {"epochs": 10, "lr": 2e-3}
+    recipe = {"epochs": 12, "lr": 2e-3}
 
     def __new__(cls, run_config=None, tokenizer=None):
         if cls is VQATask and cls.config_from(getattr(run_config, "task_config", None)).head == "generative":

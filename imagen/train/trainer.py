@@ -82,7 +82,7 @@ class Trainer:
         self.val_data = val_data
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, sum(p.numel() for p in model.parameters()))
         self.model = model.to(self.device)
         self.collate_fn = collate_fn or getattr(task, "collate", None) or default_collate
         if val_data is not None:
