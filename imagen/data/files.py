@@ -77,6 +77,8 @@ def _row_to_record(row: dict, where: str, base: Path, label_key: str) -> dict:
     rec: dict = {"path": path if path.is_absolute() else base / path}
     rec["id"] = str(row.get("id", row[key]))
     rec["text"] = next((str(row[k]) for k in TEXT_KEYS if row.get(k) not in (None, "")), None)
+    if rec["text"] is not None:
+        rec["captions"] = [rec["text"]]
     label = row.get(label_key)
     rec["label"] = None if label is None else str(label)
     if isinstance(row.get("labels"), dict):
@@ -86,26 +88,48 @@ def _row_to_record(row: dict, where: str, base: Path, label_key: str) -> dict:
         rec["questions"] = questions
     elif row.get("question"):
         answers = _maybe_json(row.get("answers", row.get("answer")))
-        answers = [str(a) for a in answers] if isinstance(answers, list) else ([] if answers is None else [str(answers)])
+        answers = answers if isinstance(answers, list) else ([] if answers is None else [answers])
+        # VQAv2 lists annotator answers as {"answer": ..., "answer_confidence": ...} objects.
+        answers = [str(a["answer"]) if isinstance(a, dict) and "answer" in a else str(a) for a in answers]
         rec["questions"] = [{"question": str(row["question"]), "answer": answers[0] if answers else None,
                              "answers": answers}]
     if row.get("instruction") is not None or row.get("response") is not None:  # instruction-tuning rows
-        rec.update(instruction=row.get("instruction"), response=row.get("response"), task=row.get("task"))
+        rec["instructions"] = [{"instruction": row.get("instruction"), "response": row.get("response"),
+                                "task": row.get("task")}]
     objects = _maybe_json(row.get("objects", row.get("boxes")))
     if isinstance(objects, list):
         rec["objects"] = [o if isinstance(o, dict) else {"box": list(o)} for o in objects]
     return rec
 
 
+def _merge(into: dict, rec: dict) -> None:
+    """Fold another row about the same image into its record: questions, captions and instructions add up."""
+    for key in ("questions", "captions", "instructions"):
+        if rec.get(key):
+            into[key] = into.get(key, []) + rec[key]
+    for key in ("text", "label", "labels", "objects"):
+        if into.get(key) is None and rec.get(key) is not None:
+            into[key] = rec[key]
+
+
 def _rows_source(path: Path, label_key: str, bad: list[str]) -> list[dict]:
-    """Records from an annotation file; rows without an image are collected in `bad`."""
-    records = []
+    """One record per image of an annotation file; rows without an image are collected in `bad`.
+
+    Rows naming the same image (one question, caption or instruction per row, as VQA and COCO-style files
+    have it) become one record, so an image never lands in two splits and is decoded once.
+    """
+    records: dict[Path, dict] = {}
     for n, row in _read_rows(path):
         try:
-            records.append(_row_to_record(row, f"{path}:{n}", path.parent, label_key))
+            rec = _row_to_record(row, f"{path}:{n}", path.parent, label_key)
         except _Bad as exc:
             bad.append(str(exc))
-    return records
+            continue
+        if rec["path"] in records:
+            _merge(records[rec["path"]], rec)
+        else:
+            records[rec["path"]] = rec
+    return list(records.values())
 
 
 def _folder_source(root: Path) -> list[dict]:

@@ -3,16 +3,18 @@
 Every task is phrased as an instruction and answered in text — "Describe the image.", "What color is the
 circle?", "How many squares are there?", "Where is the red triangle?" — so one model and one generative head
 serve them all. The training mixture is a config (`--set instruct.mixture=describe=2,count=1,...`): a kind with
-weight w contributes round(w x images) training examples, drawn with replacement from that kind's rows, so
-a weight of 0 leaves a kind out and a weight of 2 doubles it. Evaluation is per kind: `fact_accuracy` for
-descriptions on the Shapes world (BLEU-4 and CIDEr-D otherwise) and answer accuracy (VQA-normalised exact
-match) for the others, with `instruct_score` their mean.
+weight w contributes round(w x images) training examples — whole copies of that kind's rows, then a sample
+of the rest without replacement — so a weight of 0 leaves a kind out and a weight of 2 doubles it; kinds the
+mixture does not name keep weight 1. Evaluation is per kind: `fact_accuracy` for descriptions on the Shapes
+world (BLEU-4 and CIDEr-D otherwise) and answer accuracy (VQA-normalised exact match) for the others, with
+`instruct_score` their mean.
 
 User data: JSONL rows {"image", "instruction", "response"} (optional "task" names the kind; default custom).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from imagen.eval.vqa import normalize_answer
 from imagen.tasks.caption import has_shapes_objects
 from imagen.tasks.generative import GenerationOptions, GenerativeTask
 
+log = logging.getLogger("imagen")
 DESCRIBE = "Describe the image."
 DEFAULT_MIXTURE = "describe=1,color=1,shape=1,count=1,position=1,exists=1,relation=1,custom=1"
 
@@ -69,14 +72,16 @@ def instruction_rows(k: int, m: dict, rng: np.random.Generator) -> list[dict]:
     """Every instruction row one sample offers: user instructions, or Shapes captions and questions."""
     rows = []
     objects = m.get("objects")
-    if m.get("instruction") is not None or m.get("response") is not None:
-        instruction, response = str(m.get("instruction") or "").strip(), m.get("response")
-        if not instruction:
-            raise DataError(f"sample {m.get('id', k)}: the instruction is empty; give every row an 'instruction'")
-        if response is None or not str(response).strip():
-            raise DataError(f"sample {m.get('id', k)}: no 'response' for instruction {instruction!r}")
-        return [{"image": k, "prompt": instruction, "target": str(response).strip(), "kind": str(m.get("task") or "custom"),
-                 "objects": objects}]
+    if m.get("instructions"):  # user rows {"image", "instruction", "response"[, "task"]}, grouped by image
+        for entry in m["instructions"]:
+            instruction, response = str(entry.get("instruction") or "").strip(), entry.get("response")
+            if not instruction:
+                raise DataError(f"sample {m.get('id', k)}: the instruction is empty; give every row an 'instruction'")
+            if response is None or not str(response).strip():
+                raise DataError(f"sample {m.get('id', k)}: no 'response' for instruction {instruction!r}")
+            rows.append({"image": k, "prompt": instruction, "target": str(response).strip(),
+                         "kind": str(entry.get("task") or "custom"), "objects": objects})
+        return rows
     if m.get("text"):
         rows.append({"image": k, "prompt": DESCRIBE, "target": m["text"], "kind": "describe", "objects": objects})
     for q in m.get("questions") or []:
@@ -112,15 +117,20 @@ class InstructTask(GenerativeTask):
             raise DataError("no instructions in this split; give rows {\"image\", \"instruction\", \"response\"} "
                             "or Shapes data (captions and questions)")
         weights = parse_mixture(self.cfg.mixture)
+        unknown = sorted(set(weights) - set(by_kind) - {"custom"})
+        if unknown and train:
+            log.warning("instruct.mixture names kinds the data does not have: %s (it has: %s)", ", ".join(unknown),
+                        ", ".join(sorted(by_kind)))
         rows = []
         for kind in sorted(by_kind):
             pool = by_kind[kind]
             w = weights.get(kind, 1.0)
             if w == 0:
                 continue
-            if train:
+            if train:  # whole copies of the pool, then a sample without replacement for the remainder
                 count = max(1, round(w * len(meta)))
-                rows += [pool[i] for i in rng.choice(len(pool), size=count, replace=count > len(pool))]
+                whole, rest = divmod(count, len(pool))
+                rows += pool * whole + [pool[i] for i in rng.choice(len(pool), size=rest, replace=False)]
             else:
                 rows += [pool[i] for i in rng.permutation(len(pool))[: self.cfg.max_eval_per_kind]]
         if not rows:
