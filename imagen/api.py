@@ -184,7 +184,13 @@ def finetune(
     task_cls = get_task(task)  # unknown task names fail before anything is created
     if task == "pretrain":
         raise ConfigError("use `imagen pretrain` for pretraining")
+    if resume:
+        _check_resumed_task(out, task)
     if task != "classify":
+        given = [flag for flag, used in (("--label", label is not None), ("--label-smoothing", bool(label_smoothing)),
+                                         ("--augment", augment != "none")) if used]
+        if given:
+            raise ConfigError(f"{given[0]} applies to --task classify only; set {task} options with --set {task}.KEY=VALUE")
         return _finetune_task(task_cls, data, out, init_from=init_from, preset=preset, freeze=freeze, resume=resume,
                               n=n, on_bad_sample=on_bad_sample, sets=sets, **kwargs)
     out = prepare_run_dir(out, resume)
@@ -241,14 +247,17 @@ def finetune(
     return _fit(rc, model, tokenizer, train_ds, val_ds, out, False, rc.model.image_size, use_text=False)
 
 
-def _task_splits(task_cls, spec, seed, n, on_bad_sample, image_size):
-    """(train images, train meta), (val images, val meta) or None, decoded once for example building."""
+def _check_resumed_task(out, task: str) -> None:
+    previous = read_config(out).get("task") if (Path(out) / CONFIG_NAME).is_file() else None
+    if previous is not None and previous != task:
+        raise RunError(f"{out} is a {previous} run; resume it with --task {previous}")
+
+
+def _collect(train_ds, val_ds, image_size: int):
+    """((train images, train meta), (val images, val meta) or None), decoded once at the model's image size."""
     from imagen.data.examples import collect
 
-    train_ds, val_ds = _load_splits(spec, seed, None, n, on_bad_sample)
-    train = collect(train_ds, image_size or train_ds.image_size)
-    val = collect(val_ds, image_size or train_ds.image_size) if val_ds is not None else None
-    return train_ds, train, val
+    return collect(train_ds, image_size), (collect(val_ds, image_size) if val_ds is not None else None)
 
 
 def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n, on_bad_sample, sets, **kwargs):
@@ -261,7 +270,7 @@ def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n,
             rc = RunConfig.from_json(read_config(out))
             tokenizer = load_tokenizer(out)
             d = rc.data
-            _, train, val = _task_splits(task_cls, d["spec"], d["seed"], d.get("n"), on_bad_sample, rc.model.image_size)
+            train, val = _collect(*_load_splits(d["spec"], d["seed"], None, d.get("n"), on_bad_sample), rc.model.image_size)
         else:
             model_kwargs, train_kwargs = _split_kwargs(kwargs)
             seed = train_kwargs.get("seed", 0)
@@ -270,8 +279,7 @@ def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n,
                 init = load(init_from)
                 if model_kwargs.keys() - {"dropout"}:
                     raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_kwargs.keys() - {'dropout'})}")
-            size = init.config.model.image_size if init is not None else model_kwargs.get("image_size")
-            train_ds, train, val = _task_splits(task_cls, data, seed, n, on_bad_sample, size)
+            train_ds, val_ds = _load_splits(data, seed, None, n, on_bad_sample)
             task_cfg = task_cls.Config()
             train_cfg = _train_config(train_kwargs, {"weight_decay": 0.05, **task_cls.recipe})
             if init is not None:
@@ -280,6 +288,7 @@ def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n,
                 model_kwargs.setdefault("image_size", train_ds.image_size)
                 model_cfg = encoder_config(preset, **model_kwargs)
             apply_overrides({"model": model_cfg, "train": train_cfg, task_cls.name: task_cfg}, list(sets))
+            train, val = _collect(train_ds, val_ds, model_cfg.image_size)
             tokenizer = init.tokenizer if init is not None else None
             if tokenizer is None and task_cls.needs_tokenizer:
                 if init is not None:
@@ -312,16 +321,17 @@ def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n,
 
 
 def _evaluate_task(loaded, spec, split, seed, n, on_bad_sample):
-    """The task's own metrics of a finished run on one split of `spec`."""
+    """The task's own metrics of a finished run on one split of `spec` (undefined ones, NaN, as None)."""
     from imagen.data.examples import collect
 
     ds = load_dataset(spec, split, seed=seed, n=n, on_bad_sample=on_bad_sample)
     task = get_task(loaded.task)(loaded.config, loaded.tokenizer)
     examples = task.build_split(*collect(ds, loaded.config.model.image_size), train=False)
-    return task.evaluate(loaded.model, examples), len(examples)
+    metrics = {k: (None if v != v else v) for k, v in task.evaluate(loaded.model, examples).items()}
+    return metrics, len(examples)
 
 
-def evaluate_task_run(run, data=None, *, split="test", compare=(), compare_init=True, n=None, on_bad_sample="skip",
+def evaluate_task_run(run, data=None, *, split="test", compare=(), n=None, on_bad_sample="skip",
                       echo=print) -> dict[str, Any]:
     """Metrics of a VQA / caption / detection / retrieval / instruct run, with a before/after table."""
     loaded = load(run)
@@ -331,7 +341,7 @@ def evaluate_task_run(run, data=None, *, split="test", compare=(), compare_init=
     metrics, count = _evaluate_task(loaded, spec, split, seed, n, on_bad_sample)
     task_cls = get_task(rc.task)
     for k, v in metrics.items():
-        echo(f"{k:28s} {v:.4f}")
+        echo(f"{k:28s} {'n/a' if v is None else format(v, '.4f')}")
     result: dict[str, Any] = {"run": str(run), "task": rc.task, "data": str(spec), "split": split, "n": count, **metrics}
     others = [str(c) for c in compare]
     if others:
@@ -344,7 +354,7 @@ def evaluate_task_run(run, data=None, *, split="test", compare=(), compare_init=
         keys = task_cls.headline
         echo(f"{'run':40s} {'start':34s} " + " ".join(f"{k:>14s}" for k in keys))
         for r in rows:
-            echo(f"{r['run'][-40:]:40s} {r['role']:34s} " + " ".join(f"{r.get(k, float('nan')):14.4f}" for k in keys))
+            echo(f"{r['run'][-40:]:40s} {r['role']:34s} " + " ".join(f"{r[k]:14.4f}" if r.get(k) is not None else f"{'n/a':>14s}" for k in keys))
         result["comparison"] = rows
     eval_dir = Path(run) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -396,8 +406,7 @@ def evaluate(
     from imagen.eval.classification import classification_metrics, save_confusion_matrix, text_report
 
     if read_config(run).get("task") not in ("classify", "pretrain"):
-        return evaluate_task_run(run, data, split=split, compare=compare, compare_init=compare_init, n=n,
-                                 on_bad_sample=on_bad_sample, echo=echo)
+        return evaluate_task_run(run, data, split=split, compare=compare, n=n, on_bad_sample=on_bad_sample, echo=echo)
     loaded = load(run)
     rc = loaded.config
     spec = data if data is not None else rc.data.get("spec")

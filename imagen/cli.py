@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=1, help="labels / answers / texts to show per file (default: 1)")
     p.add_argument("--question", default=None, help="vqa: the question to answer about each image")
     p.add_argument("--instruction", default=None, help="instruct: the instruction, e.g. \"Describe the image.\"")
-    p.add_argument("--texts", nargs="+", default=None, metavar="TEXT", help="retrieval: candidate texts or labels to rank (default: the run's zero-shot labels)")
+    p.add_argument("--texts", nargs="+", default=None, metavar="TEXT", help="retrieval: candidate texts or labels to rank, after the image files (default: the run's zero-shot labels)")
     p.add_argument("--decoding", default=None, help="caption / instruct: greedy, beam or sample (default: the run's)")
     p.add_argument("--out-dir", default=None, help="detect: folder for copies of the images with their boxes drawn")
     p.add_argument("--json", action="store_true", help="print JSON lines")

@@ -199,3 +199,41 @@ def test_coco_instances_file_as_data(tmp_path):
     assert sample["objects"] == [{"box": [2.0, 3.0, 12.0, 8.0], "label": "lamp"}]
     assert (sample["width"], sample["height"]) == (40, 20) and sample["image"].size == (40, 20)
     assert len(ds) + len(load_dataset(coco, "val")) + len(load_dataset(coco, "test")) == 10
+
+
+def test_rows_about_one_image_become_one_record(tmp_path):
+    """VQA-style files give one question per row: the image must be one sample, in one split, with every question."""
+    import json
+
+    from PIL import Image
+
+    from imagen.data import load_dataset
+
+    rows = []
+    for i in range(10):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / f"{i}.png")
+        for q in ("what color?", "how many?", "is there a cat?"):
+            rows.append({"image": f"{i}.png", "question": q, "answers": [{"answer": "red"}, {"answer": "red"}]})
+        rows.append({"image": f"{i}.png", "caption": f"picture {i}"})
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    splits = {s: load_dataset(data, s) for s in ("train", "val", "test")}
+    ids = [sample["id"] for ds in splits.values() for sample in ds]
+    assert sorted(ids) == sorted(f"{i}.png" for i in range(10))  # each image exactly once over the splits
+    sample = splits["train"][0]
+    assert [q["question"] for q in sample["questions"]] == ["what color?", "how many?", "is there a cat?"]
+    assert sample["questions"][0]["answers"] == ["red", "red"]  # VQAv2 answer objects
+    assert sample["text"].startswith("picture") and sample["captions"] == [sample["text"]]
+
+
+def test_json_lines_file_named_json_still_loads(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from imagen.data import load_dataset
+
+    for i in range(5):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "rows.json").write_text("\n".join(json.dumps({"image": f"{i}.png", "text": "dark"}) for i in range(5)))
+    assert sum(len(load_dataset(tmp_path / "rows.json", s)) for s in ("train", "val", "test")) == 5

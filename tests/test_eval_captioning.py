@@ -22,8 +22,14 @@ def shapes():
     return [s["text"] for s in samples], [s["objects"] for s in samples]
 
 
-def test_tokenize_lowercases_and_splits_punctuation():
-    assert tokenize("A Red circle, a blue square.") == ["a", "red", "circle", ",", "a", "blue", "square", "."]
+def test_tokenize_lowercases_drops_punctuation_and_splits_cjk():
+    assert tokenize("A Red circle, a blue square.") == ["a", "red", "circle", "a", "blue", "square"]
+    assert tokenize("红色圆形在蓝色正方形的左边") == list("红色圆形在蓝色正方形的左边")
+
+
+def test_chinese_captions_score_like_english_ones():
+    assert corpus_bleu(["一个红色的圆形"], [["一个红色的圆形"]]) == pytest.approx(1.0)
+    assert corpus_bleu(["一个蓝色的圆形"], [["一个红色的圆形"]]) < 1.0
 
 
 # --- BLEU ---------------------------------------------------------------------------------------------------

@@ -323,3 +323,19 @@ def test_user_boxes_train_and_bad_boxes_fail_in_one_line(tmp_path, capsys):
     line = one_line_error(*run_cli(capsys, "finetune", "--task", "detect", "--data", data, "--out", tmp_path / "bad",
                                    "--max-steps", "1")[::2], ignore_logs=True)
     assert ("sample 5.png" in line or "sample 6.png" in line) and "x1 > x0" in line and not (tmp_path / "bad").exists()
+
+
+def test_boxes_of_non_square_user_images_follow_the_centre_crop(tmp_path):
+    """collect() keeps each image's original size, so JSONL boxes map through the same resize and crop."""
+    from PIL import Image
+
+    from imagen.data import load_dataset
+    from imagen.data.examples import collect
+    from imagen.tasks.detect import to_model_pixels
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "wide.png")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"image": "wide.png", "objects": [{"box": [10, 5, 30, 15], "label": "lamp"}]}))
+    ds = load_dataset(tmp_path / "rows.jsonl", "train")
+    images, meta = collect(ds, 48)
+    assert (meta[0]["width"], meta[0]["height"]) == (64, 48)
+    assert to_model_pixels(meta[0]["objects"][0]["box"], meta[0], 0, 48) == [2.0, 5.0, 22.0, 15.0]  # 8 px cropped off the left

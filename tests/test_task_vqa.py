@@ -21,14 +21,17 @@ def test_answer_normalisation():
     assert normalize_answer("  the Red circle! ") == "red circle"
     assert normalize_answer("top-left") == "top left"
     assert normalize_answer("3.5") == "3.5"
+    assert normalize_answer("1,000") == "1000"
 
 
 def test_vqa_accuracy_is_min_of_matches_over_three():
     ten = ["2"] * 2 + ["two"] + ["3"] * 7
-    assert vqa_accuracy("2", ten) == 1.0  # 3 annotators (after normalisation) said it
+    # 3 annotators said "2" (after normalisation): leaving out one of them leaves 2 matches (2/3), any other 3 (1).
+    assert vqa_accuracy("2", ten) == pytest.approx((3 * 2 / 3 + 7 * 1.0) / 10)
     assert vqa_accuracy("3", ten) == 1.0
     assert vqa_accuracy("4", ten) == 0.0
-    assert vqa_accuracy("yes", ["yes", "no", "no", "no"]) == pytest.approx(1 / 3)
+    assert [vqa_accuracy("1", ["1"] * k + ["0"] * (10 - k)) for k in (1, 2, 3)] == pytest.approx([0.3, 0.6, 0.9])
+    assert vqa_accuracy("yes", ["yes", "no", "no", "no"]) == pytest.approx(0.25)
     assert vqa_accuracy("red", ["red"]) == 1.0  # a single annotator must be matched
     assert vqa_accuracy("red", ["red", "blue"]) == 0.5
     assert answer_scores(["yes", "yes", "no", "no", "no", "maybe"]) == {"yes": pytest.approx(2 / 3), "no": 1.0, "maybe": pytest.approx(1 / 3)}
@@ -105,3 +108,28 @@ def test_generative_vqa_head_trains_and_answers(tmp_path):
     assert 0.0 <= report["vqa_accuracy"] <= 1.0 and "vqa_accuracy_count" in report
     with pytest.raises(imagen.config.ConfigError, match="vqa.head"):
         VQATask.Config(head="pointer")
+
+
+def test_question_entries_that_are_not_objects_are_named():
+    with pytest.raises(DataError, match="is not an object"):
+        qa_rows([{"id": "x", "questions": ["what color?"]}])
+
+
+def test_resumed_vqa_run_equals_uninterrupted(tmp_path):
+    """Interrupt a task run after its first checkpoint and resume: the weights equal an uninterrupted run's."""
+    kw = dict(n=120, max_steps=8, checkpoint_every=4, batch_size=16, **QUIET)
+    imagen.finetune("vqa", "shapes", tmp_path / "full", **kw)
+    imagen.finetune("vqa", "shapes", tmp_path / "cut", **{**kw, "max_steps": 8})
+    # Rewind "cut" to its step-4 checkpoint, as if it had been stopped there, then resume it.
+    (tmp_path / "cut" / "model.safetensors").unlink()
+    ckpts = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))
+    for later in ckpts[1:]:
+        import shutil
+
+        shutil.rmtree(later)
+    result = imagen.finetune("vqa", "shapes", tmp_path / "cut", resume=True, progress=False, report_to=("jsonl",))
+    assert result.step == 8
+    a, b = imagen.load(tmp_path / "full").model.state_dict(), imagen.load(tmp_path / "cut").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(imagen.runs.RunError, match="is a vqa run"):
+        imagen.finetune("caption", "shapes", tmp_path / "cut", resume=True)

@@ -15,12 +15,19 @@ from .images import image_to_tensor
 
 
 def collect(dataset, size: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Every image of a dataset as uint8 (N, 3, size, size), and every sample's fields except the image."""
+    """Every image of a dataset as uint8 (N, 3, size, size), and every sample's fields except the image.
+
+    Each sample's metadata keeps its image's original "width" and "height", so pixel annotations (boxes) can
+    follow the image through the resize and centre crop.
+    """
     images = torch.empty((len(dataset), 3, size, size), dtype=torch.uint8)
     meta = []
     for k in range(len(dataset)):
         sample = dataset[k]
-        images[k] = image_to_tensor(sample.pop("image"), size)
+        image = sample.pop("image")
+        sample.setdefault("width", image.width)
+        sample.setdefault("height", image.height)
+        images[k] = image_to_tensor(image, size)
         meta.append(sample)
     return images, meta
 

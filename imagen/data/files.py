@@ -146,6 +146,15 @@ def _folder_source(root: Path) -> list[dict]:
     return records
 
 
+def _is_coco(path: Path) -> bool:
+    """A .json file holding one object with an 'images' list is COCO; anything else is read as JSON lines."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("images"), list)
+
+
 def _coco_source(path: Path) -> list[dict]:
     """Records from a COCO instances file: boxes as objects with category names, plus the image size."""
     from .coco import read_coco
@@ -159,7 +168,7 @@ def _source(path: Path, label_key: str, bad: list[str]) -> list[dict]:
     if path.is_file():
         if path.suffix.lower() not in (".jsonl", ".csv", ".json"):
             raise DataError(f"{path} is not a .jsonl, .csv or COCO .json annotation file; pass a folder or an annotation file")
-        if path.suffix.lower() == ".json":
+        if path.suffix.lower() == ".json" and _is_coco(path):
             return _coco_source(path)
         return _rows_source(path, label_key, bad)
     for name in ANNOTATION_NAMES:

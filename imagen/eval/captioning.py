@@ -1,6 +1,6 @@
 """Caption metrics: corpus BLEU-4, CIDEr-D and, for the Shapes world, fact accuracy.
 
-All text is lower-cased and split into words and single punctuation marks (``tokenize``).
+All text is lower-cased, punctuation dropped and CJK characters split one per token (``tokenize``).
 
 - BLEU-4 (Papineni et al. 2002, "BLEU: a method for automatic evaluation of machine translation"): n-gram
   counts of each hypothesis are clipped by their largest count in any one reference and summed over the corpus
@@ -26,13 +26,16 @@ from typing import Sequence
 
 from imagen.data.shapes import COLORS, SHAPES, SIZES
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
+# CJK characters are one token each (as sacrebleu's zh tokenizer has it); other words are runs of word
+# characters. Punctuation is dropped, as coco-caption's PTB tokenizer drops it before BLEU and CIDEr.
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")
 NUMBER_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 SHAPE_WORDS = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}
 
 
 def tokenize(text: str) -> list[str]:
-    """'A red circle, left.' -> ['a', 'red', 'circle', ',', 'left', '.']"""
+    """'A red circle, left.' -> ['a', 'red', 'circle', 'left']; '红色圆形' -> ['红', '色', '圆', '形']"""
     return _TOKEN.findall(str(text).lower())
 
 

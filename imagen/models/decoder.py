@@ -7,8 +7,6 @@ then decoding — greedy, beam search, and temperature / top-k / top-p (nucleus)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,20 +39,6 @@ class TextDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, causal=True, context=context, context_mask=context_mask)
         return self.norm(x) @ self.token_embed.weight.t()
-
-
-@dataclass
-class DecoderConfig:
-    """Size of the text decoder and how it decodes by default."""
-
-    num_layers: int = 2
-    max_len: int = 32  # target tokens, [BOS] and [EOS] included
-    decoding: str = "greedy"  # greedy | beam | sample
-    num_beams: int = 3
-    length_penalty: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
 
 
 class EncoderDecoder(nn.Module):

@@ -11,6 +11,7 @@ the decoder writes the answer): open-ended answers, no vocabulary, same metric.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from imagen.eval.vqa import answer_scores, normalize_answer, vqa_accuracy
 from imagen.models.heads import EncoderForVQA
 from imagen.tasks.base import Task, require_tokenizer
 from imagen.tasks.generative import GenerationOptions, GenerativeTask
+
+log = logging.getLogger("imagen")
 
 
 @dataclass
@@ -47,6 +50,9 @@ def qa_rows(meta: list[dict]) -> list[tuple[int, str, list[str], str]]:
     rows = []
     for k, m in enumerate(meta):
         for q in m.get("questions") or []:
+            if not isinstance(q, dict):
+                raise DataError(f"sample {m.get('id', k)}: question entry {q!r} is not an object; write "
+                                "{\"question\": ..., \"answers\": [...]}")
             question = str(q.get("question") or "").strip()
             answers = q.get("answers")
             if answers is None:
@@ -88,6 +94,9 @@ class VQATask(Task):
                             "(or Shapes' built-in questions)")
         counts = Counter(normalize_answer(a) for _, _, answers, _ in rows for a in set(answers))
         vocab = [a for a, c in counts.most_common(cfg.max_answers) if c >= cfg.min_answer_count]
+        if not vocab:
+            raise DataError(f"no answer occurs {cfg.min_answer_count} times in the training data; "
+                            "lower vqa.min_answer_count")
         return sorted(vocab)
 
     @classmethod
@@ -156,9 +165,7 @@ class VQATask(Task):
         tok = require_tokenizer(self.tokenizer, self.name)
         ids, mask = tok.encode([question] * len(images), max_length=self.rc.model.max_text_len)
         if len(tok.tokenize(question)) + 2 > self.rc.model.max_text_len:
-            import logging
-
-            logging.getLogger("imagen").warning("question truncated to %d tokens", self.rc.model.max_text_len)
+            log.warning("question truncated to %d tokens", self.rc.model.max_text_len)
         probs = model(normalize_images(images), ids, mask).float().sigmoid()
         out = []
         for f, p in zip(files, probs):
