@@ -279,9 +279,13 @@ def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n,
                 init = load(init_from)
                 if model_kwargs.keys() - {"dropout"}:
                     raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_kwargs.keys() - {'dropout'})}")
+            recipe = dict(task_cls.recipe)
+            shapes_n = recipe.pop("shapes_n", None)
+            if n is None and str(data).lower() == "shapes":
+                n = shapes_n
             train_ds, val_ds = _load_splits(data, seed, None, n, on_bad_sample)
             task_cfg = task_cls.Config()
-            train_cfg = _train_config(train_kwargs, {"weight_decay": 0.05, **task_cls.recipe})
+            train_cfg = _train_config(train_kwargs, {"weight_decay": 0.05, **recipe})
             if init is not None:
                 model_cfg = dataclasses.replace(init.config.model, dropout=model_kwargs.get("dropout", init.config.model.dropout))
             else:

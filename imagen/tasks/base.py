@@ -28,7 +28,9 @@ class Task:
     # Metrics shown in before/after tables, first = the headline.
     headline: tuple[str, ...] = ("loss",)
     needs_tokenizer = True
-    # Training defaults of the task's default recipe (any TrainConfig field); the user's options override them.
+    # The task's default recipe: TrainConfig fields, plus "shapes_n", the training images drawn from the built-in
+    # Shapes world when the user gives no --n (the world is procedural, so more data costs only decoding time).
+    # The user's options override every one of them.
     recipe: dict[str, Any] = {"epochs": 3, "lr": 1e-3}
 
     def __init__(self, run_config, tokenizer=None):
