@@ -205,11 +205,7 @@ def finetune(
     try:
         model_kwargs, train_kwargs = _split_kwargs(kwargs)
         seed = train_kwargs.get("seed", 0)
-        init = None
-        if init_from is not None:
-            init = load(init_from)
-            if model_kwargs.keys() - {"dropout"}:
-                raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_kwargs.keys() - {'dropout'})}")
+        init = _load_init(init_from, model_kwargs)
         if task == "classify" and label is None and str(data) == "shapes":
             label = "color-shape"
         train_ds, val_ds = _load_splits(data, seed, label, n, on_bad_sample)
@@ -247,6 +243,15 @@ def finetune(
     return _fit(rc, model, tokenizer, train_ds, val_ds, out, False, rc.model.image_size, use_text=False)
 
 
+def _load_init(init_from, model_kwargs: dict):
+    """The finished run to start from (or None); it fixes the architecture, so only dropout may be changed."""
+    if init_from is None:
+        return None
+    if model_kwargs.keys() - {"dropout"}:
+        raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_kwargs.keys() - {'dropout'})}")
+    return load(init_from)
+
+
 def _check_resumed_task(out, task: str) -> None:
     previous = read_config(out).get("task") if (Path(out) / CONFIG_NAME).is_file() else None
     if previous is not None and previous != task:
@@ -274,11 +279,7 @@ def _finetune_task(task_cls, data, out, *, init_from, preset, freeze, resume, n,
         else:
             model_kwargs, train_kwargs = _split_kwargs(kwargs)
             seed = train_kwargs.get("seed", 0)
-            init = None
-            if init_from is not None:
-                init = load(init_from)
-                if model_kwargs.keys() - {"dropout"}:
-                    raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_kwargs.keys() - {'dropout'})}")
+            init = _load_init(init_from, model_kwargs)
             recipe = dict(task_cls.recipe)
             shapes_n = recipe.pop("shapes_n", None)
             if n is None and str(data).lower() == "shapes":

@@ -122,17 +122,22 @@ def strip_special(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
-def greedy(next_logits, ids, eos_id: int, steps: int):
-    """Append the most likely token until every row has produced [EOS] or `steps` tokens were added."""
+def _extend(next_logits, ids, eos_id: int, steps: int, choose):
+    """Append choose(logits) until every row has produced [EOS] or `steps` tokens were added; finished rows pad with [EOS]."""
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(steps):
-        token = next_logits(ids).argmax(-1)
+        token = choose(next_logits(ids))
         token = torch.where(done, torch.full_like(token, eos_id), token)
         ids = torch.cat([ids, token[:, None]], 1)
         done |= token == eos_id
         if bool(done.all()):
             break
     return ids
+
+
+def greedy(next_logits, ids, eos_id: int, steps: int):
+    """Append the most likely token each step."""
+    return _extend(next_logits, ids, eos_id, steps, lambda logits: logits.argmax(-1))
 
 
 def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
@@ -152,16 +157,12 @@ def sample(next_logits, ids, eos_id: int, steps: int, temperature=1.0, top_k=0, 
     """Ancestral sampling from the temperature-scaled, top-k / top-p filtered distribution."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(steps):
-        probs = filter_logits(next_logits(ids) / temperature, top_k, top_p).softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        token = torch.where(done, torch.full_like(token, eos_id), token)
-        ids = torch.cat([ids, token[:, None]], 1)
-        done |= token == eos_id
-        if bool(done.all()):
-            break
-    return ids
+
+    def choose(logits):
+        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return _extend(next_logits, ids, eos_id, steps, choose)
 
 
 def beam_search(next_logits, context, context_mask, bos_id: int, eos_id: int, steps: int, num_beams: int = 3,
