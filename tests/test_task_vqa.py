@@ -133,3 +133,13 @@ def test_resumed_vqa_run_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(imagen.runs.RunError, match="is a vqa run"):
         imagen.finetune("caption", "shapes", tmp_path / "cut", resume=True)
+
+
+def test_over_long_questions_are_truncated_with_a_warning(caplog):
+    meta = [{"id": "a", "questions": [{"question": "is " + "very " * 60 + "red?", "answers": ["yes"]}]}]
+    tok = imagen.data.Tokenizer.train(["is very red"], vocab_size=300)
+    rc = RunConfig(task="vqa", model=imagen.config.encoder_config("tiny", image_size=8, patch_size=4, max_text_len=16),
+                   train=imagen.config.TrainConfig(), class_names=["yes"])
+    with caplog.at_level("WARNING", logger="imagen"):
+        split = VQATask(rc, tok).build_split(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), meta, train=False)
+    assert split.fields["question_ids"].shape[1] == 16 and "1 question(s) longer than 16 tokens" in caplog.text

@@ -115,7 +115,11 @@ class VQATask(Task):
         if not rows:
             raise DataError("no questions in this split; VQA needs rows with 'question' and 'answers'")
         index = {a: i for i, a in enumerate(self.rc.class_names)}
-        ids, mask = tok.encode([q for _, q, _, _ in rows], max_length=self.rc.model.max_text_len, pad_to_max=True)
+        limit = self.rc.model.max_text_len
+        too_long = sum(len(tok.tokenize(q)) + 2 > limit for _, q, _, _ in rows)
+        if too_long:
+            log.warning("%d question(s) longer than %d tokens were truncated", too_long, limit)
+        ids, mask = tok.encode([q for _, q, _, _ in rows], max_length=limit, pad_to_max=True)
         width = max(len(answer_scores(a)) for _, _, a, _ in rows)
         target_idx = torch.full((len(rows), width), -1, dtype=torch.long)
         target_score = torch.zeros((len(rows), width))
