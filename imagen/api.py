@@ -23,7 +23,6 @@ from imagen.config import (
     TrainConfig,
     apply_overrides,
     encoder_config,
-    from_dict,
     to_dict,
 )
 from imagen.data import DataError, Tokenizer, load_dataset

@@ -2,6 +2,9 @@
 
 from imagen.cli import main
 
+# A tiny encoder for command-line runs that only have to work, not learn.
+TINY = ["--set", "model.dim=32", "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--no-progress", "--batch-size", "16"]
+
 
 def run_cli(capsys, *argv):
     """(exit code, stdout, stderr) of `imagen ARGV...`."""

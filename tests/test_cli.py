@@ -1,31 +1,14 @@
 """The `imagen` command end to end: data -> pretrain -> finetune -> evaluate -> predict, and bad input."""
 
 import json
-from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
 from cli_helpers import one_line_error as _one_line_error
+from cli_helpers import TINY
 from cli_helpers import run_cli as run
-from imagen.cli import main
-
-TINY = ["--set", "model.dim=32", "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--no-progress", "--batch-size", "16"]
 
 
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "shapes"
-    assert main(["data", "shapes", "--out", str(out), "--n", "120", "--seed", "3", "--max-objects", "1"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def pretrained(shapes_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "pre"
-    assert main(["pretrain", "--data", str(shapes_dir), "--out", str(out), "--max-steps", "4", *TINY]) == 0
-    return out
 
 
 def test_pretrain_writes_a_complete_run(pretrained):

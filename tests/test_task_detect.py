@@ -14,7 +14,8 @@ from imagen.data.errors import DataError
 from imagen.data.examples import collect
 from imagen.data.images import image_to_tensor
 from imagen.data.shapes import ShapesWorld
-from imagen.eval.detection import coco_map, read_coco, write_coco_results
+from imagen.data.coco import read_coco
+from imagen.eval.detection import coco_map, write_coco_results
 from imagen.models.detection import (
     assign_targets,
     batched_nms,

@@ -3,11 +3,9 @@
 import json
 
 import pytest
-import torch
 
 import imagen
 from imagen.config import ConfigError, TrainConfig, encoder_config
-from imagen.data.errors import DataError
 from imagen.runs import RunConfig
 from imagen.tasks.instruct import DESCRIBE, InstructTask, instruction_rows, parse_mixture
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import imagen
 from cli_helpers import one_line_error, run_cli
-from imagen.cli import main
 from imagen.config import ConfigError, TrainConfig, apply_overrides
 from imagen.data import load_dataset
 from imagen.data.examples import collect
@@ -18,7 +17,6 @@ from imagen.eval.retrieval import (caption_relevance, class_embeddings, recall_a
 from imagen.runs import RunConfig, load
 from imagen.tasks.retrieval import RetrievalConfig, RetrievalTask, zero_shot_label
 
-TINY = ["--set", "model.dim=32", "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--no-progress", "--batch-size", "16"]
 QUIET = dict(precision="fp32", progress=False, report_to=("jsonl",))
 
 
@@ -88,20 +86,6 @@ def test_zero_shot_labels_and_config():
 
 
 # -- runs --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "shapes"
-    assert main(["data", "shapes", "--out", str(out), "--n", "120", "--seed", "5", "--max-objects", "1"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def pretrained(shapes_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "pre"
-    assert main(["pretrain", "--data", str(shapes_dir), "--out", str(out), "--max-steps", "3", "--precision", "fp32", *TINY]) == 0
-    return out
 
 
 def test_init_from_a_pretrain_run_loads_encoder_and_contrastive_heads(pretrained):

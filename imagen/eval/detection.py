@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from imagen.data.coco import BORDER_TOLERANCE, read_coco  # noqa: F401  (re-exported)
 from imagen.data.errors import DataError
 
 

@@ -186,7 +186,7 @@ def beam_search(next_logits, context, context_mask, bos_id: int, eos_id: int, st
         total = (scores.reshape(-1, 1) + logp).reshape(B, K * V)
         top, flat = total.topk(2 * K, dim=1)  # spare candidates replace those that finish
         beam, token = flat // V, flat % V
-        new_ids, new_scores = [], torch.full((B, K), float("-inf"), device=context.device)
+        new_scores = torch.full((B, K), float("-inf"), device=context.device)
         rows = []
         for b in range(B):
             kept = 0

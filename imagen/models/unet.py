@@ -15,7 +15,6 @@ the per-token text states are attended to by cross-attention at the levels named
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any

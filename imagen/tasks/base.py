@@ -9,11 +9,14 @@ command line as `--set <task>.<key>=value`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
 
 from imagen.config import ConfigError, from_dict
+
+log = logging.getLogger("imagen")
 
 
 @dataclasses.dataclass
@@ -70,6 +73,15 @@ class Task:
         """Copy a finished run's weights into a fresh model; by default its encoder only."""
         model.encoder.load_state_dict(init.model.encoder.state_dict())
         return "encoder"
+
+    def encode_texts(self, texts: list[str], what: str, pad_to_max: bool = True):
+        """Token ids and mask of model inputs (questions, prompts), warning once about any that get truncated."""
+        tok = require_tokenizer(self.tokenizer, self.name)
+        limit = self.rc.model.max_text_len
+        too_long = sum(len(tok.tokenize(t)) + 2 > limit for t in texts)
+        if too_long:
+            log.warning("%d %s(s) longer than %d tokens were truncated", too_long, what, limit)
+        return tok.encode(texts, max_length=limit, pad_to_max=pad_to_max)
 
     def collate(self, batch):
         return batch  # ExampleSplit batches arrive collated

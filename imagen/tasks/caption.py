@@ -23,6 +23,11 @@ def has_shapes_objects(objects) -> bool:
     return bool(objects) and all(isinstance(o, dict) and "color" in o and "shape" in o for o in objects)
 
 
+def english_shapes(objects: list, texts: list[str]) -> bool:
+    """True when every sample is a Shapes scene and every text English: where fact-level metrics apply."""
+    return all(has_shapes_objects(o) for o in objects) and all(t.isascii() for t in texts)
+
+
 class CaptionTask(GenerativeTask):
     name = "caption"
     monitor = ("loss", "min")  # held-out NLL: smooth, unlike generation metrics on small validation sets
@@ -46,7 +51,7 @@ class CaptionTask(GenerativeTask):
     def compute_metrics(self, outputs):
         loss, texts, _, refs, objects = self.gather(outputs)
         metrics = {"loss": loss, "bleu4": corpus_bleu(texts, refs), "cider": cider_d(texts, refs)}
-        if all(has_shapes_objects(o) for o in objects) and all(r[0].isascii() for r in refs):
+        if english_shapes(objects, [r[0] for r in refs]):
             metrics["fact_accuracy"] = fact_accuracy(texts, objects)
         return metrics
 

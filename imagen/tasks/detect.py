@@ -15,9 +15,9 @@ examples. Boxes are in pixels of the image as stored; a sample whose metadata gi
 them the image must already be the model's size (Shapes' are), and a box beyond it is an error.
 Metrics: COCO mAP@[.5:.95] (`map`) and mAP@.5 (`map_50`) from pycocotools' COCOeval.
 
-Measured (tiny preset from scratch, Shapes 4,000 train / 1,000 test images, one CPU thread): the recipe's
-10 epochs at lr 2e-3 train in 107 s to test mAP@.5 0.999, mAP 0.932; 3 epochs at 1e-3 stop at 0.573 / 0.431.
-Without the neighbour targets 3 epochs at 3e-3 reach val mAP@.5 0.25 instead of 0.65.
+Design runs while the head was written (tiny preset, Shapes, not on a recorded commit): 3 epochs at lr 1e-3
+stopped at test mAP@.5 0.573, hence the recipe's 10 epochs at 2e-3; without the neighbour targets 3 epochs at
+3e-3 reached val mAP@.5 0.25 instead of 0.65. The recipe's figures are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from imagen.data.cache import normalize_images
 from imagen.data.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.data.shapes import class_names as shapes_class_names
-from imagen.eval.detection import BORDER_TOLERANCE, coco_map
+from imagen.data.coco import BORDER_TOLERANCE
+from imagen.eval.detection import coco_map
 from imagen.models.detection import EncoderForDetection, assign_targets, decode_detections, detection_loss
 from imagen.tasks.base import Task
 

@@ -60,12 +60,7 @@ class GenerativeTask(Task):
         return EncoderDecoder(rc.model, cfg.decoder_layers, cfg.max_target_len, grid_dim=cfg.grid_dim)
 
     def encode_prompts(self, prompts: list[str]):
-        tok = require_tokenizer(self.tokenizer, self.name)
-        limit = self.rc.model.max_text_len
-        too_long = sum(len(tok.tokenize(p)) + 2 > limit for p in prompts)
-        if too_long:
-            log.warning("%d prompt(s) longer than %d tokens were truncated", too_long, limit)
-        return tok.encode(prompts, max_length=limit, pad_to_max=True)
+        return self.encode_texts(prompts, "prompt")
 
     def encode_targets(self, targets: list[str]):
         """[BOS] tokens [EOS] padded to max_target_len."""

@@ -25,7 +25,7 @@ from imagen.data.errors import DataError
 from imagen.data.shapes import SHAPES
 from imagen.eval.captioning import corpus_bleu, cider_d, fact_accuracy
 from imagen.eval.vqa import normalize_answer
-from imagen.tasks.caption import has_shapes_objects
+from imagen.tasks.caption import english_shapes, has_shapes_objects
 from imagen.tasks.generative import GenerationOptions, GenerativeTask
 
 log = logging.getLogger("imagen")
@@ -147,7 +147,7 @@ class InstructTask(GenerativeTask):
             if kind == "describe":
                 metrics["describe_bleu4"] = corpus_bleu(t, r)
                 metrics["describe_cider"] = cider_d(t, r)
-                if all(has_shapes_objects(x) for x in o) and all(x[0].isascii() for x in r):
+                if english_shapes(o, [x[0] for x in r]):
                     metrics["describe_fact_accuracy"] = fact_accuracy(t, o)
                 scores.append(metrics.get("describe_fact_accuracy", metrics["describe_bleu4"]))
             else:

@@ -34,7 +34,7 @@ from imagen.data.examples import ExampleSplit
 from imagen.eval.retrieval import (caption_relevance, class_embeddings, contrastive_loss, fact_recall, retrieval_metrics,
                                    zero_shot_accuracy)
 from imagen.models.encoder import MultimodalEncoder
-from imagen.tasks.caption import has_shapes_objects
+from imagen.tasks.caption import english_shapes
 from imagen.tasks.base import Task, require_tokenizer
 
 log = logging.getLogger("imagen")
@@ -223,7 +223,7 @@ class RetrievalTask(Task):
         captions = [c for o in outputs for c in o["caption"]]
         metrics = retrieval_metrics(images, texts, captions)
         objects = [x for o in outputs for x in o["objects"]]
-        if all(has_shapes_objects(x) for x in objects) and all(c.isascii() for c in captions):
+        if english_shapes(objects, captions):
             metrics.update(fact_recall(images, texts, captions, objects))
         scale = float(outputs[-1]["scale"][0])
         metrics["loss"] = float(contrastive_loss(scale * images @ texts.t(), caption_relevance(captions)))
@@ -238,7 +238,6 @@ class RetrievalTask(Task):
     @torch.no_grad()
     def predict(self, model, images, files, texts=None, top_k=1, **_):
         """Rank candidate texts for each image; without texts, classify zero-shot over the run's class names."""
-        tok = require_tokenizer(self.tokenizer, self.name)
         model.eval()
         if texts is not None:
             candidates = [str(t).strip() for t in ([texts] if isinstance(texts, str) else texts)]
@@ -246,10 +245,7 @@ class RetrievalTask(Task):
                 raise DataError("no candidate texts to rank; pass some, e.g. --texts \"a red circle\" \"a blue square\"")
             if not all(candidates):
                 raise DataError("a candidate text is empty; give every --texts entry some words")
-            too_long = [c for c in candidates if len(tok.tokenize(c)) + 2 > self.rc.model.max_text_len]
-            if too_long:
-                log.warning("%d candidate text(s) truncated to %d tokens", len(too_long), self.rc.model.max_text_len)
-            ids, mask = tok.encode(candidates, max_length=self.rc.model.max_text_len)
+            ids, mask = self.encode_texts(candidates, "candidate text", pad_to_max=False)
             text_embeds, kind = model.embed_texts(ids, mask), "text"
         else:
             if not self.rc.class_names:

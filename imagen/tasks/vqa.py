@@ -24,7 +24,7 @@ from imagen.data.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.eval.vqa import answer_scores, normalize_answer, vqa_accuracy
 from imagen.models.heads import EncoderForVQA
-from imagen.tasks.base import Task, require_tokenizer
+from imagen.tasks.base import Task
 from imagen.tasks.generative import GenerationOptions, GenerativeTask
 
 log = logging.getLogger("imagen")
@@ -74,17 +74,14 @@ def _metrics(loss, acc, types):
     return metrics
 
 
-class VQATask(Task):
+class _VQA:
+    """What both VQA heads share: name, options, metric, recipe, answer vocabulary and tokenizer texts."""
+
     name = "vqa"
     monitor = ("vqa_accuracy", "max")
     Config = VQAConfig
     headline = ("vqa_accuracy",)
     recipe = {"epochs": 12, "lr": 2e-3}
-
-    def __new__(cls, run_config=None, tokenizer=None):
-        if cls is VQATask and cls.config_from(getattr(run_config, "task_config", None)).head == "generative":
-            return GenerativeVQATask(run_config, tokenizer)  # not a VQATask, so __init__ is not run twice
-        return super().__new__(cls)
 
     @classmethod
     def vocabulary(cls, meta, cfg):
@@ -103,6 +100,15 @@ class VQATask(Task):
     def tokenizer_texts(cls, meta, cfg):
         return [q for _, q, _, _ in qa_rows(meta)] + [m["text"] for m in meta if m.get("text")]
 
+
+class VQATask(_VQA, Task):
+    """The answer classifier; `vqa.head=generative` makes the registry's VQA task a GenerativeVQATask instead."""
+
+    def __new__(cls, run_config=None, tokenizer=None):
+        if cls is VQATask and cls.config_from(getattr(run_config, "task_config", None)).head == "generative":
+            return GenerativeVQATask(run_config, tokenizer)  # not a VQATask, so __init__ is not run twice
+        return super().__new__(cls)
+
     @classmethod
     def build_model(cls, rc, tokenizer):
         if cls.config_from(rc.task_config).head == "generative":
@@ -110,16 +116,11 @@ class VQATask(Task):
         return EncoderForVQA(rc.model, len(rc.class_names or []), cls.config_from(rc.task_config).grid_dim)
 
     def build_split(self, images, meta, train):
-        tok = require_tokenizer(self.tokenizer, self.name)
         rows = qa_rows(meta)
         if not rows:
             raise DataError("no questions in this split; VQA needs rows with 'question' and 'answers'")
         index = {a: i for i, a in enumerate(self.rc.class_names)}
-        limit = self.rc.model.max_text_len
-        too_long = sum(len(tok.tokenize(q)) + 2 > limit for _, q, _, _ in rows)
-        if too_long:
-            log.warning("%d question(s) longer than %d tokens were truncated", too_long, limit)
-        ids, mask = tok.encode([q for _, q, _, _ in rows], max_length=limit, pad_to_max=True)
+        ids, mask = self.encode_texts([q for _, q, _, _ in rows], "question")
         width = max(len(answer_scores(a)) for _, _, a, _ in rows)
         target_idx = torch.full((len(rows), width), -1, dtype=torch.long)
         target_score = torch.zeros((len(rows), width))
@@ -166,10 +167,7 @@ class VQATask(Task):
     def predict(self, model, images, files, question=None, top_k=1, **_):
         if not question or not str(question).strip():
             raise DataError("VQA needs a question: pass --question \"...\"")
-        tok = require_tokenizer(self.tokenizer, self.name)
-        ids, mask = tok.encode([question] * len(images), max_length=self.rc.model.max_text_len)
-        if len(tok.tokenize(question)) + 2 > self.rc.model.max_text_len:
-            log.warning("question truncated to %d tokens", self.rc.model.max_text_len)
+        ids, mask = self.encode_texts([question] * len(images), "question", pad_to_max=False)
         probs = model(normalize_images(images), ids, mask).float().sigmoid()
         out = []
         for f, p in zip(files, probs):
@@ -180,15 +178,8 @@ class VQATask(Task):
         return out
 
 
-class GenerativeVQATask(GenerativeTask):
+class GenerativeVQATask(_VQA, GenerativeTask):
     """VQA through the encoder-decoder: the question is the prompt, the most common answer the target."""
-
-    name = "vqa"
-    monitor = ("vqa_accuracy", "max")
-    Config = VQAConfig
-    headline = ("vqa_accuracy",)
-    vocabulary = VQATask.vocabulary
-    tokenizer_texts = VQATask.tokenizer_texts
 
     def rows(self, meta, train):
         rows = []
