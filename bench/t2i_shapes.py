@@ -3,6 +3,7 @@ quality-vs-steps table per sampler (DPM-Solver++(2M) at 20 steps against ancestr
 
     python bench/t2i_shapes.py [--max-steps 5000] [--sr-max-steps 3000] [--out runs/bench-t2i] [--samplers]
     python bench/t2i_shapes.py --run runs/bench-t2i --samplers      # only the sampler table, on a trained run
+    python bench/t2i_shapes.py --run runs/bench-t2i --guidance-sweep 1,2,3,5,8   # accuracy and FID per guidance scale
 
 Targets: single-object accuracy >= 90 %, two objects with a relation >= 60 % (<= 30 CPU-minutes of training);
 DPM-Solver++(2M) at 20 steps within 3 points of DDPM at 250 steps and >= 10x faster.
@@ -29,6 +30,8 @@ def main():
     p.add_argument("--n-per-category", type=int, default=50)
     p.add_argument("--samplers", action="store_true", help="also print the quality-vs-steps table per sampler")
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance-sweep", default=None, help="comma-separated guidance scales: one table row each")
+    p.add_argument("--text-encoder", default=None, help="train with this text encoder (default: the recipe's)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -39,12 +42,20 @@ def main():
         run = args.out
         shutil.rmtree(run, ignore_errors=True)
         start = time.time()
-        train_t2i("shapes", run, max_steps=args.max_steps, sr_max_steps=args.sr_max_steps, n=args.n, progress=False, device=args.device)
+        extra = {"text_encoder": args.text_encoder} if args.text_encoder else {}
+        train_t2i("shapes", run, max_steps=args.max_steps, sr_max_steps=args.sr_max_steps, n=args.n, progress=False, device=args.device, **extra)
         minutes = (time.time() - start) / 60
         r = evaluate_t2i(run, "shapes", n_per_category=args.n_per_category, guidance=args.guidance, device=args.device, echo=quiet)
         print(f"| shapes default recipe ({args.max_steps}+{args.sr_max_steps} steps, {minutes:.1f} min training) | "
               f"compositional {r['compositional_accuracy']:.3f}, single {r['single_accuracy']:.3f}, relation {r['relation_accuracy']:.3f}, "
               f"count {r['count_accuracy']:.3f}, FID {r['fid']:.2f} | {commit} |", flush=True)
+    if args.guidance_sweep:
+        print("| guidance | compositional | single | relation | count | position | FID |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for g in (float(v) for v in args.guidance_sweep.split(",")):
+            r = evaluate_t2i(run, "shapes", n_per_category=args.n_per_category, guidance=g, device=args.device, echo=quiet)
+            print(f"| {g:g} | {r['compositional_accuracy']:.3f} | {r['single_accuracy']:.3f} | {r['relation_accuracy']:.3f} "
+                  f"| {r['count_accuracy']:.3f} | {r['position_accuracy']:.3f} | {r['fid']:.2f} |", flush=True)
     if args.samplers:
         print("| sampler | steps | compositional | single | relation | count | seconds |")
         print("| --- | --- | --- | --- | --- | --- | --- |")

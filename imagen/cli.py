@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, lr=1e-3, batch_size=32, epochs=None)
     p.add_argument("--stage", default=None, help="train only this stage (base, sr1, ...) (default: every stage)")
     p.add_argument("--sizes", default="16,32", help="resolution of each stage, base first (default: 16,32)")
-    p.add_argument("--text-encoder", default="trainable", help="trainable (a small Transformer trained with the U-Nets), minilm (frozen all-MiniLM-L6-v2), an imagen pretraining run, or a local Hugging Face model folder (default: trainable)")
+    p.add_argument("--text-encoder", default="minilm", help="minilm (frozen all-MiniLM-L6-v2), trainable (a small Transformer trained with the U-Nets), an imagen pretraining run, or a local Hugging Face model folder (default: minilm)")
     p.add_argument("--sr-max-steps", type=_positive_int, default=None, help="optimiser steps for super-resolution stages (default: --max-steps when given, else 3000)")
     p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
 

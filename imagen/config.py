@@ -207,7 +207,11 @@ def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> None:
             if depth < len(parts) - 1:
                 chain.append(getattr(cfg, key))
         cfg, key = chain[-1], parts[-1]
-        setattr(cfg, key, _coerce(value, getattr(cfg, key), dotted))
+        optional = "None" in str({f.name: f.type for f in dataclasses.fields(cfg)}[key])
+        if optional and value.lower() in ("none", "null"):
+            setattr(cfg, key, None)  # e.g. --set base.min_snr_gamma=none
+        else:
+            setattr(cfg, key, _coerce(value, getattr(cfg, key), dotted))
         for c in reversed(chain):  # re-validate from the innermost config out
             if hasattr(c, "__post_init__"):
                 c.__post_init__()

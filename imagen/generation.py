@@ -196,7 +196,9 @@ def default_stages(sizes: Sequence[int]) -> list[StageConfig]:
         if i == 0:
             preset = {16: "base16", 32: "base32"}.get(size, "base16")
             unet = dict(STAGE_PRESETS[preset], image_size=size)
-            stages.append(StageConfig(name="base", unet=UNetConfig(**unet)))
+            # The base stage decides the layout, at nearly pure noise: the SNR floor keeps those steps trained
+            # (with Min-SNR alone, Shapes position words were ignored: 0.12 position accuracy, chance for 9 cells).
+            stages.append(StageConfig(name="base", unet=UNetConfig(**unet), snr_floor=1.0))
         else:
             preset = {32: "sr32", 64: "sr64"}.get(size, "sr32")
             unet = dict(STAGE_PRESETS[preset], image_size=size, lowres_cond=True)
@@ -230,7 +232,7 @@ def train_t2i(
     *,
     stage: str | None = None,
     sizes: Sequence[int] = (16, 32),
-    text_encoder: str = "trainable",
+    text_encoder: str = "minilm",
     resume: bool = False,
     n: int | None = None,
     max_steps: int | None = None,

@@ -85,13 +85,14 @@ class ConstDenoiser:
 
 
 @pytest.mark.parametrize("objective", ["eps", "v", "x0"])
-@pytest.mark.parametrize("gamma", [None, 5.0])
-def test_training_loss_is_hand_weighted_mse(objective, gamma):
+@pytest.mark.parametrize("gamma,floor", [(None, None), (5.0, None), (None, 1.0), (5.0, 1.0)])
+def test_training_loss_is_hand_weighted_mse(objective, gamma, floor):
     x0, noise = _data()
     pred = torch.full_like(x0, 0.25)
     den = ConstDenoiser(pred)
     cond = {"text_embed": torch.ones(4, 6)}
-    loss = training_loss(den, x0, T_IDX, cond, schedule=SCHED, objective=objective, min_snr_gamma=gamma, noise=noise)
+    loss = training_loss(den, x0, T_IDX, cond, schedule=SCHED, objective=objective, min_snr_gamma=gamma,
+                         snr_floor=floor, noise=noise)
 
     (x_t, t_seen, cond_seen), = den.calls
     assert torch.equal(t_seen, T_IDX) and torch.equal(cond_seen["text_embed"], cond["text_embed"])
@@ -102,10 +103,12 @@ def test_training_loss_is_hand_weighted_mse(objective, gamma):
         target = {"eps": noise[i], "x0": x0[i], "v": a * noise[i] - s * x0[i]}[objective]
         mse = ((pred[i] - target) ** 2).mean().item()
         snr = _abar(t) / (1 - _abar(t))
-        if gamma is None:
+        if gamma is None and floor is None:
             w = 1.0
-        else:  # Hang et al. 2023: min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v, min(SNR, g) for x0
-            w = {"eps": min(snr, gamma) / snr, "v": min(snr, gamma) / (snr + 1), "x0": min(snr, gamma)}[objective]
+        else:  # Hang et al. 2023: min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v, min(SNR, g) for x0;
+            # the floor lifts the x0 weight to max(., floor) first (Salimans & Ho 2022's truncated SNR for floor 1)
+            x0_w = max(min(snr, gamma if gamma is not None else math.inf), floor if floor is not None else 0.0)
+            w = {"eps": x0_w / snr, "v": x0_w / (snr + 1), "x0": x0_w}[objective]
         expected += w * mse / 4
     assert loss.ndim == 0
     assert loss.item() == pytest.approx(expected, rel=1e-9)
@@ -115,6 +118,15 @@ def test_min_snr_weight_clips_only_high_snr():
     snr = torch.tensor([0.5, 5.0, 50.0], dtype=torch.float64)
     assert min_snr_weight(snr, 5.0, "eps").tolist() == pytest.approx([1.0, 1.0, 0.1])
     assert min_snr_weight(snr, 5.0, "x0").tolist() == pytest.approx([0.5, 5.0, 5.0])
+
+
+def test_snr_floor_keeps_pure_noise_steps_weighted():
+    snr = torch.tensor([0.001, 0.5, 5.0, 50.0], dtype=torch.float64)
+    # Min-SNR alone: a v-loss weight of SNR/(SNR+1), about 0.001 at SNR 0.001 -- those steps barely train.
+    assert min_snr_weight(snr, 5.0, "v").tolist() == pytest.approx([0.001 / 1.001, 0.5 / 1.5, 5 / 6, 5 / 51])
+    # With floor 1 the x0 weight is clamp(SNR, 1, 5): v-loss weight 1/(SNR+1) below SNR 1, unchanged above.
+    assert min_snr_weight(snr, 5.0, "v", floor=1.0).tolist() == pytest.approx([1 / 1.001, 1 / 1.5, 5 / 6, 5 / 51])
+    assert min_snr_weight(snr, None, "x0", floor=1.0).tolist() == pytest.approx([1.0, 1.0, 5.0, 50.0])
 
 
 def test_training_loss_rejects_unknown_objective():

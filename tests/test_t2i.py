@@ -28,12 +28,14 @@ def t2i_run(tmp_path_factory):
 
 def test_train_t2i_writes_every_stage(t2i_run):
     config = json.loads((t2i_run / "config.json").read_text())
+    assert config["text_encoder"] == {"kind": "hf", "path": "minilm", "max_length": 32}  # the default: frozen MiniLM
     assert config["task"] == "text-to-image" and config["stages"] == ["base", "sr1"]
     for stage in ("base", "sr1"):
         assert (t2i_run / stage / "model.safetensors").is_file()
         assert sorted((t2i_run / stage / "samples").glob("*.png")), "sample grids are written as training goes"
         weights = load_file(t2i_run / stage / "model.safetensors")
-        assert any(k.startswith("ema_unet.") for k in weights) and any(k.startswith("text_encoder.") for k in weights)
+        # A frozen text encoder stays out of the run's weights; it is rebuilt from the config's spec.
+        assert any(k.startswith("ema_unet.") for k in weights) and not any(k.startswith("text_encoder.") for k in weights)
 
 
 def test_generate_is_deterministic_by_seed(capsys, t2i_run, tmp_path):
@@ -103,8 +105,21 @@ def test_text_dropout_gives_the_null_condition():
     torch.testing.assert_close(out["text_embed"][~drop], cond["text_embed"][~drop])
 
 
+def test_stage_overrides_set_loss_weighting_and_none():
+    from imagen.config import ConfigError, apply_overrides
+
+    stages = {"base": StageConfig()}
+    apply_overrides(stages, ["base.min_snr_gamma=none", "base.snr_floor=0.5"])
+    assert stages["base"].min_snr_gamma is None and stages["base"].snr_floor == 0.5
+    with pytest.raises(ConfigError, match="bad value 'none' for base.ema_decay"):  # not an optional field
+        apply_overrides(stages, ["base.ema_decay=none"])
+    with pytest.raises(ConfigError, match=r"snr_floor 9.0 must be in \(0, min_snr_gamma=5.0\]"):
+        StageConfig(snr_floor=9.0)
+
+
 def test_interrupted_and_resumed_t2i_equals_uninterrupted(capsys, tmp_path, monkeypatch):
-    args = ["train-t2i", "--data", "shapes", "--max-steps", "5", "--checkpoint-every", "2", *TINY]
+    # The trainable text encoder: its weights train with the U-Net, so they too must resume exactly.
+    args = ["train-t2i", "--data", "shapes", "--max-steps", "5", "--checkpoint-every", "2", "--text-encoder", "trainable", *TINY]
     assert run(capsys, *args, "--out", tmp_path / "straight")[0] == 0
     from imagen.tasks.text_to_image import TextToImageTask
 

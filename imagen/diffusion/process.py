@@ -60,15 +60,24 @@ def uniform_timesteps(batch: int, T: int, generator: torch.Generator | None = No
     return torch.randint(0, T, (batch,), generator=generator, device=device)
 
 
-def min_snr_weight(snr: torch.Tensor, gamma: float, objective: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 9 and sec. 3.4), expressed for each prediction target."""
-    clipped = snr.clamp(max=gamma)
+def min_snr_weight(snr: torch.Tensor, gamma: float | None, objective: str, floor: float | None = None) -> torch.Tensor:
+    """Loss weight that makes the x0-loss weight clamp(SNR, floor, gamma), expressed for each prediction target.
+
+    gamma alone is Min-SNR-gamma (Hang et al. 2023, eq. 9 and sec. 3.4): it caps the weight of the nearly clean
+    timesteps. floor alone is the truncated-SNR weighting max(SNR, floor) (Salimans & Ho 2022, sec. 4, with floor
+    1): it keeps the nearly pure-noise timesteps, where a picture's layout is decided, from weighing almost
+    nothing, as they do under the eps-loss and under Min-SNR (weight ~SNR there)."""
+    weight = snr
+    if gamma is not None:
+        weight = weight.clamp(max=gamma)
+    if floor is not None:
+        weight = weight.clamp(min=floor)
     if objective == "eps":  # the eps-loss is SNR times the x0-loss, so divide SNR back out
-        return clipped / snr
+        return weight / snr
     if objective == "v":  # the v-loss is (SNR + 1) times the x0-loss
-        return clipped / (snr + 1)
+        return weight / (snr + 1)
     if objective == "x0":
-        return clipped
+        return weight
     raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
 
 
@@ -81,9 +90,11 @@ def training_loss(
     schedule: NoiseSchedule,
     objective: str = "eps",
     min_snr_gamma: float | None = None,
+    snr_floor: float | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Simple diffusion loss (Ho et al. 2020, eq. 14) for an eps, v or x0 target; optional Min-SNR-gamma weights."""
+    """Simple diffusion loss (Ho et al. 2020, eq. 14) for an eps, v or x0 target; optional SNR weights (see
+    `min_snr_weight`: Min-SNR-gamma caps the x0-loss weight at gamma, `snr_floor` lifts it to at least the floor)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
     noise = torch.randn_like(x0) if noise is None else noise
@@ -93,7 +104,7 @@ def training_loss(
     if target is None:
         target = v_target(schedule, x0, noise, t)
     loss = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
-    if min_snr_gamma is not None:
+    if min_snr_gamma is not None or snr_floor is not None:
         snr = schedule.log_snr.to(t.device)[t].exp()  # (B,)
-        loss = loss * min_snr_weight(snr, min_snr_gamma, objective).to(loss)
+        loss = loss * min_snr_weight(snr, min_snr_gamma, objective, snr_floor).to(loss)
     return loss.mean()

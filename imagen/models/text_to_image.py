@@ -32,6 +32,7 @@ class StageConfig:
     timesteps: int = 1000
     objective: str = "v"  # eps | v | x0
     min_snr_gamma: float | None = 5.0
+    snr_floor: float | None = None  # x0-loss weight at least this (1.0: truncated SNR) so pure-noise steps still train
     cond_drop_prob: float = 0.1  # classifier-free guidance: text dropped for this share of training samples
     ema_decay: float = 0.995
     lowres_size: int | None = None  # SR stages: the resolution of the stage below
@@ -45,6 +46,8 @@ class StageConfig:
             raise ConfigError(f"unknown objective {self.objective!r}; choose eps, v or x0")
         if self.schedule not in ("cosine", "linear"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose cosine or linear")
+        if self.snr_floor is not None and not 0 < self.snr_floor <= (self.min_snr_gamma or float("inf")):
+            raise ConfigError(f"snr_floor {self.snr_floor} must be in (0, min_snr_gamma={self.min_snr_gamma}]")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.unet.lowres_cond and not self.lowres_size:

@@ -99,7 +99,7 @@ class TextToImageTask:
             return model.unet(x_t, t, **kw, **extra).float()
 
         return training_loss(denoiser, x0, t, cond, schedule=model.schedule, objective=c.objective,
-                             min_snr_gamma=c.min_snr_gamma)
+                             min_snr_gamma=c.min_snr_gamma, snr_floor=c.snr_floor)
 
     def training_step(self, model, batch):
         return {"loss": self._loss(model, batch)}
