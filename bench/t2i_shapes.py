@@ -15,8 +15,8 @@ import argparse
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
+from imagen.config import DEFAULT_GUIDANCE
 from imagen.generation import evaluate_t2i, train_t2i
 
 
@@ -29,7 +29,7 @@ def main():
     p.add_argument("--n", type=int, default=None, help="training images (default: the built-in Shapes train split)")
     p.add_argument("--n-per-category", type=int, default=50)
     p.add_argument("--samplers", action="store_true", help="also print the quality-vs-steps table per sampler")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--guidance-sweep", default=None, help="comma-separated guidance scales: one table row each")
     p.add_argument("--text-encoder", default=None, help="train with this text encoder (default: the recipe's)")
     p.add_argument("--device", default="auto")

@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+from imagen.config import DEFAULT_GUIDANCE  # noqa: E402  (torch-free)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem and where to look."""
 
@@ -167,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
     p.add_argument("--sampler", default="dpmpp2m", help="dpmpp2m, ddim or ddpm (default: dpmpp2m)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale, 1 = off (default: 5)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 1 = off (default: {DEFAULT_GUIDANCE:g})")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--threshold", default="dynamic", help="dynamic, static or none (default: dynamic)")
     p.add_argument("--aug-level", type=float, default=0.1, help="noise-augmentation level of the low-res image at each SR stage (default: 0.1)")
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-category", type=_positive_int, default=50, help="held-out prompts per category: single, relation, count (default: 50)")
     p.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
     p.add_argument("--sampler", default="dpmpp2m", help="dpmpp2m, ddim or ddpm (default: dpmpp2m)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE:g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-samples", type=_positive_int, default=500, help="test images for FID (default: 500)")
     p.add_argument("--alignment-run", default=None, help="a pretraining run whose contrastive heads score text-image alignment")

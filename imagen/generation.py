@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from imagen.config import ConfigError, TrainConfig, from_dict, to_dict
+from imagen.config import DEFAULT_GUIDANCE, ConfigError, TrainConfig, from_dict, to_dict
 from imagen.data import DataError, Tokenizer, load_dataset
 from imagen.models.text_to_image import StageConfig, TextToImageStage, resize_images, stage_config_to_json
 from imagen.models.unet import UNET_PRESETS, UNetConfig
@@ -99,7 +99,7 @@ class Cascade:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, n_per_prompt: int = 1, seed: int = 0, steps: int = 25,
-                 sampler: str = "dpmpp2m", guidance: float = 5.0, negative: str | None = None,
+                 sampler: str = "dpmpp2m", guidance: float = DEFAULT_GUIDANCE, negative: str | None = None,
                  threshold: str = "dynamic", aug_level: float = 0.1, eta: float = 0.0, init_images=None,
                  strength: float = 1.0, inpaint_mask=None, stop_at: str | None = None) -> torch.Tensor:
         """Images (len(prompts) * n_per_prompt, 3, S, S) in [-1, 1], prompt-major; same seed, same images."""
@@ -372,7 +372,7 @@ def _load_rgb(path, size) -> torch.Tensor:
 
 
 def generate_to_files(run, prompts: Sequence[str], *, out=None, out_dir=None, n: int = 4, seed: int = 0,
-                      steps: int = 25, sampler: str = "dpmpp2m", eta: float = 0.0, guidance: float = 5.0,
+                      steps: int = 25, sampler: str = "dpmpp2m", eta: float = 0.0, guidance: float = DEFAULT_GUIDANCE,
                       negative: str | None = None, threshold: str = "dynamic", aug_level: float = 0.1,
                       stage: str | None = None, init_image=None, strength: float = 0.6, mask=None,
                       device: str = "auto") -> list[Path]:
@@ -432,7 +432,7 @@ def generate_to_files(run, prompts: Sequence[str], *, out=None, out_dir=None, n:
 
 
 def evaluate_t2i(run, data: str = "shapes", *, n_per_category: int = 50, steps: int = 25, sampler: str = "dpmpp2m",
-                 guidance: float = 5.0, seed: int = 0, aug_level: float = 0.1, fid_samples: int = 500,
+                 guidance: float = DEFAULT_GUIDANCE, seed: int = 0, aug_level: float = 0.1, fid_samples: int = 500,
                  alignment_run=None, device: str = "auto", batch_size: int = 64, echo=print) -> dict[str, Any]:
     """Compositional accuracy on held-out Shapes prompts, FID against real test images, optional alignment."""
     from imagen.data.cache import normalize_images

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagen.config import ConfigError
+from imagen.config import DEFAULT_GUIDANCE, ConfigError
 from imagen.diffusion import NoiseSchedule, classifier_free_guidance, q_sample
 from imagen.diffusion import sample as diffusion_sample
 from imagen.models.unet import EfficientUNet, UNetConfig
@@ -125,7 +125,7 @@ class TextToImageStage(nn.Module):
     # --- sampling ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, cond, *, n_per_prompt=1, steps=25, sampler="dpmpp2m", guidance=5.0, negative=None,
+    def generate(self, cond, *, n_per_prompt=1, steps=25, sampler="dpmpp2m", guidance=DEFAULT_GUIDANCE, negative=None,
                  threshold="dynamic", percentile=0.995, eta=0.0, generator=None, lowres=None, aug_level=0.1,
                  init_images=None, strength=1.0, inpaint_mask=None, use_ema=True, callback=None) -> torch.Tensor:
         """Sample images (B, 3, S, S) in [-1, 1] for a condition dict (one row per image)."""
