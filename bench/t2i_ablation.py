@@ -34,8 +34,7 @@ from imagen.diffusion.process import q_sample, v_target
 from imagen.eval.evaluator import get_evaluator
 from imagen.eval.t2i import compositional_accuracy, compositional_prompts
 from imagen.config import DEFAULT_GUIDANCE
-from imagen.generation import load_cascade, to_uint8, train_t2i
-from imagen.models.text_to_image import resize_images
+from imagen.generation import load_cascade, resize_uint8, to_uint8, train_t2i
 
 VARIANTS = {
     "minilm-floor": ("minilm", ["base.snr_floor=1"]),
@@ -96,9 +95,8 @@ def main():
         minutes = (time.time() - start) / 60
         cascade = load_cascade(run)
 
-        def generate(texts):
-            images = to_uint8(cascade.generate(texts, seed=0, steps=25, guidance=args.guidance))  # as evaluate-t2i
-            return to_uint8(resize_images(normalize_images(images), 32))
+        def generate(texts):  # as evaluate-t2i: uint8 pictures, upscaled to the evaluator's 32x32
+            return resize_uint8(to_uint8(cascade.generate(texts, seed=0, steps=25, guidance=args.guidance)), 32)
 
         r = compositional_accuracy(generate, prompts, evaluator)
         probe = position_probe(run)

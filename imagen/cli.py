@@ -8,12 +8,11 @@ import logging
 import os
 import sys
 
+from imagen.config import DEFAULT_GUIDANCE  # torch-free, so `imagen --help` stays fast
+
 # Nothing here may reach a model hub; fail fast instead of waiting on network retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-from imagen.config import DEFAULT_GUIDANCE  # noqa: E402  (torch-free)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -212,8 +212,8 @@ def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> None:
             if depth < len(parts) - 1:
                 chain.append(getattr(cfg, key))
         cfg, key = chain[-1], parts[-1]
-        optional = "None" in str({f.name: f.type for f in dataclasses.fields(cfg)}[key])
-        if optional and value.lower() in ("none", "null"):
+        field_type = next(f.type for f in dataclasses.fields(cfg) if f.name == key)
+        if "None" in str(field_type) and value.lower() in ("none", "null"):
             setattr(cfg, key, None)  # e.g. --set base.min_snr_gamma=none
         else:
             setattr(cfg, key, _coerce(value, getattr(cfg, key), dotted))

@@ -22,6 +22,7 @@ import torch
 
 from imagen.config import DEFAULT_GUIDANCE, ConfigError, TrainConfig, from_dict, to_dict
 from imagen.data import DataError, Tokenizer, load_dataset
+from imagen.data.cache import normalize_images
 from imagen.models.text_to_image import StageConfig, TextToImageStage, resize_images, stage_config_to_json
 from imagen.models.unet import UNET_PRESETS, UNetConfig
 from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunError, write_json_atomic
@@ -53,6 +54,13 @@ class GenerationError(ValueError):
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float (B, C, H, W) -> uint8."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, C, H, W) pictures at size x size (e.g. the Shapes evaluator's 32x32), uint8 again."""
+    if images.shape[-1] == size:
+        return images
+    return to_uint8(resize_images(normalize_images(images), size))
 
 
 def save_image(image: torch.Tensor, path: Path) -> Path:
@@ -322,8 +330,6 @@ def train_t2i(
         val_images = val_ds.fast_images(size)[: len(prompts)]
 
         def lowres_source(_prompts, images=val_images, cfg=stage_cfg):
-            from imagen.data.cache import normalize_images
-
             return resize_images(normalize_images(images), cfg.lowres_size)
 
         task = TextToImageTask(sample_every=sample_every or max(1, (tcfg.max_steps or 1000) // 4), sample_prompts=prompts,
@@ -366,8 +372,6 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
 
 def _load_rgb(path, size) -> torch.Tensor:
     from imagen.data import image_to_tensor, open_image
-    from imagen.data.cache import normalize_images
-
     return normalize_images(image_to_tensor(open_image(path), size)[None])
 
 
@@ -435,7 +439,6 @@ def evaluate_t2i(run, data: str = "shapes", *, n_per_category: int = 50, steps: 
                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, aug_level: float = 0.1, fid_samples: int = 500,
                  alignment_run=None, device: str = "auto", batch_size: int = 64, echo=print) -> dict[str, Any]:
     """Compositional accuracy on held-out Shapes prompts, FID against real test images, optional alignment."""
-    from imagen.data.cache import normalize_images
     from imagen.eval.evaluator import get_evaluator
     from imagen.eval.t2i import alignment_score, compositional_accuracy, compositional_prompts, fid
     from imagen.train import resolve_device
@@ -453,8 +456,7 @@ def evaluate_t2i(run, data: str = "shapes", *, n_per_category: int = 50, steps: 
     evaluator = get_evaluator(32, device=str(dev))
     if str(data) == "shapes":
         prompts = compositional_prompts(n_per_category, seed=20_000 + seed, size=32)
-        gen32 = (lambda p: to_uint8(resize_images(normalize_images(generate_fn(p)).to(dev), 32))) if size != 32 else generate_fn
-        result.update(compositional_accuracy(gen32, prompts, evaluator, batch_size=batch_size))
+        result.update(compositional_accuracy(lambda p: resize_uint8(generate_fn(p), 32), prompts, evaluator, batch_size=batch_size))
     test = load_dataset(data, "test", seed=cascade.config["data"].get("seed", 0))
     texts = [t or "" for t in test.texts()][:fid_samples]
     real = test.fast_images(size)[:len(texts)]

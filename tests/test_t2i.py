@@ -78,6 +78,28 @@ def test_inpainting_keeps_the_known_region(capsys, t2i_run, tmp_path):
     assert code == 0, err
 
 
+def test_evaluate_t2i_scores_a_16px_run_at_the_evaluators_32px(t2i_run, monkeypatch):
+    from imagen.eval import evaluator as evaluator_mod
+    from imagen.generation import evaluate_t2i
+
+    tiny = evaluator_mod.train_evaluator(size=32, steps=3, batch_size=8)
+    seen = []
+
+    def fake_get_evaluator(size, device="cpu"):
+        assert size == 32
+        return tiny
+
+    original_predict = tiny.predict
+    monkeypatch.setattr(tiny, "predict", lambda images: seen.append(tuple(images.shape)) or original_predict(images))
+    monkeypatch.setattr(evaluator_mod, "get_evaluator", fake_get_evaluator)
+    r = evaluate_t2i(t2i_run, "shapes", n_per_category=2, steps=2, fid_samples=8, batch_size=8, echo=lambda *a: None)
+    assert r["image_size"] == 16 and r["n"] == 6 and r["fid_samples"] == 8
+    assert seen[0] == (6, 3, 32, 32)  # the cascade's 16x16 pictures were upscaled to the evaluator's canvas
+    assert 0.0 <= r["compositional_accuracy"] <= 1.0 and r["fid"] >= 0.0
+    saved = json.loads((t2i_run / "eval" / "t2i-shapes.json").read_text())
+    assert saved["compositional_accuracy"] == r["compositional_accuracy"]
+
+
 def test_ema_update_follows_the_formula():
     cfg = StageConfig(unet=UNetConfig(**dict(UNET_PRESETS["tiny"], image_size=8, text_dim=16)), ema_decay=0.9)
     stage = TextToImageStage(cfg, text_encoder=None)
