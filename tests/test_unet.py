@@ -98,13 +98,29 @@ def test_lowres_conditioning_changes_the_output():
         model(x_t, t, text_states=kwargs["text_states"])
 
 
-@pytest.mark.parametrize("lowres_cond", [False, True])
-def test_every_parameter_gets_a_gradient(lowres_cond):
-    model = _model(lowres_cond=lowres_cond).train()
+@pytest.mark.parametrize("overrides", [dict(lowres_cond=False), dict(lowres_cond=True), dict(cross_attn_levels=(True, False))])
+def test_every_parameter_gets_a_gradient(overrides):
+    model = _model(**overrides).train()
     x_t, t, kwargs = _inputs(model.config)
     model(x_t, t, **kwargs).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, missing
+
+
+def test_cross_attention_only_levels_attend_to_text_without_self_attention():
+    model = _model(cross_attn_levels=(True, False))
+    top = model.downs[0].attn
+    assert top is not None and top.self_attn is None and top.cross_attn is not None
+    assert model.downs[1].attn.self_attn is not None  # attn_levels still gives the full block
+    assert _model().downs[0].attn is None
+    x_t, t, kwargs = _inputs(model.config)
+    out = model(x_t, t, **kwargs)
+    # The text reaches the 16x16 level through the new blocks: zeroing their output projections changes rows with text.
+    with torch.no_grad():
+        for level in (model.downs[0], model.ups[-1]):
+            level.attn.cross_attn.proj.weight.zero_()
+            level.attn.cross_attn.proj.bias.zero_()
+    assert (model(x_t, t, **kwargs)[:2] - out[:2]).abs().amax() > 1e-4
 
 
 def test_downsample_before_convolutions_and_upsample_after():
@@ -165,6 +181,7 @@ def test_presets_and_parameter_count():
         (dict(image_size=18, dim_mults=(1, 2, 2), num_res_blocks=(1, 1, 1), attn_levels=(False,) * 3), "image size 18"),
         (dict(num_res_blocks=(1, 2, 2)), "num_res_blocks"),
         (dict(attn_levels=(True,)), "attn_levels"),
+        (dict(cross_attn_levels=(True, False, False)), "cross_attn_levels"),
         (dict(dim=12), "groups"),
     ],
 )
@@ -173,6 +190,7 @@ def test_config_errors_name_the_value(overrides, message):
         _config(**overrides)
 
 
-def test_config_survives_a_json_round_trip():
-    config = _config()
+@pytest.mark.parametrize("overrides", [dict(), dict(cross_attn_levels=(True, False))])
+def test_config_survives_a_json_round_trip(overrides):
+    config = _config(**overrides)
     assert UNetConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config

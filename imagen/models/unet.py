@@ -10,7 +10,9 @@ block), the down and up levels, the model. What makes the U-Net "efficient" in t
 
 Conditioning: the timestep, the pooled text embedding and (super-resolution stages) the noise-augmentation
 level of the low-resolution image are summed into one vector that modulates every residual block (FiLM);
-the per-token text states are attended to by cross-attention at the levels named in `attn_levels`.
+the per-token text states are attended to by cross-attention at the levels named in `attn_levels` (with
+self-attention) and `cross_attn_levels` (cross-attention alone: cheap at high resolution, where it binds each
+word to the pixels it describes, e.g. the shape of the object named first to that object).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class UNetConfig:
     dim_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: tuple[int, ...] = (1, 2, 2)  # per level: more blocks at low resolution (Efficient U-Net)
     attn_levels: tuple[bool, ...] = (False, True, True)  # self- + cross-attention after a level's blocks
+    cross_attn_levels: tuple[bool, ...] | None = None  # cross-attention only, where attn_levels is False
     num_heads: int = 4
     text_dim: int = 384  # width of the text encoder's token states
     cond_dim: int | None = None  # width of the pooled text embedding; None = text_dim
@@ -54,6 +57,8 @@ class UNetConfig:
         self.dim_mults = tuple(self.dim_mults)
         self.num_res_blocks = tuple(self.num_res_blocks)
         self.attn_levels = tuple(bool(a) for a in self.attn_levels)
+        if self.cross_attn_levels is not None:
+            self.cross_attn_levels = tuple(bool(a) for a in self.cross_attn_levels)
         self.cond_dim = self.cond_dim or self.text_dim
         self.time_dim = self.time_dim or 4 * self.dim
         levels = len(self.dim_mults)
@@ -63,6 +68,8 @@ class UNetConfig:
             raise ConfigError(f"num_res_blocks {self.num_res_blocks} has {len(self.num_res_blocks)} entries, dim_mults has {levels}")
         if len(self.attn_levels) != levels:
             raise ConfigError(f"attn_levels {self.attn_levels} has {len(self.attn_levels)} entries, dim_mults has {levels}")
+        if self.cross_attn_levels is not None and len(self.cross_attn_levels) != levels:
+            raise ConfigError(f"cross_attn_levels {self.cross_attn_levels} has {len(self.cross_attn_levels)} entries, dim_mults has {levels}")
         if self.image_size % 2 ** (levels - 1):
             raise ConfigError(f"image size {self.image_size} is not a multiple of {2 ** (levels - 1)} ({levels} levels)")
         for ch in self.channels:
@@ -79,6 +86,12 @@ class UNetConfig:
     def channels(self) -> tuple[int, ...]:
         """Width of each level, shallow to deep."""
         return tuple(self.dim * m for m in self.dim_mults)
+
+    def attention_kind(self, level: int) -> str | None:
+        """What follows a level's blocks: "full" (self- + cross-attention), "cross" (cross-attention only) or None."""
+        if self.attn_levels[level]:
+            return "full"
+        return "cross" if self.cross_attn_levels and self.cross_attn_levels[level] else None
 
 
 # Named presets: one table. "base32" (~4.05M parameters) is sized like imagen-pytorch's ~3.9M 32x32 reference;
@@ -159,19 +172,21 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Pre-norm self-attention over the pixels, then cross-attention from the pixels to the text tokens."""
+    """Pre-norm self-attention over the pixels (unless self_attention=False), then cross-attention from the
+    pixels to the text tokens."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, context_dim: int, dropout: float = 0.0, self_attention: bool = True):
         super().__init__()
-        self.norm_self = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, num_heads, dropout)
+        self.norm_self = nn.LayerNorm(dim) if self_attention else None
+        self.self_attn = Attention(dim, num_heads, dropout) if self_attention else None
         self.norm_cross = nn.LayerNorm(dim)
         self.cross_attn = Attention(dim, num_heads, dropout, context_dim=context_dim)
 
     def forward(self, x, context=None, context_mask=None):
         B, C, H, W = x.shape
         h = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
-        h = h + self.self_attn(self.norm_self(h))
+        if self.self_attn is not None:
+            h = h + self.self_attn(self.norm_self(h))
         if context is not None:  # unconditional call: no text to attend to
             h = h + self.cross_attn(self.norm_cross(h), context=context, key_mask=context_mask)
         return h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
@@ -183,7 +198,7 @@ class AttentionBlock(nn.Module):
 class DownLevel(nn.Module):
     """One level of the down path: [downsample], res blocks (each output kept as a skip), [attention]."""
 
-    def __init__(self, in_channels: int, channels: int, num_blocks: int, downsample: bool, attention: bool,
+    def __init__(self, in_channels: int, channels: int, num_blocks: int, downsample: bool, attention: str | None,
                  num_heads: int, text_dim: int, cond_dim: int, groups: int, dropout: float):
         super().__init__()
         # Registered first so the module order reads as the data flow: downsample BEFORE the convolutions.
@@ -192,7 +207,7 @@ class DownLevel(nn.Module):
         self.res_blocks = nn.ModuleList(
             ResBlock(first_in if i == 0 else channels, channels, cond_dim, groups, dropout) for i in range(num_blocks)
         )
-        self.attn = AttentionBlock(channels, num_heads, text_dim, dropout) if attention else None
+        self.attn = AttentionBlock(channels, num_heads, text_dim, dropout, self_attention=attention == "full") if attention else None
 
     def forward(self, x, cond, context, context_mask):
         x = self.downsample(x)
@@ -208,12 +223,12 @@ class DownLevel(nn.Module):
 class UpLevel(nn.Module):
     """One level of the up path: res blocks (each fed one skip), [attention], [upsample] AFTER the convolutions."""
 
-    def __init__(self, channels: int, out_channels: int, num_blocks: int, upsample: bool, attention: bool,
+    def __init__(self, channels: int, out_channels: int, num_blocks: int, upsample: bool, attention: str | None,
                  num_heads: int, text_dim: int, cond_dim: int, groups: int, dropout: float):
         super().__init__()
         # Each block sees [x; skip], both `channels` wide.
         self.res_blocks = nn.ModuleList(ResBlock(2 * channels, channels, cond_dim, groups, dropout) for _ in range(num_blocks))
-        self.attn = AttentionBlock(channels, num_heads, text_dim, dropout) if attention else None
+        self.attn = AttentionBlock(channels, num_heads, text_dim, dropout, self_attention=attention == "full") if attention else None
         self.upsample = Upsample(channels, out_channels) if upsample else nn.Identity()
 
     def forward(self, x, skips, cond, context, context_mask):
@@ -250,14 +265,14 @@ class EfficientUNet(nn.Module):
 
         shared = dict(num_heads=c.num_heads, text_dim=c.text_dim, cond_dim=c.time_dim, groups=c.groups, dropout=c.dropout)
         self.downs = nn.ModuleList(
-            DownLevel(ch[max(i - 1, 0)], ch[i], c.num_res_blocks[i], downsample=i > 0, attention=c.attn_levels[i], **shared)
+            DownLevel(ch[max(i - 1, 0)], ch[i], c.num_res_blocks[i], downsample=i > 0, attention=c.attention_kind(i), **shared)
             for i in range(levels)
         )
         self.mid_block1 = ResBlock(ch[-1], ch[-1], c.time_dim, c.groups, c.dropout)
         self.mid_attn = AttentionBlock(ch[-1], c.num_heads, c.text_dim, c.dropout)
         self.mid_block2 = ResBlock(ch[-1], ch[-1], c.time_dim, c.groups, c.dropout)
         self.ups = nn.ModuleList(
-            UpLevel(ch[i], ch[max(i - 1, 0)], c.num_res_blocks[i], upsample=i > 0, attention=c.attn_levels[i], **shared)
+            UpLevel(ch[i], ch[max(i - 1, 0)], c.num_res_blocks[i], upsample=i > 0, attention=c.attention_kind(i), **shared)
             for i in reversed(range(levels))
         )
         self.out_norm = nn.GroupNorm(c.groups, ch[0])
