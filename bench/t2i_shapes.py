@@ -1,7 +1,7 @@
 """Text-to-image on the Shapes world: the default recipe's compositional accuracy, FID and wall time, and a
 quality-vs-steps table per sampler (DPM-Solver++(2M) at 20 steps against ancestral DDPM at 250 steps).
 
-    python bench/t2i_shapes.py [--max-steps 5000] [--sr-max-steps 3000] [--out runs/bench-t2i] [--samplers]
+    python bench/t2i_shapes.py [--max-steps 9000] [--sr-max-steps 2000] [--out runs/bench-t2i] [--samplers]
     python bench/t2i_shapes.py --run runs/bench-t2i --samplers      # only the sampler table, on a trained run
     python bench/t2i_shapes.py --run runs/bench-t2i --guidance-sweep 1,2,3,5,8   # accuracy and FID per guidance scale
 
@@ -17,15 +17,15 @@ import subprocess
 import time
 
 from imagen.config import DEFAULT_GUIDANCE
-from imagen.generation import evaluate_t2i, train_t2i
+from imagen.generation import DEFAULT_STEPS, evaluate_t2i, train_t2i
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="evaluate this trained run instead of training one")
     p.add_argument("--out", default="runs/bench-t2i")
-    p.add_argument("--max-steps", type=int, default=5000)
-    p.add_argument("--sr-max-steps", type=int, default=3000)
+    p.add_argument("--max-steps", type=int, default=None, help="base stage steps (default: the recipe's)")
+    p.add_argument("--sr-max-steps", type=int, default=None, help="super-resolution steps (default: the recipe's)")
     p.add_argument("--n", type=int, default=None, help="training images (default: the built-in Shapes train split)")
     p.add_argument("--n-per-category", type=int, default=50)
     p.add_argument("--samplers", action="store_true", help="also print the quality-vs-steps table per sampler")
@@ -46,7 +46,8 @@ def main():
         train_t2i("shapes", run, max_steps=args.max_steps, sr_max_steps=args.sr_max_steps, n=args.n, progress=False, device=args.device, **extra)
         minutes = (time.time() - start) / 60
         r = evaluate_t2i(run, "shapes", n_per_category=args.n_per_category, guidance=args.guidance, device=args.device, echo=quiet)
-        print(f"| shapes default recipe ({args.max_steps}+{args.sr_max_steps} steps, {minutes:.1f} min training) | "
+        steps = f"{args.max_steps or DEFAULT_STEPS['base']}+{args.sr_max_steps or args.max_steps or DEFAULT_STEPS['sr']}"
+        print(f"| shapes default recipe ({steps} steps, {minutes:.1f} min training) | "
               f"compositional {r['compositional_accuracy']:.3f}, single {r['single_accuracy']:.3f}, relation {r['relation_accuracy']:.3f}, "
               f"count {r['count_accuracy']:.3f}, FID {r['fid']:.2f} | {commit} |", flush=True)
     if args.guidance_sweep:
