@@ -1,7 +1,7 @@
 """Text-to-image on the Shapes world: the default recipe's compositional accuracy, FID and wall time, and a
 quality-vs-steps table per sampler (DPM-Solver++(2M) at 20 steps against ancestral DDPM at 250 steps).
 
-    python bench/t2i_shapes.py [--max-steps 9000] [--sr-max-steps 2000] [--out runs/bench-t2i] [--samplers]
+    python bench/t2i_shapes.py [--max-steps 11000] [--sr-max-steps 1500] [--out runs/bench-t2i] [--samplers]
     python bench/t2i_shapes.py --run runs/bench-t2i --samplers      # only the sampler table, on a trained run
     python bench/t2i_shapes.py --run runs/bench-t2i --guidance-sweep 1,2,3,5,8   # accuracy and FID per guidance scale
 
