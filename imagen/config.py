@@ -166,8 +166,16 @@ def from_dict(cls, data: dict[str, Any]):
     return cls(**data)
 
 
-def _coerce(value: str, current: Any, key: str) -> Any:
-    """Parse a command-line string into the type of the field's current value."""
+def _json_or_str(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _coerce(value: str, current: Any, key: str, field_type: Any = None) -> Any:
+    """Parse a command-line string into the type of the field's current value (or, when that is None, of the
+    field's declared type: an optional tuple takes comma-separated items)."""
     try:
         if isinstance(current, bool):
             if value.lower() in ("1", "true", "yes", "on"):
@@ -184,10 +192,9 @@ def _coerce(value: str, current: Any, key: str) -> Any:
         if current is None:
             if value.lower() in ("none", "null"):
                 return None
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError:
-                return value
+            if "tuple" in str(field_type):  # e.g. --set base.unet.cross_attn_levels=true,false,false
+                return tuple(_json_or_str(v) for v in value.split(","))
+            return _json_or_str(value)
     except ValueError:
         raise ConfigError(f"bad value {value!r} for {key} (expected {type(current).__name__})") from None
     return value
@@ -216,7 +223,7 @@ def apply_overrides(configs: dict[str, Any], overrides: list[str]) -> None:
         if "None" in str(field_type) and value.lower() in ("none", "null"):
             setattr(cfg, key, None)  # e.g. --set base.min_snr_gamma=none
         else:
-            setattr(cfg, key, _coerce(value, getattr(cfg, key), dotted))
+            setattr(cfg, key, _coerce(value, getattr(cfg, key), dotted, field_type))
         for c in reversed(chain):  # re-validate from the innermost config out
             if hasattr(c, "__post_init__"):
                 c.__post_init__()

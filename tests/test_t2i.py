@@ -137,6 +137,10 @@ def test_stage_overrides_set_loss_weighting_and_none():
         apply_overrides(stages, ["base.ema_decay=none"])
     with pytest.raises(ConfigError, match=r"snr_floor 9.0 must be in \(0, min_snr_gamma=5.0\]"):
         StageConfig(snr_floor=9.0)
+    # An optional tuple field takes comma-separated items.
+    apply_overrides(stages, ["base.unet.cross_attn_levels=true,false,false"])
+    assert stages["base"].unet.cross_attn_levels == (True, False, False)
+    assert [stages["base"].unet.attention_kind(i) for i in range(3)] == ["cross", "full", "full"]
 
 
 def test_interrupted_and_resumed_t2i_equals_uninterrupted(capsys, tmp_path, monkeypatch):
