@@ -131,9 +131,9 @@ def test_freeze_modes(mode, trainable_blocks):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_cpu_attention_matches_the_fused_kernel(masked):
-    """layers.attention writes CPU attention out as matrix products; values and gradients equal PyTorch's SDPA."""
-    from imagen.models.layers import attention
+def test_matmul_attention_matches_the_fused_kernel(masked):
+    """bf16 attention on CPU runs as two matrix products; values and gradients equal PyTorch's fused SDPA."""
+    from imagen.models.layers import attention, matmul_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 8, generator=g, requires_grad=True) for n in (5, 7, 7))
@@ -141,9 +141,13 @@ def test_cpu_attention_matches_the_fused_kernel(masked):
     if masked:
         mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
         mask[1, ..., 4:] = False
-    ours = attention(q, k, v, mask)
+    ours = matmul_attention(q, k, v, mask)
     grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
     fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(ours, fused)
     for a, b in zip(grads, torch.autograd.grad(fused.square().sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
+    # bf16 takes that path; fp32 keeps the fused kernel.
+    q16, k16, v16 = (x.detach().bfloat16() for x in (q, k, v))
+    assert torch.equal(attention(q16, k16, v16, mask), matmul_attention(q16, k16, v16, mask))
+    torch.testing.assert_close(attention(q, k, v, mask), fused)

@@ -18,13 +18,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for (B, heads, T, d) queries and (B, heads, S, d) keys and values.
 
-    On GPUs this is PyTorch's fused kernel. On CPU it is written out as two matrix products: the fused CPU
-    kernel is slow for this toolkit's small heads, most of all in the backward pass (measured with 12-wide heads,
-    64-256 pixels as queries, under bf16 autocast on 2 cores: the base text-to-image U-Net trained 1.47x faster,
-    and the fused kernel's backward had been 35 % of its step). Both give the same numbers (tests/test_layers).
+    On GPUs, and for fp32 on CPU, this is PyTorch's fused kernel. For bf16 (autocast) on CPU it is written out
+    as two matrix products: there the fused kernel is slow for this toolkit's small heads, most of all in the
+    backward pass, which was 35 % of a step of the base text-to-image U-Net (bench/RESULTS.md: "Attention on
+    CPU"). In fp32 the fused kernel is as fast or faster. Both give the same numbers (tests/test_models.py).
     A bool mask keeps True positions; every query must keep at least one key."""
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return matmul_attention(q, k, v, mask, dropout_p)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """`attention` written out: softmax(q k^T / sqrt(d) + mask) v as two matrix products."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
