@@ -39,7 +39,7 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The default recipe's optimiser steps per stage (batch 32): about 21 + 3.5 minutes on 2 CPU cores for Shapes.
+# The default recipe's optimiser steps per stage (batch 32): about 19 + 3.5 minutes on 2 CPU cores for Shapes.
 # Relations need the base steps (5000 -> 8000 steps: relation accuracy 0.30 -> 0.44); SR is easy (2000 ~ 3000).
 DEFAULT_STEPS = {"base": 11000, "sr": 1500}
 

@@ -51,7 +51,9 @@ def cpu_has_fast_bf16() -> bool:
 
 # On CPU, bf16 autocast pays only once matrix products dominate: measured on a 2-core AVX512-BF16 EPYC
 # (bench/throughput.py), the 0.17M-parameter tiny encoder ran at 1369 img/s in bf16 vs 1758 in fp32, the 3M small
-# one at 220 vs 132. `auto` therefore keeps fp32 on CPU below this many parameters.
+# one at 220 vs 132. `auto` therefore keeps fp32 on CPU below this many parameters. Those figures predate bf16
+# attention as matrix products (imagen.models.layers.attention): with it the tiny encoder is faster in bf16 too
+# (bench/RESULTS.md, "Attention on CPU"); the rule stays until the demo's figures are re-measured under bf16.
 CPU_BF16_MIN_PARAMS = 1_000_000
 
 
