@@ -11,8 +11,8 @@ block), the down and up levels, the model. What makes the U-Net "efficient" in t
 Conditioning: the timestep, the pooled text embedding and (super-resolution stages) the noise-augmentation
 level of the low-resolution image are summed into one vector that modulates every residual block (FiLM);
 the per-token text states are attended to by cross-attention at the levels named in `attn_levels` (with
-self-attention) and `cross_attn_levels` (cross-attention alone: cheap at high resolution, where it binds each
-word to the pixels it describes, e.g. the shape of the object named first to that object).
+self-attention) and `cross_attn_levels` (cross-attention alone, without the costly self-attention over many
+pixels; on Shapes, adding it at the base stage's 16x16 level measured worse, so no default uses it).
 """
 
 from __future__ import annotations
