@@ -1,7 +1,7 @@
 """Text-to-image on the Shapes world: the default recipe's compositional accuracy, FID and wall time, and a
 quality-vs-steps table per sampler (DPM-Solver++(2M) at 20 steps against ancestral DDPM at 250 steps).
 
-    python bench/t2i_shapes.py [--max-steps 11000] [--sr-max-steps 1500] [--out runs/bench-t2i] [--samplers]
+    python bench/t2i_shapes.py [--max-steps N] [--sr-max-steps N] [--out runs/bench-t2i] [--samplers]
     python bench/t2i_shapes.py --run runs/bench-t2i --samplers      # only the sampler table, on a trained run
     python bench/t2i_shapes.py --run runs/bench-t2i --guidance-sweep 1,2,3,5,8   # accuracy and FID per guidance scale
 
@@ -12,12 +12,14 @@ DPM-Solver++(2M) at 20 steps within 3 points of DDPM at 250 steps and >= 10x fas
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 from imagen.config import DEFAULT_GUIDANCE
-from imagen.generation import DEFAULT_STEPS, evaluate_t2i, train_t2i
+from imagen.generation import evaluate_t2i, train_t2i
 
 
 def main():
@@ -46,7 +48,7 @@ def main():
         train_t2i("shapes", run, max_steps=args.max_steps, sr_max_steps=args.sr_max_steps, n=args.n, progress=False, device=args.device, **extra)
         minutes = (time.time() - start) / 60
         r = evaluate_t2i(run, "shapes", n_per_category=args.n_per_category, guidance=args.guidance, device=args.device, echo=quiet)
-        steps = f"{args.max_steps or DEFAULT_STEPS['base']}+{args.sr_max_steps or args.max_steps or DEFAULT_STEPS['sr']}"
+        steps = "+".join(str(json.loads((Path(run) / name / "config.json").read_text())["train"]["max_steps"]) for name in ("base", "sr1"))
         print(f"| shapes default recipe ({steps} steps, {minutes:.1f} min training) | "
               f"compositional {r['compositional_accuracy']:.3f}, single {r['single_accuracy']:.3f}, relation {r['relation_accuracy']:.3f}, "
               f"count {r['count_accuracy']:.3f}, FID {r['fid']:.2f} | {commit} |", flush=True)

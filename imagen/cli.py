@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from imagen.config import DEFAULT_GUIDANCE  # torch-free, so `imagen --help` stays fast
+from imagen.config import DEFAULT_GUIDANCE, DEFAULT_T2I_STEPS  # torch-free, so `imagen --help` stays fast
 
 # Nothing here may reach a model hub; fail fast instead of waiting on network retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,7 +57,7 @@ def _add_train_args(p, lr, batch_size, epochs, recipe_note=None):
     g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"batch size (default: {batch_size})")
     g.add_argument("--epochs", type=_positive_int, default=epochs,
                    help="epochs over the training split (default: " + (recipe_note or (str(epochs) if epochs else "the recipe's --max-steps")) + ")")
-    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs" + (" (default: 11000 base, 1500 per SR stage)" if epochs is None else ""))
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs" + (f" (default: {DEFAULT_T2I_STEPS['base']} base, {DEFAULT_T2I_STEPS['sr']} per SR stage)" if epochs is None else ""))
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the run)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW/SGD weight decay, never on norms, biases or embeddings (default: 0.05)")
     g.add_argument("--dropout", type=float, default=None, help="dropout in the encoder and head (default: 0)")
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None, help="train only this stage (base, sr1, ...) (default: every stage)")
     p.add_argument("--sizes", default="16,32", help="resolution of each stage, base first (default: 16,32)")
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen all-MiniLM-L6-v2), trainable (a small Transformer trained with the U-Nets), an imagen pretraining run, or a local Hugging Face model folder (default: minilm)")
-    p.add_argument("--sr-max-steps", type=_positive_int, default=None, help="optimiser steps for super-resolution stages (default: --max-steps when given, else 1500)")
+    p.add_argument("--sr-max-steps", type=_positive_int, default=None, help=f"optimiser steps for super-resolution stages (default: --max-steps when given, else {DEFAULT_T2I_STEPS['sr']})")
     p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
 
     p = sub.add_parser("generate", help="sample images from text with a trained cascade")

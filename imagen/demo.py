@@ -40,7 +40,7 @@ def run_demo(out: str | Path | None = None, fast: bool = False, progress: bool =
 
     train_t2i("shapes", t2i, sizes=budget["sizes"], n=budget["n"], max_steps=budget["t2i_steps"], sr_max_steps=budget["sr_steps"],
               batch_size=32, progress=progress, sets=budget["t2i_sets"])
-    grid = generate_to_files(t2i, PROMPTS, out=t2i / "demo-samples.png", n=4, steps=20, guidance=3.0)[0]
+    grid = generate_to_files(t2i, PROMPTS, out=t2i / "demo-samples.png", n=4, steps=20)[0]
 
     minutes = (time.time() - start) / 60
     echo(f"\ndemo finished in {minutes:.1f} min. Test accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}.")

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from imagen.config import DEFAULT_GUIDANCE, ConfigError, TrainConfig, from_dict, to_dict
+from imagen.config import DEFAULT_GUIDANCE, DEFAULT_T2I_STEPS, ConfigError, TrainConfig, from_dict, to_dict
 from imagen.data import DataError, Tokenizer, load_dataset
 from imagen.data.cache import normalize_images
 from imagen.models.text_to_image import StageConfig, TextToImageStage, resize_images, stage_config_to_json
@@ -37,12 +37,6 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
     "sr32": dict(image_size=32, dim=32, dim_mults=(1, 2, 2), num_res_blocks=(1, 1, 2), attn_levels=(False, False, True), num_heads=4, lowres_cond=True),
     "sr64": UNET_PRESETS["sr"],
 }
-
-
-# The default recipe's optimiser steps per stage (batch 32): about 19 + 3.5 minutes on 2 CPU cores for Shapes.
-# Relations need base steps (5000 -> 8000 -> 11000: relation accuracy 0.30 -> 0.44 -> 0.55 on 100 prompts);
-# SR is easy (2000 steps draw as well as 3000).
-DEFAULT_STEPS = {"base": 11000, "sr": 1500}
 
 
 class GenerationError(ValueError):
@@ -311,7 +305,7 @@ def train_t2i(
         stage_cfg = StageConfig(**config["stage_configs"][name])
         steps = sr_max_steps if (stage_cfg.is_sr and sr_max_steps) else max_steps
         if steps is None and train_kwargs.get("epochs") is None:
-            steps = DEFAULT_STEPS["sr" if stage_cfg.is_sr else "base"]
+            steps = DEFAULT_T2I_STEPS["sr" if stage_cfg.is_sr else "base"]
         tcfg = _stage_train_config({**train_kwargs, "max_steps": steps})
         continuing = (stage_dir / CONFIG_NAME).is_file()
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ class TextToImageTask:
         try:
             cond = model.encode_text(self.sample_prompts)
             lowres = self.lowres_source(self.sample_prompts) if model.config.is_sr and self.lowres_source else None
-            images = model.generate(cond, steps=self.sample_steps, guidance=3.0, generator=generator, lowres=lowres)
+            images = model.generate(cond, steps=self.sample_steps, generator=generator, lowres=lowres)  # default guidance
         finally:
             model.train(was_training)
         path = self.run_dir / "samples" / f"step-{step:06d}.png"
