@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from imagen.config import DEFAULT_GUIDANCE, DEFAULT_T2I_STEPS  # torch-free, so `imagen --help` stays fast
+from imagen.config import DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS  # torch-free, so `imagen --help` stays fast
 
 # Nothing here may reach a model hub; fail fast instead of waiting on network retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,11 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen all-MiniLM-L6-v2), trainable (a small Transformer trained with the U-Nets), an imagen pretraining run, or a local Hugging Face model folder (default: minilm)")
     p.add_argument("--sr-max-steps", type=_positive_int, default=None, help=f"optimiser steps for super-resolution stages (default: --max-steps when given, else {DEFAULT_T2I_STEPS['sr']})")
     p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
+    p.add_argument("--captions", choices=("all", "first"), default=DEFAULT_T2I_CAPTIONS, help=f"all: each visit of an image draws one of its captions (rows about one image, Shapes paraphrases); first: only its first caption (default: {DEFAULT_T2I_CAPTIONS})")
 
     p = sub.add_parser("generate", help="sample images from text with a trained cascade")
     p.add_argument("--run", required=True, help="text-to-image run directory")
     p.add_argument("prompt", nargs="?", default=None, help="the text prompt (or use --prompts FILE)")
-    p.add_argument("--prompts", default=None, help="a text file with one prompt per line (blank lines are skipped)")
+    p.add_argument("--prompts", default=None, help="a text file with one prompt per line, or - for standard input (blank lines are skipped)")
     p.add_argument("--out", default=None, help="PNG file for a grid of all samples (with a single prompt)")
     p.add_argument("--out-dir", default=None, help="folder for one PNG per (prompt, sample) plus index.jsonl")
     p.add_argument("--n", type=_positive_int, default=4, help="samples per prompt (default: 4)")
@@ -249,7 +250,7 @@ def run_command(args) -> int:
         kw = _train_kwargs(args)
         results = gen.train_t2i(args.data, args.out, stage=args.stage, sizes=sizes, text_encoder=args.text_encoder,
                                 resume=args.resume, n=args.n, sr_max_steps=args.sr_max_steps, sample_every=args.sample_every,
-                                on_bad_sample=args.on_bad_sample, sets=args.sets, **kw)
+                                on_bad_sample=args.on_bad_sample, captions=args.captions, sets=args.sets, **kw)
         for name, result in results.items():
             if result.status == "interrupted":
                 print(f"stage {name} interrupted at step {result.step}; checkpoint saved. Continue with: imagen train-t2i --out {args.out} --resume", file=sys.stderr)

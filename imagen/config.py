@@ -21,6 +21,10 @@ DEFAULT_GUIDANCE = 3.0
 # on 100 prompts); SR is easy (2000 steps draw as well as 3000).
 DEFAULT_T2I_STEPS = {"base": 11000, "sr": 1500}
 
+# Text-to-image training: which captions of an image a visit may draw. "all": one of its captions at random
+# (several rows about one image; Shapes paraphrases); "first": only its first caption.
+DEFAULT_T2I_CAPTIONS = "first"
+
 
 class ConfigError(ValueError):
     """A config key or value a user gave is not valid."""

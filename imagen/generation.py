@@ -14,13 +14,14 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from imagen.config import DEFAULT_GUIDANCE, DEFAULT_T2I_STEPS, ConfigError, TrainConfig, from_dict, to_dict
+from imagen.config import DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS, ConfigError, TrainConfig, from_dict, to_dict
 from imagen.data import DataError, Tokenizer, load_dataset
 from imagen.data.cache import normalize_images
 from imagen.models.text_to_image import StageConfig, TextToImageStage, resize_images, stage_config_to_json
@@ -216,6 +217,14 @@ def _stage_train_config(kwargs: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
+CAPTION_MODES = ("all", "first")
+
+
+def _caption_sets(ds, mode: str) -> list[list[str]]:
+    sets = ds.caption_sets()
+    return [cs[:1] for cs in sets] if mode == "first" else sets
+
+
 def _prepare_t2i_run(out: Path, resume: bool, stage: str | None) -> dict[str, Any] | None:
     """The existing cascade config when continuing a run (resume, or adding a stage), else None for a new run."""
     if (out / CONFIG_NAME).is_file():
@@ -243,10 +252,15 @@ def train_t2i(
     sr_max_steps: int | None = None,
     sample_every: int | None = None,
     on_bad_sample: str = "skip",
+    captions: str = DEFAULT_T2I_CAPTIONS,
     sets: Sequence[str] = (),
     **train_kwargs,
 ) -> dict[str, Any]:
-    """Train the cascade (every stage, or just `stage`) into one run directory; returns per-stage results."""
+    """Train the cascade (every stage, or just `stage`) into one run directory; returns per-stage results.
+
+    captions: "all" draws one of each image's captions per visit (rows about one image, Shapes paraphrases);
+    "first" keeps only each image's first caption.
+    """
     from imagen.config import apply_overrides
     from imagen.models.text_encoders import text_encoder_from_arg
     from imagen.tasks.text_to_image import T2ISplit, TextToImageTask
@@ -258,6 +272,8 @@ def train_t2i(
     created = existing is None
     try:
         if existing is None:
+            if captions not in CAPTION_MODES:
+                raise ConfigError(f"--captions {captions!r}: choose one of {', '.join(CAPTION_MODES)}")
             if len(sizes) < 1 or any(s <= 0 or s % 4 for s in sizes) or list(sizes) != sorted(set(sizes)):
                 raise ConfigError(f"--sizes {list(sizes)} must be increasing multiples of 4, e.g. 16,32")
             train_ds = load_dataset(data, "train", seed=seed, n=n, on_bad_sample=on_bad_sample)
@@ -265,7 +281,7 @@ def train_t2i(
                 raise DataError(f"data {data!r} has no captions; text-to-image needs image-text pairs")
             tokenizer = None
             if text_encoder == "trainable":
-                tokenizer = Tokenizer.train([t or "" for t in train_ds.texts()], vocab_size=1024)
+                tokenizer = Tokenizer.train([t for cs in _caption_sets(train_ds, captions) for t in cs], vocab_size=1024)
             encoder = text_encoder_from_arg(text_encoder, tokenizer=tokenizer)
             stage_cfgs = default_stages(sizes)
             for cfg in stage_cfgs:
@@ -277,7 +293,7 @@ def train_t2i(
             if tokenizer is not None:
                 tokenizer.save(out / TOKENIZER_NAME)
             config = {"task": TASK, "stages": [c.name for c in stage_cfgs], "text_encoder": encoder.spec(),
-                      "data": {"spec": str(data), "seed": seed, "n": n}, "sizes": list(sizes),
+                      "data": {"spec": str(data), "seed": seed, "n": n, "captions": captions}, "sizes": list(sizes),
                       "stage_configs": {c.name: stage_config_to_json(c) for c in stage_cfgs}}
             write_json_atomic(out / CONFIG_NAME, config)
         else:
@@ -289,6 +305,8 @@ def train_t2i(
             out.rmdir()
         raise
 
+    # Runs made before the option trained on each image's first caption.
+    caption_sets = _caption_sets(train_ds, config["data"].get("captions", "first"))
     names = config["stages"] if stage is None else [stage]
     if stage is not None and stage not in config["stages"]:
         raise RunError(f"{out} has no stage {stage!r}; its stages are {', '.join(config['stages'])}")
@@ -320,7 +338,7 @@ def train_t2i(
             stage_encoder = encoder
         model = TextToImageStage(stage_cfg, stage_encoder)
         size = stage_cfg.unet.image_size
-        split = T2ISplit(train_ds.fast_images(size), [t or "" for t in train_ds.texts()])
+        split = T2ISplit(train_ds.fast_images(size), caption_sets)
         if model.text_encoder is None:
             split.precompute(model)
         val_images = val_ds.fast_images(size)[: len(prompts)]
@@ -351,10 +369,13 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
         raise GenerationError("give either a prompt or --prompts FILE (not both, not neither)")
     if prompts_file is not None:
         path = Path(prompts_file)
-        if not path.is_file():
+        # "-" is standard input; pipes such as bash's <(...) are read like files.
+        if str(prompts_file) != "-" and not path.exists():
             raise GenerationError(f"prompt file {path} does not exist")
+        if path.is_dir():
+            raise GenerationError(f"prompt file {path} is a folder; give a text file with one prompt per line")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = (sys.stdin.read() if str(prompts_file) == "-" else path.read_text(encoding="utf-8")).splitlines()
         except UnicodeDecodeError:
             raise GenerationError(f"prompt file {path} is not UTF-8 text") from None
         prompts = [line.strip() for line in lines if line.strip()]

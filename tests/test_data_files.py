@@ -237,3 +237,23 @@ def test_json_lines_file_named_json_still_loads(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
     (tmp_path / "rows.json").write_text("\n".join(json.dumps({"image": f"{i}.png", "text": "dark"}) for i in range(5)))
     assert sum(len(load_dataset(tmp_path / "rows.json", s)) for s in ("train", "val", "test")) == 5
+
+
+def test_caption_sets_gather_every_caption_of_an_image(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from imagen.data import load_dataset
+
+    rows = []
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(tmp_path / f"{i}.png")
+        rows += [{"image": f"{i}.png", "caption": f"picture {i}"}, {"image": f"{i}.png", "caption": f"photo {i}"}]
+    rows.append({"image": "0.png", "question": "what?", "answer": "red"})  # a row without a caption adds none
+    data = tmp_path / "caps.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = load_dataset(data, "train", on_bad_sample="skip")
+    for sample, captions in zip(ds, ds.caption_sets()):
+        k = sample["id"].split(".")[0]
+        assert captions == [f"picture {k}", f"photo {k}"]

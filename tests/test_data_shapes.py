@@ -134,3 +134,27 @@ def test_write_shapes_round_trip(tmp_path):
     with pytest.raises(DataError, match="not empty"):
         write_shapes(out, n=2, seed=0)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dir cleaned up
+
+
+def test_paraphrases_name_every_object_and_leave_the_sample_stream_alone():
+    from imagen.data.shapes import PARAPHRASES, _place
+    from imagen.data.shapes_text import caption
+
+    world = ShapesWorld(seed=5)
+    styles = set()
+    for i in range(60):
+        s = world.sample(i)
+        assert len(s["paraphrases"]) == PARAPHRASES
+        for text in s["paraphrases"]:
+            for o in s["objects"]:
+                assert o["color"] in text and o["shape"] in text, (text, s["objects"])
+        styles.update(s["paraphrases"])
+        # The sample's own caption is what the stream gave before paraphrases existed.
+        rng = np.random.default_rng([5, i])
+        objects = _place(rng, 32, int(rng.integers(1, 4)))
+        assert objects == s["objects"] and caption(objects, rng) == s["text"]
+    assert len(styles) > 200  # not one caption repeated
+    # Dataset view: the caption first, then the paraphrases (repeats kept, so a draw follows the templates).
+    ds = load_dataset("shapes", "train", n=8)
+    sets = ds.caption_sets()
+    assert [cs[0] for cs in sets] == ds.texts() and all(len(cs) == PARAPHRASES + 1 for cs in sets)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from cli_helpers import one_line_error, run_cli as run
 from imagen.cli import main
+from imagen.config import DEFAULT_T2I_CAPTIONS
 from imagen.models.text_to_image import StageConfig, TextToImageStage
 from imagen.models.unet import UNET_PRESETS, UNetConfig
 
@@ -30,6 +31,7 @@ def test_train_t2i_writes_every_stage(t2i_run):
     config = json.loads((t2i_run / "config.json").read_text())
     assert config["text_encoder"] == {"kind": "hf", "path": "minilm", "max_length": 32}  # the default: frozen MiniLM
     assert config["task"] == "text-to-image" and config["stages"] == ["base", "sr1"]
+    assert config["data"]["captions"] == DEFAULT_T2I_CAPTIONS
     for stage in ("base", "sr1"):
         assert (t2i_run / stage / "model.safetensors").is_file()
         assert sorted((t2i_run / stage / "samples").glob("*.png")), "sample grids are written as training goes"
@@ -145,7 +147,9 @@ def test_stage_overrides_set_loss_weighting_and_none():
 
 def test_interrupted_and_resumed_t2i_equals_uninterrupted(capsys, tmp_path, monkeypatch):
     # The trainable text encoder: its weights train with the U-Net, so they too must resume exactly.
-    args = ["train-t2i", "--data", "shapes", "--max-steps", "5", "--checkpoint-every", "2", "--text-encoder", "trainable", *TINY]
+    # --captions all: each visit draws one of a scene's captions, and the resumed run must draw the same ones.
+    args = ["train-t2i", "--data", "shapes", "--max-steps", "5", "--checkpoint-every", "2", "--text-encoder", "trainable",
+            "--captions", "all", *TINY]
     assert run(capsys, *args, "--out", tmp_path / "straight")[0] == 0
     from imagen.tasks.text_to_image import TextToImageTask
 
@@ -181,6 +185,8 @@ def test_generate_bad_input(capsys, t2i_run, tmp_path):
     cases = [
         (["generate", "--run", t2i_run, "   ", "--out", tmp_path / "x.png"], "empty"),
         (["generate", "--run", t2i_run, "--prompts", blank, "--out", tmp_path / "x.png"], "no prompts"),
+        (["generate", "--run", t2i_run, "--prompts", tmp_path / "none.txt", "--out", tmp_path / "x.png"], "does not exist"),
+        (["generate", "--run", t2i_run, "--prompts", tmp_path, "--out", tmp_path / "x.png"], "is a folder"),
         (["generate", "--run", t2i_run, "a red circle", "--sampler", "euler", "--out", tmp_path / "x.png"], "dpmpp2m"),
         (["generate", "--run", t2i_run, "a red circle", "--steps", "0", "--out", tmp_path / "x.png"], "positive"),
         (["generate", "--run", t2i_run, "a red circle", "--guidance", "-1", "--out", tmp_path / "x.png"], "guidance"),
@@ -199,3 +205,20 @@ def test_generate_refuses_a_classification_run(capsys, tmp_path):
     assert main(["finetune", "--task", "classify", "--data", "shapes", "--n", "32", "--out", str(cls), "--max-steps", "1", "--no-progress"]) == 0
     line = _one_line_error(*run(capsys, "generate", "--run", cls, "a red circle", "--out", tmp_path / "x.png")[::2])
     assert "not a text-to-image run" in line
+
+
+def test_prompts_come_from_a_pipe_or_standard_input(tmp_path, monkeypatch):
+    import io
+    import os
+    import threading
+
+    from imagen.generation import read_prompts
+
+    fifo = tmp_path / "prompts.fifo"  # what bash's --prompts <(...) hands over: a pipe, not a regular file
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("a red circle\n\ntwo blue squares\n"))
+    writer.start()
+    assert read_prompts(None, fifo) == ["a red circle", "two blue squares"]
+    writer.join()
+    monkeypatch.setattr("sys.stdin", io.StringIO("a green triangle\n  \n"))
+    assert read_prompts(None, "-") == ["a green triangle"]

@@ -19,11 +19,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
                  class_names: list[str] | None = None, image_size: int | None = None,
                  has_text: bool = True, has_labels: bool = False, skipped: Sequence[str] = (),
                  array: np.ndarray | None = None, texts: Sequence[str | None] | None = None,
-                 labels: Sequence[str | None] | None = None, resize: int | None = None):
+                 labels: Sequence[str | None] | None = None, resize: int | None = None,
+                 captions: Sequence[list[str]] | None = None):
         self._fetch = fetch  # base index -> sample dict (image may be PIL or path-opened lazily)
         self._index = np.arange(length, dtype=np.int64)
         self._array = array  # optional uint8 (N,H,W) or (N,H,W,3) holding every base image, for fast_images
         self._texts, self._labels = texts, labels  # optional per-base-index metadata, avoids decoding images
+        self._captions = captions  # optional per-base-index caption lists (several rows about one image)
         self._resize = resize
         self.name, self.split = name, split
         self.class_names = list(class_names) if class_names is not None else None
@@ -37,7 +39,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def from_records(cls, records: list[dict], **kw: Any) -> "ImageTextDataset":
         """Path-backed: each record has 'path' plus text/label/...; images are opened lazily on access."""
         return cls(_RecordFetch(records), len(records), texts=[r.get("text") for r in records],
-                   labels=[r.get("label") for r in records], **kw)
+                   labels=[r.get("label") for r in records],
+                   captions=[_caption_list(r) for r in records], **kw)
 
     @classmethod
     def from_array(cls, images: np.ndarray, texts: Sequence[str | None], labels: Sequence[str | None],
@@ -90,6 +93,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
             return [self._texts[i] for i in self._index]
         return [self._fetch(int(i)).get("text") for i in self._index]
 
+    def caption_sets(self) -> list[list[str]]:
+        """Every caption of each sample, in order: its 'captions' (rows of one image) or its 'text', then any
+        'paraphrases' (Shapes); first caption first. [] where a sample has none."""
+        if self._captions is not None:
+            return [list(self._captions[i]) for i in self._index]
+        if self._texts is not None:
+            return [[t] if t else [] for t in self.texts()]
+        return [_caption_list(self._fetch(int(i))) for i in self._index]
+
     def labels(self) -> list[str | None]:
         """All labels in order, without decoding images when the source knows them."""
         if self._labels is not None:
@@ -110,6 +122,11 @@ class ImageTextDataset(torch.utils.data.Dataset):
         for k in range(len(self)):
             out[k] = image_to_tensor(self[k]["image"], size)
         return out
+
+
+def _caption_list(sample: dict) -> list[str]:
+    found = list(sample.get("captions") or [sample.get("text")]) + list(sample.get("paraphrases") or [])
+    return [str(t) for t in found if t]  # repeats kept: a uniform draw then follows the captions' own frequencies
 
 
 # Fetchers are module-level classes, not closures, so datasets pickle into spawned DataLoader workers.

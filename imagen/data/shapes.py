@@ -31,6 +31,9 @@ POSITIONS = (("top left", "top", "top right"), ("left", "center", "right"), ("bo
 EXTENT = {"small": (0.25, 0.33), "large": (0.37, 0.45)}
 SUPERSAMPLE = 4
 MAX_OBJECTS = 3
+# Other captions of each scene, drawn from the same templates with their own random streams: text-to-image
+# training draws one of the caption and its paraphrases per visit (as COCO's five captions per image are used).
+PARAPHRASES = 7
 
 
 def class_names(label_kind: str) -> list[str]:
@@ -144,14 +147,23 @@ class ShapesWorld:
         rng = np.random.default_rng([self.seed, int(index)])
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         objects = _place(rng, self.size, n)
+        text = caption(objects, rng, self.lang)
         return {
             "id": f"shapes-{self.seed}-{index:06d}",
             "image": render(objects, self.size),
-            "text": caption(objects, rng, self.lang),
+            "text": text,
+            "paraphrases": self.paraphrases(objects, index),
             "objects": objects,
             "questions": questions(objects, rng, self.lang),
             "labels": _labels(objects),
         }
+
+    def paraphrases(self, objects: list[dict], index: int) -> list[str]:
+        """PARAPHRASES more captions of the scene, each from its own stream (the sample's own stream is untouched)."""
+        from .shapes_text import caption
+
+        return [caption(objects, np.random.default_rng([self.seed, int(index), k]), self.lang)
+                for k in range(1, PARAPHRASES + 1)]
 
 
 def write_shapes(out_dir: str | os.PathLike, n: int, seed: int, size: int = 32, lang: str = "en",

@@ -7,6 +7,7 @@ The trainer sees an ordinary task. Frozen text encoders are run once over the wh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -16,46 +17,75 @@ from imagen.models.text_to_image import resize_images
 
 
 class T2ISplit(torch.utils.data.Dataset):
-    """uint8 images at the stage's size with their captions, or with precomputed frozen text encodings."""
+    """uint8 images at the stage's size with their captions, or with precomputed frozen text encodings.
 
-    def __init__(self, images: torch.Tensor, texts: list[str]):
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} captions")
+    `captions` holds one caption per image, or a list per image (several rows about one image, Shapes
+    paraphrases): each visit of an image then draws one of its captions uniformly from the global torch RNG,
+    which checkpoints carry, so a resumed run draws what an uninterrupted one would. With one caption per image
+    no random number is drawn. Each distinct caption is stored, and encoded, once.
+    """
+
+    def __init__(self, images: torch.Tensor, captions: Sequence[str | Sequence[str]]):
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
+        sets = [[c] if isinstance(c, str) else list(c) or [""] for c in captions]
+        ids: dict[str, int] = {}
+        flat = [ids.setdefault(c, len(ids)) for cs in sets for c in cs]
         self.images = images
-        self.texts = list(texts)
+        self.texts = list(ids)  # distinct captions; encodings are indexed like this list
+        self.counts = torch.tensor([len(cs) for cs in sets], dtype=torch.long)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.caption_ids = torch.tensor(flat, dtype=torch.long)
         self.encoded: dict[str, torch.Tensor] | None = None
+
+    @property
+    def multi_caption(self) -> bool:
+        return bool((self.counts > 1).any())
 
     @torch.no_grad()
     def precompute(self, stage, batch_size: int = 256) -> None:
-        """Encode every caption once with the stage's frozen text encoder; batches then carry the encodings."""
-        chunks = [stage.encode_text(self.texts[i:i + batch_size]) for i in range(0, len(self.texts), batch_size)]
+        """Encode every distinct caption once with the stage's frozen text encoder; batches then carry the encodings."""
+        # Chunks of similar length (by characters) waste little compute on padding; rows return to caption order.
+        order = sorted(range(len(self.texts)), key=lambda i: len(self.texts[i]))
+        chunks = [stage.encode_text([self.texts[i] for i in order[k:k + batch_size]])
+                  for k in range(0, len(order), batch_size)]
         length = max(c["text_states"].shape[1] for c in chunks)
 
         def pad(x, value):
             return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]) if x.dim() == 3 else (0, length - x.shape[1]), value=value)
 
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         self.encoded = {
-            "text_states": torch.cat([pad(c["text_states"].float().cpu(), 0.0) for c in chunks]),
-            "text_mask": torch.cat([pad(c["text_mask"].cpu(), False) for c in chunks]),
-            "text_embed": torch.cat([c["text_embed"].float().cpu() for c in chunks]),
+            "text_states": torch.cat([pad(c["text_states"].float().cpu(), 0.0) for c in chunks])[inverse],
+            "text_mask": torch.cat([pad(c["text_mask"].cpu(), False) for c in chunks])[inverse],
+            "text_embed": torch.cat([c["text_embed"].float().cpu() for c in chunks])[inverse],
         }
 
     def __len__(self):
-        return len(self.texts)
+        return len(self.images)
 
     def __getitem__(self, i):
         return self.__getitems__([i])
 
+    def draw_captions(self, idx: torch.Tensor) -> torch.Tensor:
+        """Caption ids (into `texts`) for images `idx`: a uniform draw among each image's captions."""
+        pick = self.offsets[idx]
+        if self.multi_caption:
+            pick = pick + (torch.rand(len(idx)) * self.counts[idx]).long().clamp_max(self.counts[idx] - 1)
+        return self.caption_ids[pick]
+
     def __getitems__(self, indices):
         idx = torch.as_tensor(indices, dtype=torch.long)
         batch = {"images": self.images[idx]}
+        cap = self.draw_captions(idx)
         if self.encoded is not None:
-            mask = self.encoded["text_mask"][idx]
+            mask = self.encoded["text_mask"][cap]
             length = max(1, int(mask.sum(1).max()))  # trim padding shared by the whole batch
-            batch.update(text_states=self.encoded["text_states"][idx, :length], text_mask=mask[:, :length],
-                         text_embed=self.encoded["text_embed"][idx])
+            batch.update(text_states=self.encoded["text_states"][cap, :length], text_mask=mask[:, :length],
+                         text_embed=self.encoded["text_embed"][cap])
         else:
-            batch["texts"] = [self.texts[i] for i in indices]
+            batch["texts"] = [self.texts[c] for c in cap.tolist()]
         return batch
 
 
