@@ -16,10 +16,11 @@ from typing import Any
 # guidance 1 had a lower FID. Large Imagen models use more.
 DEFAULT_GUIDANCE = 3.0
 
-# Text-to-image training: optimiser steps per stage of the default recipe (batch 32), about 19 + 3.5 minutes on 2
-# CPU cores for Shapes. Relations need base steps (5000 -> 8000 -> 11000: relation accuracy 0.30 -> 0.44 -> 0.55
-# on 100 prompts); SR is easy (2000 steps draw as well as 3000).
-DEFAULT_T2I_STEPS = {"base": 11000, "sr": 1500}
+# Text-to-image training: optimiser steps per stage of the default recipe (batch 32), about 24 + 3.5 minutes on 2
+# CPU cores for Shapes. Relations need base steps (5000 -> 8000 -> 11000 -> 14000: relation accuracy 0.30 -> 0.44
+# -> 0.55 -> 0.60 / 0.56 (two seeds) on 100 prompts; batch 64 for as long did worse); SR is easy (2000 steps draw
+# as well as 3000).
+DEFAULT_T2I_STEPS = {"base": 14000, "sr": 1500}
 
 # Text-to-image training: which captions of an image a visit may draw. "all": one of its captions at random
 # (several rows about one image; Shapes paraphrases); "first": only its first caption.
