@@ -49,7 +49,7 @@ def run_demo(out: str | Path | None = None, fast: bool = False, progress: bool =
     echo(f"  {fine}/            fine-tuned classifier; eval/ holds the report JSON and confusion matrix PNG")
     echo(f"  {scratch}/    the from-scratch baseline")
     echo(f"  {t2i}/       text-to-image cascade; {grid.name}: one row per prompt ({', '.join(PROMPTS)})")
-    echo("  (a short run: the full recipe is `imagen train-t2i --data shapes --out RUN`, about 22 CPU-minutes)")
+    echo("  (a short run: the full recipe is `imagen train-t2i --data shapes --out RUN`, about 27 CPU-minutes)")
     echo(f"next: imagen predict --run {fine} IMAGE.png   |   imagen generate --run {t2i} \"a red circle\" --out grid.png")
     echo(f"      tensorboard --logdir {out}")
     return 0
