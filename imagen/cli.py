@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from imagen.config import DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS  # torch-free, so `imagen --help` stays fast
+from imagen.config import CAPTION_MODES, DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS  # torch-free, so `imagen --help` stays fast
 
 # Nothing here may reach a model hub; fail fast instead of waiting on network retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen all-MiniLM-L6-v2), trainable (a small Transformer trained with the U-Nets), an imagen pretraining run, or a local Hugging Face model folder (default: minilm)")
     p.add_argument("--sr-max-steps", type=_positive_int, default=None, help=f"optimiser steps for super-resolution stages (default: --max-steps when given, else {DEFAULT_T2I_STEPS['sr']})")
     p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
-    p.add_argument("--captions", choices=("all", "first"), default=DEFAULT_T2I_CAPTIONS, help=f"all: each visit of an image draws one of its captions (rows about one image, Shapes paraphrases); first: only its first caption (default: {DEFAULT_T2I_CAPTIONS})")
+    p.add_argument("--captions", choices=CAPTION_MODES, default=DEFAULT_T2I_CAPTIONS, help=f"all: each visit of an image draws one of its captions (rows about one image, Shapes paraphrases); first: only its first caption (default: {DEFAULT_T2I_CAPTIONS})")
 
     p = sub.add_parser("generate", help="sample images from text with a trained cascade")
     p.add_argument("--run", required=True, help="text-to-image run directory")

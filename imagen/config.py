@@ -24,6 +24,7 @@ DEFAULT_T2I_STEPS = {"base": 14000, "sr": 1500}
 
 # Text-to-image training: which captions of an image a visit may draw. "all": one of its captions at random
 # (several rows about one image; Shapes paraphrases); "first": only its first caption.
+CAPTION_MODES = ("all", "first")
 DEFAULT_T2I_CAPTIONS = "first"
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from imagen.config import DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS, ConfigError, TrainConfig, from_dict, to_dict
+from imagen.config import CAPTION_MODES, DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS, ConfigError, TrainConfig, from_dict, to_dict
 from imagen.data import DataError, Tokenizer, load_dataset
 from imagen.data.cache import normalize_images
 from imagen.models.text_to_image import StageConfig, TextToImageStage, resize_images, stage_config_to_json
@@ -217,9 +217,6 @@ def _stage_train_config(kwargs: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
-CAPTION_MODES = ("all", "first")
-
-
 def _caption_sets(ds, mode: str) -> list[list[str]]:
     sets = ds.caption_sets()
     return [cs[:1] for cs in sets] if mode == "first" else sets
@@ -279,9 +276,10 @@ def train_t2i(
             train_ds = load_dataset(data, "train", seed=seed, n=n, on_bad_sample=on_bad_sample)
             if not train_ds.has_text:
                 raise DataError(f"data {data!r} has no captions; text-to-image needs image-text pairs")
+            caption_sets = _caption_sets(train_ds, captions)
             tokenizer = None
             if text_encoder == "trainable":
-                tokenizer = Tokenizer.train([t for cs in _caption_sets(train_ds, captions) for t in cs], vocab_size=1024)
+                tokenizer = Tokenizer.train([t for cs in caption_sets for t in cs], vocab_size=1024)
             encoder = text_encoder_from_arg(text_encoder, tokenizer=tokenizer)
             stage_cfgs = default_stages(sizes)
             for cfg in stage_cfgs:
@@ -300,18 +298,19 @@ def train_t2i(
             config = existing
             train_ds = load_dataset(config["data"]["spec"], "train", seed=config["data"]["seed"], n=config["data"].get("n"), on_bad_sample=on_bad_sample)
             encoder = _text_encoder_for(out, config["text_encoder"])
+            # Runs made before the option trained on each image's first caption.
+            caption_sets = _caption_sets(train_ds, config["data"].get("captions", "first"))
     except BaseException:
         if created and out.exists() and not any(out.iterdir()):
             out.rmdir()
         raise
 
-    # Runs made before the option trained on each image's first caption.
-    caption_sets = _caption_sets(train_ds, config["data"].get("captions", "first"))
     names = config["stages"] if stage is None else [stage]
     if stage is not None and stage not in config["stages"]:
         raise RunError(f"{out} has no stage {stage!r}; its stages are {', '.join(config['stages'])}")
     val_ds = load_dataset(config["data"]["spec"], "val", seed=config["data"]["seed"], n=config["data"].get("n"), on_bad_sample=on_bad_sample)
-    prompts = [t for t in val_ds.texts()[:8]]
+    val_ds = val_ds.subset(range(min(8, len(val_ds))))  # the fixed prompts of the sample grids, and their images
+    prompts = val_ds.texts()
     results = {}
     for name in names:
         stage_dir = out / name
@@ -341,7 +340,7 @@ def train_t2i(
         split = T2ISplit(train_ds.fast_images(size), caption_sets)
         if model.text_encoder is None:
             split.precompute(model)
-        val_images = val_ds.fast_images(size)[: len(prompts)]
+        val_images = val_ds.fast_images(size)
 
         def lowres_source(_prompts, images=val_images, cfg=stage_cfg):
             return resize_images(normalize_images(images), cfg.lowres_size)
@@ -368,14 +367,14 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
     if (prompt is None) == (prompts_file is None):
         raise GenerationError("give either a prompt or --prompts FILE (not both, not neither)")
     if prompts_file is not None:
-        path = Path(prompts_file)
+        path, stdin = Path(prompts_file), str(prompts_file) == "-"
         # "-" is standard input; pipes such as bash's <(...) are read like files.
-        if str(prompts_file) != "-" and not path.exists():
+        if not stdin and not path.exists():
             raise GenerationError(f"prompt file {path} does not exist")
         if path.is_dir():
             raise GenerationError(f"prompt file {path} is a folder; give a text file with one prompt per line")
         try:
-            lines = (sys.stdin.read() if str(prompts_file) == "-" else path.read_text(encoding="utf-8")).splitlines()
+            lines = (sys.stdin.read() if stdin else path.read_text(encoding="utf-8")).splitlines()
         except UnicodeDecodeError:
             raise GenerationError(f"prompt file {path} is not UTF-8 text") from None
         prompts = [line.strip() for line in lines if line.strip()]

@@ -20,12 +20,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
                  has_text: bool = True, has_labels: bool = False, skipped: Sequence[str] = (),
                  array: np.ndarray | None = None, texts: Sequence[str | None] | None = None,
                  labels: Sequence[str | None] | None = None, resize: int | None = None,
-                 captions: Sequence[list[str]] | None = None):
+                 captions: Sequence[list[str]] | None = None, caption_fn: Callable[[int], list[str]] | None = None):
         self._fetch = fetch  # base index -> sample dict (image may be PIL or path-opened lazily)
         self._index = np.arange(length, dtype=np.int64)
         self._array = array  # optional uint8 (N,H,W) or (N,H,W,3) holding every base image, for fast_images
         self._texts, self._labels = texts, labels  # optional per-base-index metadata, avoids decoding images
         self._captions = captions  # optional per-base-index caption lists (several rows about one image)
+        self._caption_fn = caption_fn  # optional base index -> caption list, for sources that word them on demand
         self._resize = resize
         self.name, self.split = name, split
         self.class_names = list(class_names) if class_names is not None else None
@@ -94,10 +95,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return [self._fetch(int(i)).get("text") for i in self._index]
 
     def caption_sets(self) -> list[list[str]]:
-        """Every caption of each sample, in order: its 'captions' (rows of one image) or its 'text', then any
-        'paraphrases' (Shapes); first caption first. [] where a sample has none."""
+        """Every caption of each sample, first caption first: its 'captions' (rows of one image), the source's
+        caption_fn (Shapes: the caption and its paraphrases), or its 'text'. [] where a sample has none."""
         if self._captions is not None:
             return [list(self._captions[i]) for i in self._index]
+        if self._caption_fn is not None:
+            return [self._caption_fn(int(i)) for i in self._index]
         if self._texts is not None:
             return [[t] if t else [] for t in self.texts()]
         return [_caption_list(self._fetch(int(i))) for i in self._index]
@@ -125,8 +128,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 
 def _caption_list(sample: dict) -> list[str]:
-    found = list(sample.get("captions") or [sample.get("text")]) + list(sample.get("paraphrases") or [])
-    return [str(t) for t in found if t]  # repeats kept: a uniform draw then follows the captions' own frequencies
+    # Repeats are kept: a uniform draw then follows the captions' own frequencies.
+    return [str(t) for t in (sample.get("captions") or [sample.get("text")]) if t]
 
 
 # Fetchers are module-level classes, not closures, so datasets pickle into spawned DataLoader workers.

@@ -41,7 +41,7 @@ def _shapes(split: str, seed: int, label: str | None, n: int | None, size: int |
     world = ShapesWorld(seed=seed * 3 + SPLITS.index(split), size=size or 32, lang=lang, max_objects=max_objects)
     return ImageTextDataset.from_function(
         _ShapesFetch(world, label), count, name="shapes", split=split, class_names=class_names(label) if label else None,
-        image_size=world.size, has_text=True, has_labels=label is not None)
+        image_size=world.size, has_text=True, has_labels=label is not None, caption_fn=world.captions)
 
 
 def _fashion_mnist(split: str, label: str | None, n: int | None, size: int | None) -> ImageTextDataset:

@@ -36,11 +36,8 @@ class T2ISplit(torch.utils.data.Dataset):
         self.counts = torch.tensor([len(cs) for cs in sets], dtype=torch.long)
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
         self.caption_ids = torch.tensor(flat, dtype=torch.long)
+        self.multi_caption = bool((self.counts > 1).any())
         self.encoded: dict[str, torch.Tensor] | None = None
-
-    @property
-    def multi_caption(self) -> bool:
-        return bool((self.counts > 1).any())
 
     @torch.no_grad()
     def precompute(self, stage, batch_size: int = 256) -> None:
