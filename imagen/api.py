@@ -35,10 +35,22 @@ from imagen.runs import (
     build_model,
     load,
     load_tokenizer,
-    prepare_run_dir,
+    check_new_run_dir,
     read_config,
-    write_json_atomic,
 )
+from imagen.atomic import write_json as write_json_atomic
+
+
+def prepare_run_dir(out, resume):
+    out = Path(out)
+    if resume:
+        if not (out / CONFIG_NAME).is_file():
+            raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
+        return out
+    check_new_run_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
 from imagen.tasks import get_task
 
 log = logging.getLogger("imagen")

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from imagen.errors import ConfigError
+
 # Text-to-image sampling: the classifier-free guidance scale when none is given. On Shapes, guidance 3 gave the
 # best compositional accuracy of 1, 3, 5 and 8 in every category (bench/RESULTS.md, the guidance sweep); only
 # guidance 1 had a lower FID. Large Imagen models use more.
@@ -28,8 +30,6 @@ CAPTION_MODES = ("all", "first")
 DEFAULT_T2I_CAPTIONS = "first"
 
 
-class ConfigError(ValueError):
-    """A config key or value a user gave is not valid."""
 
 
 @dataclass

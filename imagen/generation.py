@@ -21,12 +21,14 @@ from typing import Any, Sequence
 
 import torch
 
+from imagen.errors import GenerationError
 from imagen.config import CAPTION_MODES, DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS, ConfigError, TrainConfig, from_dict, to_dict
 from imagen.data import DataError, Tokenizer, load_dataset
 from imagen.data.cache import normalize_images
 from imagen.models.text_to_image import StageConfig, TextToImageStage, resize_images, stage_config_to_json
 from imagen.models.unet import UNET_PRESETS, UNetConfig
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunError, write_json_atomic
+from imagen.atomic import write_json as write_json_atomic
+from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunError
 
 log = logging.getLogger("imagen")
 TASK = "text-to-image"
@@ -40,8 +42,6 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class GenerationError(ValueError):
-    """A text-to-image request that cannot be served (bad prompt file, unknown sampler, missing stage ...)."""
 
 
 # ---------------------------------------------------------------------------------------------------

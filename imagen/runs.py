@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from imagen.errors import RunError
 from imagen.config import ClassifyConfig, EncoderConfig, PretrainConfig, TrainConfig, from_dict
 from imagen.data.tokenizer import Tokenizer
 
@@ -23,37 +25,49 @@ WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 
 
-class RunError(ValueError):
-    """A run directory is missing, incomplete, damaged or of the wrong kind."""
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file next to `path`, then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def prepare_run_dir(out: str | Path, resume: bool) -> Path:
-    """Check the output directory: new or empty for a fresh run, an existing run for --resume."""
-    out = Path(out)
-    if resume:
-        if not (out / CONFIG_NAME).is_file():
-            raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
-        return out
+def check_new_run_dir(out: Path) -> None:
+    """Refuse an --out that would overwrite something: it must be absent or an empty folder."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; choose a directory path")
     if out.exists() and any(out.iterdir()):
         raise RunError(f"--out {out} already exists and is not empty; choose a new directory or pass --resume to continue it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunError(f"--out {out}: {parent} is a file, not a folder; choose another path")
+            if not os.access(parent, os.W_OK):
+                raise RunError(f"--out {out}: cannot write in {parent} (permission denied); choose a folder you can write to")
+            break
+
+
+@contextmanager
+def run_setup(out: str | Path, resume: bool) -> Iterator[Path]:
+    """The run directory while a command sets a run up (config, tokenizer, data, model): one lifecycle for all.
+
+    A fresh run's `out` must be absent or empty; it is created, and if setup fails (a bad option, unreadable
+    data, Ctrl-C) everything set up in it is removed again, so no half-made run is left behind. With `resume`
+    it must hold a run's config.json, and it is left as it was whatever happens.
+    """
+    out = Path(out)
+    if resume:
+        if not (out / CONFIG_NAME).is_file():
+            raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
+        yield out
+        return
+    check_new_run_dir(out)
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    try:
+        yield out
+    except BaseException:
+        if existed:  # it was empty before: empty it again
+            for child in out.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def read_config(run: str | Path) -> dict[str, Any]:

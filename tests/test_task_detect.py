@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import imagen
 from imagen.config import ConfigError, TrainConfig, encoder_config
 from imagen.data import load_dataset
-from imagen.data.errors import DataError
+from imagen.errors import DataError
 from imagen.data.examples import collect
 from imagen.data.images import image_to_tensor
 from imagen.data.shapes import ShapesWorld

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import imagen
-from imagen.data.errors import DataError
+from imagen.errors import DataError
 from imagen.eval.vqa import answer_scores, normalize_answer, vqa_accuracy
 from imagen.runs import RunConfig
 from imagen.tasks.vqa import VQATask, qa_rows

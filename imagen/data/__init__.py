@@ -1,7 +1,7 @@
 """Data layer: built-in datasets (Shapes, Fashion-MNIST, Emoji), user files, images and the tokenizer."""
 
 from .dataset import ImageTextDataset
-from .errors import DataError
+from imagen.errors import DataError
 from .images import image_to_tensor, open_image, to_rgb
 from .registry import load_dataset
 from .shapes import ShapesWorld, write_shapes

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from imagen.errors import DataError
 
 # Boxes may poke past the image edge by this many pixels (rounding in annotation tools) before they are errors.
 BORDER_TOLERANCE = 1.0

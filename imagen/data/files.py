@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import ImageTextDataset
-from .errors import DataError
+from imagen.errors import DataError
 from .images import is_image_path, open_image
 
 log = logging.getLogger("imagen.data")

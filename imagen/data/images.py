@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from .errors import DataError
+from imagen.errors import DataError
 
 # Decoding must fail loudly on truncated files rather than silently pad them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

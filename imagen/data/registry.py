@@ -7,7 +7,7 @@ from pathlib import Path
 from . import emoji as emoji_mod
 from . import fashion_mnist as fm
 from .dataset import ImageTextDataset
-from .errors import DataError
+from imagen.errors import DataError
 from .files import SPLITS, load_files, split_indices
 from .shapes import LABEL_KINDS, ShapesWorld, class_names
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import DataError
+from imagen.errors import DataError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from .errors import DataError
+from imagen.errors import DataError
 
 # Order fixes the ids: [PAD]=0 ... [EOS]=6; other code relies on pad_id == 0.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]")

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from imagen.data.errors import DataError
+from imagen.errors import DataError
 
 
 def _xywh(box: Sequence[float]) -> list[float]:

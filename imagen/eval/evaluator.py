@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from imagen.errors import EvalError
 from imagen.data.cache import normalize_images
 from imagen.data.shapes import COLORS, MAX_OBJECTS, SHAPES, _place, render
 
@@ -45,9 +46,6 @@ DEFAULT_STEPS = 1500
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-
-class EvalError(ValueError):
-    """A user-caused evaluation error (missing weights, bad inputs); printed as one line."""
 
 
 # --- helpers ------------------------------------------------------------------------------------------

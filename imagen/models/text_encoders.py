@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from imagen.errors import TextEncoderError
 from imagen.models.layers import Block
 
 # transformers reads these when it is first imported; local_files_only=True below covers a later import too.
@@ -34,9 +35,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MINILM = "minilm"
 
-
-class TextEncoderError(ValueError):
-    """A text encoder cannot be built: missing package, missing or invalid directory, bad argument."""
 
 
 @dataclass
@@ -285,7 +283,7 @@ class HFTextEncoder(TextEncoder):
 
 def _load_tokenizer(path: str | Path):
     """Our BPE Tokenizer from tokenizer.json or a run folder, with its one-line error as a TextEncoderError."""
-    from imagen.data.errors import DataError
+    from imagen.errors import DataError
     from imagen.data.tokenizer import Tokenizer
 
     try:

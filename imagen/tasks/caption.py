@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from imagen.data.errors import DataError
+from imagen.errors import DataError
 from imagen.eval.captioning import corpus_bleu, cider_d, fact_accuracy
 from imagen.tasks.generative import GenerationOptions, GenerativeTask
 

@@ -31,7 +31,7 @@ import torch
 
 from imagen.config import ConfigError
 from imagen.data.cache import normalize_images
-from imagen.data.errors import DataError
+from imagen.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.data.shapes import class_names as shapes_class_names
 from imagen.data.coco import BORDER_TOLERANCE

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from imagen.config import ConfigError
-from imagen.data.errors import DataError
+from imagen.errors import DataError
 from imagen.data.shapes import SHAPES
 from imagen.eval.captioning import corpus_bleu, cider_d, fact_accuracy
 from imagen.eval.vqa import normalize_answer

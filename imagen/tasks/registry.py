@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from imagen.errors import UnknownTaskError
 from imagen.tasks.caption import CaptionTask
 from imagen.tasks.classify import ClassifyTask
 from imagen.tasks.detect import DetectTask
@@ -24,8 +25,6 @@ TASKS = {
 FINETUNE_TASKS = tuple(name for name in TASKS if name != "pretrain")
 
 
-class UnknownTaskError(ValueError):
-    pass
 
 
 def get_task(name: str):

@@ -29,7 +29,7 @@ from torch import nn
 
 from imagen.config import ConfigError, EncoderConfig
 from imagen.data.cache import normalize_images
-from imagen.data.errors import DataError
+from imagen.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.eval.retrieval import (caption_relevance, class_embeddings, contrastive_loss, fact_recall, retrieval_metrics,
                                    zero_shot_accuracy)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from imagen.config import ConfigError
 from imagen.data.cache import normalize_images
-from imagen.data.errors import DataError
+from imagen.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.eval.vqa import answer_scores, normalize_answer, vqa_accuracy
 from imagen.models.heads import EncoderForVQA

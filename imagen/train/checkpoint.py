@@ -18,14 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from imagen.errors import CheckpointError
+from imagen.atomic import atomic_dir, atomic_path, write_json
+
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
-
-class CheckpointError(RuntimeError):
-    """A weights file or checkpoint is missing, damaged or does not fit the model."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,15 +49,9 @@ def _savable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_weights(path: str | os.PathLike, model: nn.Module) -> Path:
     """Write the model's weights to a safetensors file atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(_savable_state_dict(model), str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -110,13 +104,6 @@ def _preview(names: list[str], limit: int = 3) -> str:
 # Full training checkpoints
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _step_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint, oldest first."""
     root = Path(run_dir) / CHECKPOINTS_DIR
@@ -151,10 +138,8 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{int(trainer_state['step']):08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # replace: the same step saved twice (e.g. Ctrl-C right after a periodic save)
+    with atomic_dir(final, replace=True) as tmp:
         save_weights(tmp / "model.safetensors", model)
         training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         if scaler is not None:
@@ -162,13 +147,6 @@ def save_checkpoint(
         torch.save(training, tmp / "optimizer.pt")
         torch.save(rng_state, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))  # last: marks the checkpoint complete
-        if final.exists():  # the same step saved twice (e.g. Ctrl-C right after a periodic save)
-            trash = root / f".trash-{final.name}-{os.getpid()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for _, old in _step_dirs(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -203,7 +181,7 @@ def save_best(run_dir: str | os.PathLike, model: nn.Module, info: dict) -> Path:
     best = Path(run_dir) / CHECKPOINTS_DIR / BEST_DIR
     best.mkdir(parents=True, exist_ok=True)
     path = save_weights(best / "model.safetensors", model)
-    _write_json(best / "best.json", info)
+    write_json(best / "best.json", info)
     return path
 
 

@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from imagen.atomic import write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -46,9 +48,7 @@ class MetricsLogger:
                     kept.append(line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line torn by the crash
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(kept))
 
     def _open_tensorboard(self, resume_step):
         """A SummaryWriter under RUN/tensorboard, or None when tensorboard is not installed."""

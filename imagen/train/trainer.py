@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from imagen.errors import TrainingError
 from imagen.config import TrainConfig, to_dict
 
 from .batching import make_loader
@@ -37,8 +38,6 @@ from .rng import get_rng_state, seed_everything, set_rng_state
 MAX_NONFINITE_STEPS = 3
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss keeps being NaN / inf)."""
 
 
 @dataclass
