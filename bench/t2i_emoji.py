@@ -27,7 +27,7 @@ from imagen.eval.evaluator import get_evaluator
 from imagen.eval.t2i import alignment_score, fid
 from imagen.config import DEFAULT_GUIDANCE
 from imagen.generation import load_cascade, save_grid, to_uint8, train_t2i
-from imagen.runs import load
+from imagen.tasks.loading import load
 
 
 def main():

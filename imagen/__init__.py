@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy: `import imagen` stays cheap, and the CLI's --help never waits on torch.
     if name == "load":
-        from imagen.runs import load
+        from imagen.tasks.loading import load
 
         return load
     if name in ("pretrain", "finetune", "evaluate", "predict"):

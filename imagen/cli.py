@@ -8,7 +8,11 @@ import logging
 import os
 import sys
 
-from imagen.config import CAPTION_MODES, DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS  # torch-free, so `imagen --help` stays fast
+# torch-free imports only, so `imagen --help` stays fast
+from imagen.config import (CAPTION_MODES, DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS, ENCODER_PRESETS, TrainConfig,
+                           default_of)
+from imagen.errors import USER_ERRORS, ConfigError
+from imagen.tasks.registry import FINETUNE_TASKS
 
 # Nothing here may reach a model hub; fail fast instead of waiting on network retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,25 +52,28 @@ def _add_data_args(p):
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable samples (named in a warning) or stop (default: skip)")
 
 
-def _add_train_args(p, lr, batch_size, epochs, recipe_note=None):
+def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, steps_note=None):
+    """Training options; a default left None is TrainConfig's (shown in the help) or, with `recipe_note`, the
+    task's recipe. Nothing is filled in here, so the library sees only what the user gave."""
+    d = lambda name: default_of(TrainConfig, name)  # noqa: E731
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
-    g.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"), help="model size (default: tiny)")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help="optimiser (default: adamw)")
-    g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default: {recipe_note or lr})")
-    g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"batch size (default: {batch_size})")
-    g.add_argument("--epochs", type=_positive_int, default=epochs,
-                   help="epochs over the training split (default: " + (recipe_note or (str(epochs) if epochs else "the recipe's --max-steps")) + ")")
-    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs" + (f" (default: {DEFAULT_T2I_STEPS['base']} base, {DEFAULT_T2I_STEPS['sr']} per SR stage)" if epochs is None else ""))
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the run)")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW/SGD weight decay, never on norms, biases or embeddings (default: 0.05)")
+    g.add_argument("--preset", default="tiny", choices=tuple(ENCODER_PRESETS), help="model size (default: tiny)")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help=f"optimiser (default: {d('optimizer')})")
+    g.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: {recipe_note or lr or d('lr')})")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help=f"batch size (default: {batch_size or d('batch_size')})")
+    g.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs over the training split (default: " + (recipe_note or steps_note or str(epochs or d("epochs"))) + ")")
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs" + (f" (default: {steps_note})" if steps_note else ""))
+    g.add_argument("--warmup-steps", type=int, default=None, help=f"linear warmup steps (default: {d('warmup_ratio') * 100:g}%% of the run)")
+    g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW/SGD weight decay, never on norms, biases or embeddings (default: {d('weight_decay')})")
     g.add_argument("--dropout", type=float, default=None, help="dropout in the encoder and head (default: 0)")
-    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value, 0 = off (default: 1.0)")
-    g.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimiser step (default: 1)")
+    g.add_argument("--grad-clip", type=float, default=None, help=f"clip the gradient norm to this value, 0 = off (default: {d('grad_clip')})")
+    g.add_argument("--grad-accum", type=_positive_int, default=None, help=f"micro-batches per optimiser step (default: {d('grad_accum')})")
     g.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps (default: each epoch)")
     g.add_argument("--early-stopping-patience", type=_positive_int, default=None, help="stop after N validations without improvement")
     g.add_argument("--checkpoint-every", type=_positive_int, default=None, help="save a resumable checkpoint every N steps")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    g.add_argument("--seed", type=int, default=None, help=f"random seed (default: {d('seed')})")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="auto = bf16 on CUDA and on CPUs with AMX (default: auto)")
     g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--report-to", default=None, help="comma list of loggers: jsonl, tensorboard, wandb (offline) (default: jsonl,tensorboard)")
@@ -93,8 +100,6 @@ def _sizes(text):
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        from imagen.config import ConfigError
-
         raise ConfigError(f"--sizes {text!r} must be comma-separated integers, e.g. 16,32") from None
 
 
@@ -114,19 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="self-supervised multimodal pretraining (MLM, MIM, ITC, ITM)")
     _add_data_args(p)
-    _add_train_args(p, lr=1e-3, batch_size=64, epochs=1)
+    _add_train_args(p)
     p.add_argument("--image-only", action="store_true", help="ignore captions: masked image modelling only")
     p.add_argument("--vocab-size", type=_positive_int, default=1024, help="BPE vocabulary size (default: 1024)")
 
     p = sub.add_parser("finetune", help="fine-tune a task head on labelled data")
-    p.add_argument("--task", required=True, help="task to train: classify, vqa, caption, detect, retrieval or instruct")
+    p.add_argument("--task", required=True, help="task to train: " + ", ".join(FINETUNE_TASKS))
     _add_data_args(p)
-    _add_train_args(p, lr=None, batch_size=64, epochs=None, recipe_note="the task's recipe: 3 epochs at 1e-3 for classify; see `imagen.tasks.<task>.recipe`")
+    _add_train_args(p, recipe_note="the task's recipe, `recipe` in imagen/tasks/<task>.py")
     p.add_argument("--init-from", default=None, help="a pretraining (or fine-tuning) run to start from")
     p.add_argument("--freeze", default="none", help="none, encoder (head only), or all-but-last-N (default: none)")
-    p.add_argument("--label", default=None, help="Shapes label kind: shape, color, color-shape, count (default: color-shape)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: 0)")
-    p.add_argument("--augment", choices=("none", "shift", "shift-flip"), default="none", help="training augmentation: random shifts, and left-right flips (default: none)")
+    g = p.add_argument_group("classify options (other tasks: --set TASK.KEY=VALUE)")
+    g.add_argument("--label", default=None, help="Shapes label kind: shape, color, color-shape, count (default: color-shape)")
+    g.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (default: 0)")
+    g.add_argument("--augment", choices=("none", "shift", "shift-flip"), default=None, help="training augmentation: random shifts, and left-right flips (default: none)")
 
     p = sub.add_parser("evaluate", help="metrics of a run on a data split")
     p.add_argument("--run", required=True, help="run directory")
@@ -151,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-t2i", help="train the text-to-image cascade (base + super-resolution stages)")
     _add_data_args(p)
-    _add_train_args(p, lr=1e-3, batch_size=32, epochs=None)
+    _add_train_args(p, batch_size=32, steps_note=f"{DEFAULT_T2I_STEPS['base']} base, {DEFAULT_T2I_STEPS['sr']} per SR stage")
     p.add_argument("--stage", default=None, help="train only this stage (base, sr1, ...) (default: every stage)")
     p.add_argument("--sizes", default="16,32", help="resolution of each stage, base first (default: 16,32)")
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen all-MiniLM-L6-v2), trainable (a small Transformer trained with the U-Nets), an imagen pretraining run, or a local Hugging Face model folder (default: minilm)")
@@ -221,9 +227,11 @@ def run_command(args) -> int:
                               vocab_size=args.vocab_size, n=args.n, on_bad_sample=args.on_bad_sample, sets=args.sets, **_train_kwargs(args))
         return _report_fit(result, args.out, "imagen pretrain")
     if args.command == "finetune":
+        # The classify flags are that task's options; given to another task, the library names the mistake.
+        task_options = dict(label=args.label, label_smoothing=args.label_smoothing, augment=args.augment)
         result = api.finetune(args.task, args.data, args.out, init_from=args.init_from, preset=args.preset, freeze=args.freeze,
-                              label=args.label, label_smoothing=args.label_smoothing, augment=args.augment, resume=args.resume, n=args.n,
-                              on_bad_sample=args.on_bad_sample, sets=args.sets, **_train_kwargs(args))
+                              resume=args.resume, n=args.n, on_bad_sample=args.on_bad_sample, sets=args.sets,
+                              **{k: v for k, v in task_options.items() if v is not None}, **_train_kwargs(args))
         return _report_fit(result, args.out, f"imagen finetune --task {args.task}")
     if args.command == "evaluate":
         echo = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
@@ -294,8 +302,6 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors and --help: argparse has printed its line already
         return int(e.code or 0)
-    from imagen.errors import USER_ERRORS
-
     try:
         return run_command(args)
     except USER_ERRORS as e:

@@ -480,7 +480,7 @@ def evaluate_t2i(run, data: str = "shapes", *, n_per_category: int = 50, steps: 
     result["fid"] = fid(real, fake, evaluator)
     result["fid_samples"] = len(texts)
     if alignment_run is not None:
-        from imagen.runs import load
+        from imagen.tasks.loading import load
 
         aligner = load(alignment_run)
         result["alignment"] = alignment_score(fake, texts, aligner)

@@ -1,7 +1,8 @@
-"""Run directories: create one safely, write its config, and load a finished run back as a model.
+"""Run directories: the one lifecycle that creates or resumes them, and their config.json.
 
 Layout (DESIGN.md): config.json, tokenizer.json, model.safetensors, metrics.jsonl, checkpoints/, eval/.
-A run is complete only once model.safetensors exists; the trainer writes it last, atomically.
+A run is complete only once model.safetensors exists; the trainer writes it last, atomically. Loading a
+finished run back as a model needs its task, so `load` lives with the tasks (imagen/tasks/loading.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from imagen.errors import RunError
-from imagen.config import ClassifyConfig, EncoderConfig, PretrainConfig, TrainConfig, from_dict
+from imagen.config import EncoderConfig, TrainConfig, from_dict, to_dict
 from imagen.data.tokenizer import Tokenizer
 
 CONFIG_NAME = "config.json"
@@ -91,104 +90,48 @@ def read_config(run: str | Path) -> dict[str, Any]:
 
 @dataclass
 class RunConfig:
-    """Everything config.json holds: which task, the model, the training setup and the data it saw."""
+    """Everything config.json holds: which task, the model, the training setup, the task's options and the data.
+
+    The task's options (its `Config` dataclass) are kept as a dict under "task_config"; the task turns them back
+    into its dataclass. Runs written before every task spoke one contract kept them under the task's own name
+    ("classify", "pretrain"), which `from_json` still reads.
+    """
 
     task: str
     model: EncoderConfig
     train: TrainConfig
-    pretrain: PretrainConfig | None = None
-    classify: ClassifyConfig | None = None
+    task_config: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
     data: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
     freeze: str = "none"
-    task_config: dict[str, Any] | None = None  # the task's own options (tasks/<task>.py Config)
 
     def to_json(self) -> dict[str, Any]:
-        from imagen.config import to_dict
-
-        out = {"task": self.task, "model": to_dict(self.model), "train": to_dict(self.train)}
-        if self.pretrain is not None:
-            out["pretrain"] = to_dict(self.pretrain)
-        if self.classify is not None:
-            out["classify"] = to_dict(self.classify)
-        out.update(class_names=self.class_names, data=self.data, init_from=self.init_from, freeze=self.freeze)
-        if self.task_config is not None:
-            out["task_config"] = self.task_config
-        return out
+        return {"task": self.task, "model": to_dict(self.model), "train": to_dict(self.train),
+                "task_config": self.task_config, "class_names": self.class_names, "data": self.data,
+                "init_from": self.init_from, "freeze": self.freeze}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunConfig":
         try:
+            options = data.get("task_config")
+            if options is None:
+                options = data.get(data["task"])  # the earlier place: a section named after the task
             return cls(
                 task=data["task"],
                 model=from_dict(EncoderConfig, data["model"]),
                 train=from_dict(TrainConfig, data.get("train", {})),
-                pretrain=from_dict(PretrainConfig, data["pretrain"]) if data.get("pretrain") else None,
-                classify=from_dict(ClassifyConfig, data["classify"]) if data.get("classify") else None,
+                task_config=dict(options or {}),
                 class_names=data.get("class_names"),
                 data=data.get("data", {}),
                 init_from=data.get("init_from"),
                 freeze=data.get("freeze", "none"),
-                task_config=data.get("task_config"),
             )
         except (TypeError, ValueError, KeyError) as e:
             raise RunError(f"config.json does not describe a valid run: {e}") from None
 
 
-def build_model(rc: RunConfig, tokenizer: Tokenizer | None = None) -> torch.nn.Module:
-    """The network a run config describes, freshly initialised."""
-    from imagen.models.heads import EncoderForClassification
-    from imagen.models.pretraining import PretrainingModel
-
-    if rc.task == "pretrain":
-        mask_id = tokenizer.mask_id if tokenizer is not None else 4
-        return PretrainingModel(rc.model, rc.pretrain or PretrainConfig(), mask_id=mask_id)
-    if rc.task == "classify":
-        c = rc.classify or ClassifyConfig()
-        return EncoderForClassification(rc.model, len(rc.class_names or []), c.label_smoothing, rc.model.dropout, c.pooling)
-    from imagen.tasks.registry import TASKS
-
-    task = TASKS.get(rc.task)
-    if task is not None and hasattr(task, "build_model"):
-        return task.build_model(rc, tokenizer)
-    raise RunError(f"this version of imagen cannot build models for task {rc.task!r}")
-
-
-@dataclass
-class LoadedRun:
-    """A finished run: its model (eval mode), tokenizer and config."""
-
-    path: Path
-    config: RunConfig
-    model: torch.nn.Module
-    tokenizer: Tokenizer | None
-
-    @property
-    def task(self) -> str:
-        return self.config.task
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.config.class_names
-
-
-def load_tokenizer(run: Path) -> Tokenizer | None:
+def load_tokenizer(run: str | Path) -> Tokenizer | None:
+    """The run's tokenizer.json, or None for a run without text (image-only)."""
     path = Path(run) / TOKENIZER_NAME
     return Tokenizer.load(path) if path.is_file() else None
-
-
-def load(run: str | Path, map_location: str = "cpu") -> LoadedRun:
-    """Rebuild a finished run's model from config.json + model.safetensors (no pickle involved)."""
-    from imagen.train.checkpoint import load_weights
-
-    run = Path(run)
-    rc = RunConfig.from_json(read_config(run))
-    weights = run / WEIGHTS_NAME
-    if not weights.is_file():
-        raise RunError(f"{run} is not a finished run (no {WEIGHTS_NAME}); finish it with --resume or train again")
-    tokenizer = load_tokenizer(run)
-    model = build_model(rc, tokenizer)
-    load_weights(weights, model)
-    model.to(map_location).eval()
-    return LoadedRun(path=run, config=rc, model=model, tokenizer=tokenizer)

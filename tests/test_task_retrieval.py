@@ -14,7 +14,8 @@ from imagen.data import load_dataset
 from imagen.data.examples import collect
 from imagen.eval.retrieval import (caption_relevance, class_embeddings, recall_at_k, retrieval_metrics,
                                    zero_shot_accuracy)
-from imagen.runs import RunConfig, load
+from imagen.runs import RunConfig
+from imagen.tasks.loading import load
 from imagen.tasks.retrieval import RetrievalConfig, RetrievalTask, zero_shot_label
 
 QUIET = dict(precision="fp32", progress=False, report_to=("jsonl",))

@@ -1,5 +1,5 @@
-"""Tasks: each file holds one task's model builder, loss wiring and metrics; the registry names them."""
+"""Tasks: each file holds one task's data, head wiring, loss, metrics and recipe; the registry names them."""
 
-from imagen.tasks.registry import TASKS, get_task
+from imagen.tasks.registry import FINETUNE_TASKS, TASKS, get_task
 
-__all__ = ["TASKS", "get_task"]
+__all__ = ["FINETUNE_TASKS", "TASKS", "get_task"]

@@ -1,20 +1,30 @@
-"""What a fine-tuning task provides beyond the trainer's contract, and the defaults most tasks share.
+"""The one contract every task speaks (pretraining and classification included), and the defaults most share.
 
-A task class turns a dataset split into examples (`build_split`), builds its model (`build_model`), trains it
-(`training_step`, `validation_step`, `compute_metrics` for the trainer) and answers new inputs (`predict`).
-Its options live in a dataclass `Config`, saved in the run's config.json under `task_config` and set from the
-command line as `--set <task>.<key>=value`.
+A task class is everything the run commands (`imagen pretrain`, `finetune`, `evaluate`, `predict`) need to know
+about one task; they name no task themselves. Through it a task
+- fixes what it reads from the data: `data_label` (the label kind to load), `check_data`, `settle` (options the
+  data decides), `decode` (a split decoded once into uint8 images and per-sample fields), `vocabulary` (classes or
+  answers fixed at fine-tuning time) and `tokenizer_texts`;
+- builds its examples (`build_split`) and model (`build_model`), and starts from a finished run (`init_from`);
+- trains through the task-agnostic trainer (`collate`, `training_step`, `validation_step`, `compute_metrics`);
+- scores a finished run (`evaluate_run`) and answers new inputs (`predict`, taking the inputs in `predict_inputs`).
+Its options live in a dataclass `Config`, saved in the run's config.json under `task_config`, given to the API
+as keyword arguments or on the command line as `--set <task>.<key>=value`. Its default training recipe is `recipe`.
+Adding a task means one file under tasks/ (plus its head under models/) and one line in tasks/registry.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from imagen.config import ConfigError, from_dict
+from imagen.data import load_dataset
+from imagen.data.examples import collect
 
 log = logging.getLogger("imagen")
 
@@ -24,6 +34,33 @@ class NoOptions:
     """A task without options."""
 
 
+@dataclass
+class EvalData:
+    """Where a finished run is scored: a data spec, its split and how to read it; `class_names` are the classes
+    of the run being scored, so runs compared with it are scored on the same labels."""
+
+    spec: str
+    split: str = "test"
+    seed: int = 0
+    label: str | None = None
+    n: int | None = None
+    on_bad_sample: str = "skip"
+    class_names: list[str] | None = None
+
+    def load(self, split: str | None = None):
+        return load_dataset(self.spec, split or self.split, seed=self.seed, label=self.label, n=self.n,
+                            on_bad_sample=self.on_bad_sample)
+
+
+@dataclass
+class RunScore:
+    """A finished run's metrics on one split, how many examples they cover, and how they were obtained."""
+
+    metrics: dict[str, float | None]
+    n: int
+    method: str | None = None  # e.g. "head" or "linear-probe" where a task can score a run more than one way
+
+
 class Task:
     name = "task"
     monitor = ("loss", "min")
@@ -31,10 +68,14 @@ class Task:
     # Metrics shown in before/after tables, first = the headline.
     headline: tuple[str, ...] = ("loss",)
     needs_tokenizer = True
-    # The task's default recipe: TrainConfig fields, plus "shapes_n", the training images drawn from the built-in
-    # Shapes world when the user gives no --n (the world is procedural, so more data costs only decoding time).
-    # The user's options override every one of them.
-    recipe: dict[str, Any] = {"epochs": 3, "lr": 1e-3}
+    # Extra inputs `predict` understands besides image files and top_k (e.g. "question"); None: cannot predict.
+    predict_inputs: tuple[str, ...] | None = ()
+    # Other tasks whose runs score on this task's metrics, so they may sit in its before/after table.
+    comparable_with: tuple[str, ...] = ()
+    # The task's default recipe: TrainConfig fields that differ from TrainConfig's defaults, plus "shapes_n", the
+    # training images drawn from the built-in Shapes world when the user gives no --n (the world is procedural,
+    # so more data costs only decoding time). The user's options override every one of them.
+    recipe: dict[str, Any] = {"epochs": 3}
 
     def __init__(self, run_config, tokenizer=None):
         self.rc = run_config
@@ -51,8 +92,39 @@ class Task:
             raise ConfigError(f"{cls.name} options: {e}") from None
 
     @classmethod
-    def vocabulary(cls, meta: list[dict], cfg) -> list[str] | None:
-        """Output vocabulary fixed at fine-tuning time from the training metadata (answers, classes), or None."""
+    def options(cls) -> set[str]:
+        """Names of the task's options (fields of its Config)."""
+        return {f.name for f in dataclasses.fields(cls.Config)}
+
+    # -- what the task reads from the data ------------------------------------------------------------
+
+    @classmethod
+    def data_label(cls, cfg, spec: str) -> str | None:
+        """The label kind to load the data with (Shapes: shape, color, ...), or None for the data's own."""
+        return None
+
+    @classmethod
+    def check_data(cls, dataset, spec: str) -> None:
+        """Raise DataError when the training data cannot serve this task (e.g. no labels to classify)."""
+
+    @classmethod
+    def settle(cls, cfg, dataset):
+        """The options, with those that the training data decides filled in (default: unchanged)."""
+        return cfg
+
+    @classmethod
+    def uses_tokenizer(cls, cfg) -> bool:
+        return cls.needs_tokenizer
+
+    @classmethod
+    def decode(cls, dataset, image_size: int) -> tuple[torch.Tensor, list[dict]]:
+        """A split decoded once: uint8 images (N, 3, S, S) and each sample's fields except the image."""
+        return collect(dataset, image_size)
+
+    @classmethod
+    def vocabulary(cls, meta: list[dict], cfg, dataset=None) -> list[str] | None:
+        """Output vocabulary fixed at fine-tuning time from the training metadata (answers, classes) or the
+        training `dataset` itself, or None."""
         return None
 
     @classmethod
@@ -95,6 +167,12 @@ class Task:
         outputs = [self.validation_step(model, split.__getitems__(list(range(i, min(i + batch_size, len(split))))))
                    for i in range(0, len(split), batch_size)]
         return self.compute_metrics(outputs)
+
+    def evaluate_run(self, model, data: EvalData, report_dir=None, echo=print) -> RunScore:
+        """Score a finished run's model on `data`; `report_dir`, when given, receives the task's report files."""
+        images, meta = self.decode(data.load(), self.rc.model.image_size)
+        split = self.build_split(images, meta, train=False)
+        return RunScore(self.evaluate(model, split), len(split))
 
     def predict(self, model, images: torch.Tensor, files: list[str], **inputs) -> list[dict[str, Any]]:
         raise NotImplementedError

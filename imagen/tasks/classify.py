@@ -1,30 +1,126 @@
-"""Image classification: a linear head on the pooled embedding, cross-entropy, accuracy and macro-F1."""
+"""Image classification: a linear head on the pooled embedding, cross-entropy, accuracy and macro-F1.
+
+The classes are the training data's own (class folders, a `label` field, Fashion-MNIST's ten) or, on the
+Shapes world, one label kind chosen with `--label` (shape, color, color-shape, count).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from imagen.data.augment import augment
-from imagen.data.cache import collate_batch, normalize_images
+from imagen.config import ConfigError
+from imagen.data.augment import AUGMENTATIONS, augment
+from imagen.data.cache import TensorSplit, normalize_images
+from imagen.errors import DataError, RunError
+from imagen.eval.classification import classification_metrics, predict_logits, save_confusion_matrix, text_report
+from imagen.models.heads import EncoderForClassification
+from imagen.tasks.base import EvalData, RunScore, Task
+
+SHAPES_DEFAULT_LABEL = "color-shape"
 
 
-class ClassifyTask:
+@dataclass
+class ClassifyConfig:
+    """Classification head options."""
+
+    label: str | None = None  # Shapes label kind: shape, color, color-shape, count (None: color-shape on Shapes)
+    label_smoothing: float = 0.0
+    augment: str = "none"  # none | shift | shift-flip (training batches only)
+    # mean: average of the patch states (timm's global_pool="avg"); cls: the image [CLS] state. On Fashion-MNIST
+    # a tiny encoder reached 70.4 % val accuracy after 250 steps with mean pooling, 65.9 % with [CLS].
+    pooling: str = "mean"
+
+    def __post_init__(self):
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {self.augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"unknown pooling {self.pooling!r}; choose mean or cls")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+def is_shapes(spec) -> bool:
+    return str(spec).lower() == "shapes"
+
+
+def label_ids(labels, class_names: list[str], where: str) -> torch.Tensor:
+    """Class indices of string labels; a label outside the run's classes is a DataError naming it."""
+    index = {name: i for i, name in enumerate(class_names)}
+    missing = sorted({str(label) for label in labels if label not in index})
+    if missing:
+        raise DataError(f"{where}: labels {missing[:5]} are not among the run's {len(class_names)} classes "
+                        f"({', '.join(map(str, class_names[:10]))}); evaluate on data with the same label set")
+    return torch.tensor([index[label] for label in labels], dtype=torch.long)
+
+
+def labelled_split(data: EvalData, split: str, image_size: int, class_names: list[str]) -> TensorSplit:
+    """One split of `data` as uint8 images and class ids over `class_names`."""
+    ds = data.load(split)
+    if not ds.has_labels:
+        raise DataError(f"data {data.spec!r} ({split}) has no labels to evaluate against")
+    return TensorSplit(ds.fast_images(image_size), labels=label_ids(ds.labels(), class_names, f"data {data.spec!r} ({split})"))
+
+
+def classification_score(targets: np.ndarray, preds: np.ndarray, class_names: list[str], method: str, data: EvalData,
+                         report_dir: Path | None, echo) -> RunScore:
+    """Accuracy and macro-F1; with `report_dir`, scikit-learn's report echoed and the confusion matrix as a PNG."""
+    if report_dir is not None:
+        name = f"{Path(str(data.spec)).name}-{data.split}"
+        png = save_confusion_matrix(targets, preds, class_names, Path(report_dir) / f"{name}-confusion.png",
+                                    title=f"{Path(report_dir).parent.name} on {data.spec} ({data.split})")
+        echo(text_report(targets, preds, class_names))
+        echo(f"confusion matrix: {png}")
+    return RunScore(classification_metrics(targets, preds, len(class_names)), len(targets), method)
+
+
+class ClassifyTask(Task):
     """Trains EncoderForClassification; metrics are accuracy and macro-F1 (scikit-learn)."""
 
     name = "classify"
     monitor = ("accuracy", "max")
+    Config = ClassifyConfig
+    headline = ("accuracy", "macro_f1")
+    needs_tokenizer = False
+    comparable_with = ("pretrain",)  # a pretraining run scores on the same labels through a linear probe
+    recipe = {"epochs": 3}
 
-    def __init__(self, run_config=None):
-        classify = getattr(run_config, "classify", None)
-        self.augment = classify.augment if classify is not None else "none"
+    # -- data -----------------------------------------------------------------------------------------
 
-    def collate(self, batch):
-        return collate_batch(batch)
+    @classmethod
+    def data_label(cls, cfg, spec):
+        return cfg.label if cfg.label is not None or not is_shapes(spec) else SHAPES_DEFAULT_LABEL
+
+    @classmethod
+    def check_data(cls, dataset, spec):
+        if not dataset.has_labels or not dataset.class_names:
+            raise DataError(f"data {spec!r} has no labels to classify; give a labelled dataset (class folders or a 'label' field)")
+
+    @classmethod
+    def decode(cls, dataset, image_size):
+        # Only the labels are needed: no per-sample decoding beyond the (vectorised) images.
+        return dataset.fast_images(image_size), [{"label": label} for label in dataset.labels()]
+
+    @classmethod
+    def vocabulary(cls, meta, cfg, dataset=None):
+        return list(dataset.class_names) if dataset is not None else sorted({m["label"] for m in meta})
+
+    def build_split(self, images, meta, train):
+        return TensorSplit(images, labels=label_ids([m["label"] for m in meta], self.rc.class_names, "training data"))
+
+    @classmethod
+    def build_model(cls, rc, tokenizer=None):
+        c = cls.config_from(rc.task_config)
+        return EncoderForClassification(rc.model, len(rc.class_names or []), c.label_smoothing, rc.model.dropout, c.pooling)
+
+    # -- the trainer's contract -----------------------------------------------------------------------
 
     def training_step(self, model, batch):
-        images = augment(batch["images"], self.augment)
+        images = augment(batch["images"], self.cfg.augment)
         out = model(images=normalize_images(images), labels=batch["labels"])
         acc = (out.logits.argmax(-1) == batch["labels"]).float().mean()
         return {"loss": out.loss, "acc": acc.detach()}
@@ -43,3 +139,28 @@ class ClassifyTask:
             "accuracy": float((preds == targets).mean()),
             "macro_f1": float(f1_score(targets, preds, average="macro", labels=np.arange(probs.shape[1]), zero_division=0)),
         }
+
+    # -- finished runs --------------------------------------------------------------------------------
+
+    def evaluate_run(self, model, data, report_dir=None, echo=print):
+        names = data.class_names or self.rc.class_names
+        if list(self.rc.class_names) != list(names):
+            raise RunError(f"a classify run trained on other classes ({len(self.rc.class_names)}) than these ({len(names)}) cannot be compared")
+        test = labelled_split(data, data.split, self.rc.model.image_size, names)
+        preds = predict_logits(model, test.images).argmax(1).numpy()
+        return classification_score(test.labels.numpy(), preds, names, "head", data, report_dir, echo)
+
+    @torch.no_grad()
+    def predict(self, model, images, files, top_k=1, **_):
+        probs = model(images=normalize_images(images)).logits.float().softmax(-1)
+        names = self.rc.class_names
+        results = []
+        for f, p in zip(files, probs):
+            top = p.topk(min(top_k, len(p)))
+            results.append({
+                "file": str(f),
+                "label": names[int(top.indices[0])],
+                "probability": float(top.values[0]),
+                "top": [{"label": names[int(i)], "probability": float(v)} for v, i in zip(top.values, top.indices)],
+            })
+        return results

@@ -182,13 +182,14 @@ class DetectTask(Task):
     monitor = ("map_50", "max")
     Config = DetectConfig
     headline = ("map_50", "map")
+    predict_inputs = ("out_dir",)
     needs_tokenizer = False
     # The recommended fine-tuning recipe (tiny preset, Shapes): 10 epochs at lr 2e-3 reach mAP@.5 0.999 in
     # under 2 CPU-minutes, where the generic 3 epochs at 1e-3 stop near 0.57. Train options a user gave win.
     recipe = {"epochs": 10, "lr": 2e-3}
 
     @classmethod
-    def vocabulary(cls, meta, cfg):
+    def vocabulary(cls, meta, cfg, dataset=None):
         per_sample = labelled_objects(meta, cfg.label)
         labels = {label for rows in per_sample for _, label in rows}
         if not labels:

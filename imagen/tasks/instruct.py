@@ -100,6 +100,7 @@ class InstructTask(GenerativeTask):
     monitor = ("loss", "min")  # held-out NLL: smooth, unlike generation metrics on small validation sets
     Config = InstructConfig
     headline = ("instruct_score", "describe_fact_accuracy", "count_accuracy", "position_accuracy")
+    predict_inputs = ("instruction", "decoding")
     recipe = {"epochs": 10, "lr": 2e-3}
 
     @classmethod

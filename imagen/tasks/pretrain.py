@@ -1,23 +1,73 @@
-"""Self-supervised multimodal pretraining as a task: MLM, MIM, ITC and ITM through PretrainingModel."""
+"""Self-supervised multimodal pretraining as a task: MLM, MIM, ITC and ITM through PretrainingModel.
+
+A pretraining run has no head to predict with; it is scored by a linear probe on its frozen pooled image
+embedding (logistic regression on labelled training images), the "before fine-tuning" row of a classify
+run's before/after table.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from imagen.data.cache import collate_batch, normalize_images
+from imagen.config import PretrainConfig
+from imagen.data.cache import TensorSplit, normalize_images
+from imagen.errors import DataError
+from imagen.eval.classification import linear_probe
+from imagen.models.pretraining import PretrainingModel
+from imagen.tasks.base import Task
+from imagen.tasks.classify import SHAPES_DEFAULT_LABEL, classification_score, is_shapes, labelled_split
+
+# Labelled training images the linear probe is fit on, at most.
+PROBE_TRAIN_SIZE = 5000
+# The tokenizer's [MASK] id when a run has no tokenizer (image-only): Tokenizer's special tokens come first.
+DEFAULT_MASK_ID = 4
 
 
-class PretrainTask:
+class PretrainTask(Task):
     """Wraps PretrainingModel for the trainer; validation reports each objective and in-batch retrieval."""
 
     name = "pretrain"
     monitor = ("loss", "min")
+    Config = PretrainConfig
+    headline = ("accuracy", "macro_f1")  # of the linear probe
+    predict_inputs = None  # nothing to predict with: fine-tune it first
+    recipe = {}  # TrainConfig's defaults
 
-    def __init__(self, run_config=None):
-        self.run_config = run_config
+    # -- data -----------------------------------------------------------------------------------------
 
-    def collate(self, batch):
-        return collate_batch(batch)
+    @classmethod
+    def settle(cls, cfg, dataset):
+        # Data without captions can only be pretrained on its images.
+        return dataclasses.replace(cfg, image_only=cfg.image_only or not dataset.has_text)
+
+    @classmethod
+    def uses_tokenizer(cls, cfg):
+        return not cfg.image_only
+
+    @classmethod
+    def decode(cls, dataset, image_size):
+        texts = dataset.texts() if dataset.has_text else [None] * len(dataset)
+        return dataset.fast_images(image_size), [{"text": t} for t in texts]
+
+    @classmethod
+    def tokenizer_texts(cls, meta, cfg):
+        return [m["text"] or "" for m in meta]
+
+    def build_split(self, images, meta, train):
+        if self.cfg.image_only or self.tokenizer is None:
+            return TensorSplit(images)
+        texts = [m["text"] or "" for m in meta]
+        input_ids, attention_mask = self.tokenizer.encode(texts, max_length=self.rc.model.max_text_len, pad_to_max=True)
+        return TensorSplit(images, input_ids, attention_mask, texts=texts)
+
+    @classmethod
+    def build_model(cls, rc, tokenizer=None):
+        mask_id = tokenizer.mask_id if tokenizer is not None else DEFAULT_MASK_ID
+        return PretrainingModel(rc.model, cls.config_from(rc.task_config), mask_id=mask_id)
+
+    # -- the trainer's contract -----------------------------------------------------------------------
 
     @staticmethod
     def _inputs(batch):
@@ -41,3 +91,19 @@ class PretrainTask:
     def compute_metrics(self, outputs):
         keys = outputs[0].keys() if outputs else []
         return {k: float(torch.stack([o[k] for o in outputs]).mean()) for k in keys}
+
+    # -- finished runs --------------------------------------------------------------------------------
+
+    def evaluate_run(self, model, data, report_dir=None, echo=print):
+        """A linear probe on the frozen encoder, fit on labelled training images, scored on `data`."""
+        if data.label is None and is_shapes(data.spec):
+            data = dataclasses.replace(data, label=SHAPES_DEFAULT_LABEL)
+        names = data.class_names or data.load("train").class_names
+        if not names:
+            raise DataError(f"data {data.spec!r} has no labels; evaluation of a pretrain run needs labelled data")
+        size = self.rc.model.image_size
+        test = labelled_split(data, data.split, size, names)
+        train = labelled_split(data, "train", size, names)
+        k = min(len(train), PROBE_TRAIN_SIZE)
+        preds = linear_probe(model.encoder, train.images[:k], train.labels[:k].numpy(), test.images, len(names), data.seed)
+        return classification_score(test.labels.numpy(), preds, names, "linear-probe", data, report_dir, echo)

@@ -131,9 +131,10 @@ class RetrievalTask(Task):
     monitor = ("r_mean", "max")
     Config = RetrievalConfig
     headline = ("r@1", "t2i_r@1", "facts_r@1", "zero_shot_accuracy")
+    predict_inputs = ("texts",)
     # From a 5-epoch pretraining run, 16,000 Shapes pairs x 15 epochs reach test r@1 0.420 / facts_r@1 0.841;
     # 4,000 x 60 epochs (the same steps) 0.369 / 0.792. A batch of 128 at lr 2e-3 did worse on validation.
-    recipe = {"epochs": 15, "lr": 1e-3, "shapes_n": 16000}
+    recipe = {"epochs": 15, "shapes_n": 16000}
 
     def __init__(self, run_config, tokenizer=None):
         super().__init__(run_config, tokenizer)
@@ -142,7 +143,7 @@ class RetrievalTask(Task):
     # -- vocabulary, data and model ------------------------------------------------------------------
 
     @classmethod
-    def vocabulary(cls, meta, cfg):
+    def vocabulary(cls, meta, cfg, dataset=None):
         """The zero-shot class names seen in training (sorted), or None when the data has fewer than two."""
         names = sorted({label for m in meta if (label := zero_shot_label(m, cfg.zero_shot_label)) is not None})
         return names if len(names) >= 2 else None

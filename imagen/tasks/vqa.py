@@ -81,10 +81,11 @@ class _VQA:
     monitor = ("vqa_accuracy", "max")
     Config = VQAConfig
     headline = ("vqa_accuracy",)
+    predict_inputs = ("question",)
     recipe = {"epochs": 12, "lr": 2e-3}
 
     @classmethod
-    def vocabulary(cls, meta, cfg):
+    def vocabulary(cls, meta, cfg, dataset=None):
         rows = qa_rows(meta)
         if not rows:
             raise DataError("no questions in the training data; VQA needs rows with 'question' and 'answers' "
