@@ -26,7 +26,7 @@ from imagen.config import (
     to_dict,
 )
 from imagen.data import DataError, Tokenizer, load_dataset
-from imagen.data.cache import build_split
+from imagen.data.splits import build_split
 from imagen.runs import (
     TOKENIZER_NAME,
     CONFIG_NAME,
@@ -471,7 +471,7 @@ def predict(run: str | Path, files: Sequence[str | Path], top_k: int = 1, **inpu
     """Answers of a fine-tuned run for image files: labels (classify), answers (vqa, with question=...),
     captions (caption), responses (instruct, with instruction=...), boxes (detect), best texts (retrieval)."""
     from imagen.data import image_to_tensor, open_image
-    from imagen.data.cache import normalize_images
+    from imagen.data.images import normalize_images
 
     loaded = load(run)
     if loaded.task == "pretrain":

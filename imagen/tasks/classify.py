@@ -7,7 +7,8 @@ import torch
 from sklearn.metrics import f1_score
 
 from imagen.data.augment import augment
-from imagen.data.cache import collate_batch, normalize_images
+from imagen.data.images import normalize_images
+from imagen.data.splits import collate_batch
 
 
 class ClassifyTask:

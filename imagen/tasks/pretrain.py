@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from imagen.data.cache import collate_batch, normalize_images
+from imagen.data.images import normalize_images
+from imagen.data.splits import collate_batch
 
 
 class PretrainTask:
