@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from imagen.data import load_dataset
-from imagen.data.cache import normalize_images
+from imagen.data.images import normalize_images
 from imagen.diffusion.process import q_sample, v_target
 from imagen.eval.evaluator import get_evaluator
 from imagen.eval.t2i import compositional_accuracy, compositional_prompts

@@ -24,7 +24,7 @@ import torch
 from imagen.errors import GenerationError
 from imagen.config import CAPTION_MODES, DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS, ConfigError, TrainConfig, from_dict, to_dict
 from imagen.data import DataError, Tokenizer, load_dataset
-from imagen.data.cache import normalize_images
+from imagen.data.images import normalize_images
 from imagen.models.text_to_image import StageConfig, TextToImageStage, resize_images, stage_config_to_json
 from imagen.models.unet import UNET_PRESETS, UNetConfig
 from imagen.atomic import write_json as write_json_atomic

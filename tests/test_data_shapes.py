@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from imagen.data import DataError, ShapesWorld, open_image, load_dataset, shapes_class_names, write_shapes
-from imagen.data.shapes import COLORS, POSITIONS, SHAPES
-from imagen.data.shapes_text import COLOR_ZH, SHAPE_ZH
+from imagen.data.shapes import PARAPHRASES
+from imagen.data.shapes_scene import COLORS, POSITIONS, SHAPES, place_objects
+from imagen.data.shapes_text import COLOR_ZH, SHAPE_ZH, caption
 
 N = 150
 
@@ -137,9 +138,6 @@ def test_write_shapes_round_trip(tmp_path):
 
 
 def test_paraphrases_name_every_object_and_leave_the_sample_stream_alone():
-    from imagen.data.shapes import PARAPHRASES, _place
-    from imagen.data.shapes_text import caption
-
     world = ShapesWorld(seed=5)
     styles = set()
     for i in range(60):
@@ -153,7 +151,7 @@ def test_paraphrases_name_every_object_and_leave_the_sample_stream_alone():
         styles.update(paraphrases)
         # The sample's own caption is what the stream gave before paraphrases existed.
         rng = np.random.default_rng([5, i])
-        objects = _place(rng, 32, int(rng.integers(1, 4)))
+        objects = place_objects(rng, 32, int(rng.integers(1, 4)))
         assert objects == s["objects"] and caption(objects, rng) == s["text"]
     assert len(styles) > 200  # not one caption repeated
     # Dataset view: the caption first, then the paraphrases (repeats kept, so a draw follows the templates).

@@ -9,7 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from imagen.data.shapes import COLORS, SHAPES, ShapesWorld
+from imagen.data.shapes import ShapesWorld
+from imagen.data.shapes_scene import COLORS, SHAPES
 from imagen.data.shapes_text import caption
 from imagen.eval.captioning import (caption_metrics, cider_d, corpus_bleu, fact_accuracy, parse_objects,
                                     tokenize)

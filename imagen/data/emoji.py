@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from imagen.atomic import atomic_path
 from imagen.errors import DataError
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -107,16 +107,9 @@ def load_emoji(size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
             pass
     images, cps, names = render_all(size)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename so concurrent processes never read a half-written cache.
-        fd, tmp = tempfile.mkstemp(prefix=cache.name, suffix=".tmp", dir=cache.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=images, codepoints=cps, names=np.asarray(names), stamp=stamp)
-            os.replace(tmp, cache)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # Atomic, so concurrent processes never read a half-written cache; a file object stops savez adding ".npz".
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, codepoints=cps, names=np.asarray(names), stamp=stamp)
     except OSError:
         pass  # caching is an optimisation; a read-only home must not break loading
     return images, cps, names

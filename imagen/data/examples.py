@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .images import image_to_tensor
+from .splits import trim_padding
 
 
 def collect(dataset, size: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -62,7 +63,5 @@ class ExampleSplit(torch.utils.data.Dataset):
             else:
                 batch[name] = [value[i] for i in idx.tolist()]
         for name in [n for n in batch if n.endswith("_ids") and f"{n[:-4]}_mask" in batch]:
-            mask = batch[f"{name[:-4]}_mask"]
-            length = max(1, int(mask.sum(1).max()))  # trim the padding the whole batch shares
-            batch[name], batch[f"{name[:-4]}_mask"] = batch[name][:, :length], mask[:, :length]
+            batch[f"{name[:-4]}_mask"], batch[name] = trim_padding(batch[f"{name[:-4]}_mask"], batch[name])
         return batch

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .coco import read_coco
 from .dataset import ImageTextDataset
 from imagen.errors import DataError
 from .images import is_image_path, open_image
@@ -157,8 +158,6 @@ def _is_coco(path: Path) -> bool:
 
 def _coco_source(path: Path) -> list[dict]:
     """Records from a COCO instances file: boxes as objects with category names, plus the image size."""
-    from .coco import read_coco
-
     return [{"path": p, "id": str(meta["id"]), "text": None, "label": None, "objects": meta["objects"],
              **{k: meta[k] for k in ("width", "height") if k in meta}} for p, meta in read_coco(path)]
 

@@ -1,4 +1,4 @@
-"""Image decoding, mode conversion to RGB, and conversion to uint8 tensors."""
+"""Image decoding, mode conversion to RGB, conversion to uint8 tensors and their normalisation for models."""
 
 from __future__ import annotations
 
@@ -104,3 +104,8 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     img = resize_square(to_rgb(img), size)
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) in [0, 255] -> float in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)

@@ -1,4 +1,4 @@
-"""English and Chinese caption and question templates for the Shapes world."""
+"""English and Chinese caption and question templates for the Shapes world's scenes (see `shapes_scene`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from .shapes import COLORS, SHAPES, relation
+from .shapes_scene import COLORS, SHAPES, relation
 
 NUMBER_EN = {1: "a", 2: "two", 3: "three"}
 COLOR_ZH = {"red": "红色", "yellow": "黄色", "green": "绿色", "cyan": "青色", "blue": "蓝色", "purple": "紫色"}
@@ -26,11 +26,16 @@ def _coin(rng: np.random.Generator, p: float) -> bool:
     return bool(rng.random() < p)
 
 
-def _name(obj: dict, lang: str) -> str:
+def object_name(obj: dict, lang: str) -> str:
     """Colour + shape name without article: 'red circle' / '红色圆形'."""
     if lang == "zh":
         return COLOR_ZH[obj["color"]] + SHAPE_ZH[obj["shape"]]
     return f"{obj['color']} {obj['shape']}"
+
+
+def object_phrase(obj: dict, lang: str, with_size: bool = False, with_pos: bool = False) -> str:
+    """One object as a caption phrase, optionally with its size and position: 'a small red circle on the left'."""
+    return _phrase_zh(obj, with_size, with_pos) if lang == "zh" else _phrase_en(obj, with_size, with_pos)
 
 
 def _phrase_en(obj: dict, with_size: bool, with_pos: bool) -> str:
@@ -58,10 +63,20 @@ def _join(parts: list[str], lang: str, clauses: bool = False) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _group_phrase(color: str, shape: str, k: int, lang: str) -> str:
+def group_phrase(color: str, shape: str, k: int, lang: str) -> str:
+    """k identical objects counted: 'two green triangles' / '两个绿色的三角形'."""
     if lang == "zh":
         return f"{NUMBER_ZH[k]}{COLOR_ZH[color]}的{SHAPE_ZH[shape]}"
     return f"{NUMBER_EN[k]} {color} {shape}" + ("s" if k > 1 else "")
+
+
+def relation_phrase(a: dict, b: dict, lang: str) -> str:
+    """Object a's spatial relation to b as a caption: 'a red circle to the left of a blue square'."""
+    rel = relation(a, b)
+    if lang == "zh":
+        return f"{object_name(a, lang)}在{object_name(b, lang)}的{RELATION_ZH[rel]}"
+    rel_en = {"left of": "to the left of", "right of": "to the right of"}.get(rel, rel)
+    return f"a {object_name(a, lang)} {rel_en} a {object_name(b, lang)}"
 
 
 def caption(objects: list[dict], rng: np.random.Generator, lang: str = "en") -> str:
@@ -69,20 +84,14 @@ def caption(objects: list[dict], rng: np.random.Generator, lang: str = "en") -> 
     groups = Counter((o["color"], o["shape"]) for o in objects)
     style = rng.random()
     if len(objects) == 2 and len(groups) == 2 and style < 0.35:
-        a, b = objects
-        rel = relation(a, b)
-        if lang == "zh":
-            return f"{_name(a, lang)}在{_name(b, lang)}的{RELATION_ZH[rel]}"
-        rel_en = {"left of": "to the left of", "right of": "to the right of"}.get(rel, rel)
-        return f"a {_name(a, lang)} {rel_en} a {_name(b, lang)}"
+        return relation_phrase(objects[0], objects[1], lang)
     with_size, with_pos = _coin(rng, 0.35), _coin(rng, 0.35)
     if len(groups) < len(objects) and (style < 0.7 or not (with_size or with_pos)):
         # Identical objects read best counted ("two green triangles") unless size/position tells them apart.
-        parts = [_group_phrase(c, s, k, lang) for (c, s), k in groups.items()]
+        parts = [group_phrase(c, s, k, lang) for (c, s), k in groups.items()]
         with_pos = False
     else:
-        phrase = _phrase_zh if lang == "zh" else _phrase_en
-        parts = [phrase(o, with_size, with_pos) for o in objects]
+        parts = [object_phrase(o, lang, with_size, with_pos) for o in objects]
     text = _join(parts, lang, clauses=with_pos)
     if lang == "zh":
         prefix = ("", "图中有", "画面里有")[rng.integers(3)]
@@ -103,7 +112,7 @@ def questions(objects: list[dict], rng: np.random.Generator, lang: str = "en") -
     yes, no = YES_NO[lang]
     shape_n = Counter(o["shape"] for o in objects)
     color_n = Counter(o["color"] for o in objects)
-    name_n = Counter(_name(o, "en") for o in objects)
+    name_n = Counter(object_name(o, "en") for o in objects)
     out = []
     for o in objects:  # ask only about uniquely identifiable objects so every answer is unambiguous
         if shape_n[o["shape"]] == 1:
@@ -112,22 +121,22 @@ def questions(objects: list[dict], rng: np.random.Generator, lang: str = "en") -
         if color_n[o["color"]] == 1:
             out.append(_q(f"{COLOR_ZH[o['color']]}的物体是什么形状？", SHAPE_ZH[o["shape"]], "shape") if zh else
                        _q(f"what shape is the {o['color']} object?", o["shape"], "shape"))
-        if name_n[_name(o, "en")] == 1:
-            out.append(_q(f"{_name(o, lang)}在哪里？", POSITION_ZH[o["position"]], "position") if zh else
-                       _q(f"where is the {_name(o, lang)}?", o["position"], "position"))
+        if name_n[object_name(o, "en")] == 1:
+            out.append(_q(f"{object_name(o, lang)}在哪里？", POSITION_ZH[o["position"]], "position") if zh else
+                       _q(f"where is the {object_name(o, lang)}?", o["position"], "position"))
     n = len(objects)
     out.append(_q("图中有几个物体？", str(n), "count") if zh else _q("how many objects are there?", str(n), "count"))
     present = objects[rng.integers(n)]
     absent = [(c, s) for c in COLORS for s in SHAPES if (f"{c} {s}") not in name_n]
     c, s = absent[rng.integers(len(absent))]
     for obj, ans in ((present, yes), ({"color": c, "shape": s}, no)):
-        out.append(_q(f"图中有{_name(obj, lang)}吗？", ans, "exists") if zh else
-                   _q(f"is there a {_name(obj, lang)}?", ans, "exists"))
+        out.append(_q(f"图中有{object_name(obj, lang)}吗？", ans, "exists") if zh else
+                   _q(f"is there a {object_name(obj, lang)}?", ans, "exists"))
     for a in objects:
         for b in objects:
-            if a is b or name_n[_name(a, "en")] > 1 or name_n[_name(b, "en")] > 1:
+            if a is b or name_n[object_name(a, "en")] > 1 or name_n[object_name(b, "en")] > 1:
                 continue
             rel = relation(a, b)
-            out.append(_q(f"{_name(a, lang)}在{_name(b, lang)}的哪边？", RELATION_ZH[rel], "relation") if zh else
-                       _q(f"where is the {_name(a, lang)} relative to the {_name(b, lang)}?", rel, "relation"))
+            out.append(_q(f"{object_name(a, lang)}在{object_name(b, lang)}的哪边？", RELATION_ZH[rel], "relation") if zh else
+                       _q(f"where is the {object_name(a, lang)} relative to the {object_name(b, lang)}?", rel, "relation"))
     return out

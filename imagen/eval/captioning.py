@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from imagen.data.shapes import COLORS, SHAPES, SIZES
+from imagen.data.shapes_scene import COLORS, SHAPES, SIZES
 
 # CJK characters are one token each (as sacrebleu's zh tokenizer has it); other words are runs of word
 # characters. Punctuation is dropped, as coco-caption's PTB tokenizer drops it before BLEU and CIDEr.

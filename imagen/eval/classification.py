@@ -9,7 +9,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
-from imagen.data.cache import normalize_images
+from imagen.data.images import normalize_images
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ that no dataset split uses). For each image it predicts
 - for each cell of the 3 x 3 grid the generator's position words come from: "empty" or one of the 18
   colour-shape classes of the object whose box centre lies in that cell;
 - for each cell, the centre's offset inside the cell (0..1 along x and y), so relations can be decided from
-  continuous centres exactly as `imagen.data.shapes.relation` decides them (see `imagen.eval.t2i`).
+  continuous centres exactly as `imagen.data.shapes_scene.relation` decides them (see `imagen.eval.t2i`).
 
 The network resizes any input to 36 x 36 (three 12-pixel cells) so its 3 x 3 output grid lines up with the
 generator's thirds of the canvas. Approximation: two objects whose centres fall in the same cell (rare: only
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +30,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from imagen.atomic import atomic_dir
+from imagen.data.images import normalize_images
+from imagen.data.shapes_scene import COLORS, MAX_OBJECTS, SHAPES, place_objects, render
 from imagen.errors import EvalError
-from imagen.data.cache import normalize_images
-from imagen.data.shapes import COLORS, MAX_OBJECTS, SHAPES, _place, render
 
 EVALUATOR_VERSION = 1
 CLASSES = [(c, s) for c in COLORS for s in SHAPES]  # cell class k + 1; class 0 is "empty"
@@ -65,7 +64,7 @@ def scene_targets(objects: list[dict], size: int) -> tuple[int, np.ndarray, np.n
     for o in objects:
         x0, y0, x1, y1 = o["box"]
         gx, gy = (x0 + x1) / 2 * 3 / size, (y0 + y1) / 2 * 3 / size
-        col, row = min(2, int(gx)), min(2, int(gy))  # the same cell rule as shapes.position_word
+        col, row = min(2, int(gx)), min(2, int(gy))  # the same cell rule as shapes_scene.position_word
         cls[row, col] = 1 + CLASSES.index((o["color"], o["shape"]))
         off[row, col] = (min(gx - col, 1.0), min(gy - row, 1.0))
     return len(objects), cls, off
@@ -78,7 +77,7 @@ def sample_batch(rng: np.random.Generator, n: int, size: int, min_objects: int =
     cells = np.empty((n, 3, 3), dtype=np.int64)
     offsets = np.empty((n, 3, 3, 2), dtype=np.float32)
     for i in range(n):
-        objects = _place(rng, size, int(rng.integers(min_objects, max_objects + 1)))
+        objects = place_objects(rng, size, int(rng.integers(min_objects, max_objects + 1)))
         images[i] = np.asarray(render(objects, size))
         counts[i], cells[i], offsets[i] = scene_targets(objects, size)
     return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(counts),
@@ -165,24 +164,17 @@ class ShapesEvaluator(nn.Module):
     # --- persistence --------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors into folder `path` (atomically: built beside it, then renamed)."""
+        """Write config.json + model.safetensors into folder `path` atomically, replacing what was there."""
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out, replace=True) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME))
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str = "cpu") -> "ShapesEvaluator":
+        """Load an evaluator saved by `save` from folder `path`, in eval mode on map_location."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise EvalError(f"{path} holds no Shapes evaluator ({CONFIG_NAME} + {WEIGHTS_NAME}); train one with get_evaluator")

@@ -20,10 +20,13 @@ image takes the class of highest cosine similarity.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .captioning import parse_objects
 
 KS = (1, 5, 10)
 
@@ -74,10 +77,6 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, cap
 def fact_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: Sequence[str],
                 objects: Sequence[Sequence[dict]], ks: Sequence[int] = KS) -> dict[str, float]:
     """`facts_r@k` / `facts_t2i_r@k`: recall@k where a caption is relevant to every image whose objects it names."""
-    from collections import Counter
-
-    from imagen.eval.captioning import parse_objects
-
     keys: dict[tuple, int] = {}
     said = torch.tensor([keys.setdefault(tuple(sorted(parse_objects(c).items(), key=str)), len(keys)) for c in captions])
     truth = torch.tensor([keys.setdefault(tuple(sorted(Counter((o["color"], o["shape"]) for o in obj).items(), key=str)), len(keys))

@@ -19,15 +19,18 @@ A non-None "cell" means the prompt states the object's position; "box" (pixels o
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imagen.data.cache import normalize_images
-from imagen.data.shapes import POSITIONS, ShapesWorld, relation, render
-from imagen.data.shapes_text import RELATION_ZH, _group_phrase, _name, _phrase_en, _phrase_zh
+from imagen.data.images import normalize_images
+from imagen.data.shapes import ShapesWorld
+from imagen.data.shapes_scene import POSITIONS, relation, render
+from imagen.data.shapes_text import group_phrase, object_name, object_phrase, relation_phrase
 
 from .evaluator import EvalError, ShapesEvaluator
 
@@ -59,21 +62,16 @@ def compositional_prompts(n_per_category: int, seed: int = PROMPT_SEED, lang: st
     if lang not in ("en", "zh"):
         raise EvalError(f"unknown prompt language {lang!r}; choose 'en' or 'zh'")
     out: list[dict] = []
-    phrase = _phrase_zh if lang == "zh" else _phrase_en
     # single: one object, its position stated in half of the prompts
     for j, (_, objects) in enumerate(itertools.islice(_scenes(seed, size, 1, 0), n_per_category)):
         with_pos = j % 2 == 1
-        out.append({"prompt": phrase(objects[0], False, with_pos), "category": "single",
+        out.append({"prompt": object_phrase(objects[0], lang, with_pos=with_pos), "category": "single",
                     "expected": {"objects": [_fact(objects[0], with_pos)], "count": 1, "relation": None, "canvas": size}})
     # relation: two different colour-shapes and the generator's relation of the first to the second
-    scenes = ((i, o) for i, o in _scenes(seed, size, 2, 1) if _name(o[0], "en") != _name(o[1], "en"))
+    scenes = ((i, o) for i, o in _scenes(seed, size, 2, 1) if object_name(o[0], "en") != object_name(o[1], "en"))
     for _, (a, b) in itertools.islice(scenes, n_per_category):
         rel = relation(a, b)
-        if lang == "zh":
-            text = f"{_name(a, lang)}在{_name(b, lang)}的{RELATION_ZH[rel]}"
-        else:
-            text = f"a {_name(a, lang)} {({'left of': 'to the left of', 'right of': 'to the right of'}).get(rel, rel)} a {_name(b, lang)}"
-        out.append({"prompt": text, "category": "relation",
+        out.append({"prompt": relation_phrase(a, b, lang), "category": "relation",
                     "expected": {"objects": [_fact(a, False), _fact(b, False)], "count": 2,
                                  "relation": {"subject": 0, "object": 1, "relation": rel}, "canvas": size}})
     # count: two or three identical objects (placement from a real scene, then one colour-shape for all)
@@ -84,7 +82,7 @@ def compositional_prompts(n_per_category: int, seed: int = PROMPT_SEED, lang: st
         rng = np.random.default_rng([seed, 7, j])
         color, shape = objects[int(rng.integers(k))]["color"], objects[int(rng.integers(k))]["shape"]
         facts = [{"color": color, "shape": shape, "box": list(o["box"]), "cell": None} for o in objects]
-        out.append({"prompt": _group_phrase(color, shape, k, lang), "category": "count",
+        out.append({"prompt": group_phrase(color, shape, k, lang), "category": "count",
                     "expected": {"objects": facts, "count": k, "relation": None, "canvas": size}})
     return out
 
@@ -117,7 +115,7 @@ def _center(obj: dict) -> tuple[float, float]:
 
 
 def relation_holds(a: dict, b: dict, rel: str, tolerance: float = RELATION_TOLERANCE) -> bool:
-    """Whether predicted object a stands in `rel` to b. Mirrors shapes.relation (dominant axis of the centre
+    """Whether predicted object a stands in `rel` to b. Mirrors shapes_scene.relation (dominant axis of the centre
     offset) with slack: the relation's axis must have the right sign and may be shorter than the other axis by
     at most `tolerance` (canvas fraction), since centres read from pixels are not exact."""
     (ax, ay), (bx, by) = _center(a), _center(b)
@@ -250,14 +248,10 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path, batch_si
     """Standard FID with a user-supplied TorchScript Inception feature extractor (e.g. the common
     `inception-2015-12-05.pt` used by StyleGAN2-ADA / clean-fid: uint8 (N, 3, H, W) in, 2048-d features out
     when called with return_features=True). Nothing is downloaded."""
-    from pathlib import Path
-
     path = Path(weights_path) if weights_path else None
     if path is None or not path.is_file():
         raise EvalError(f"Inception weights not found at {weights_path}: standard FID needs a TorchScript Inception "
                         f"file you supply (none can be downloaded here); use fid() with the Shapes evaluator instead")
-    import warnings
-
     with warnings.catch_warnings():  # TorchScript is deprecated upstream but remains the format these files use
         warnings.simplefilter("ignore", DeprecationWarning)
         net = torch.jit.load(str(path), map_location="cpu").eval()

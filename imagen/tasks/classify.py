@@ -15,7 +15,8 @@ from sklearn.metrics import f1_score
 
 from imagen.config import ConfigError
 from imagen.data.augment import AUGMENTATIONS, augment
-from imagen.data.cache import TensorSplit, normalize_images
+from imagen.data.images import normalize_images
+from imagen.data.splits import TensorSplit
 from imagen.errors import DataError, RunError
 from imagen.eval.classification import classification_metrics, predict_logits, save_confusion_matrix, text_report
 from imagen.models.heads import EncoderForClassification

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from imagen.config import ConfigError
-from imagen.data.cache import normalize_images
+from imagen.data.images import normalize_images
 from imagen.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.data.shapes import class_names as shapes_class_names

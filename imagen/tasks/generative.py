@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from imagen.config import ConfigError
-from imagen.data.cache import normalize_images
+from imagen.data.images import normalize_images
 from imagen.data.examples import ExampleSplit
 from imagen.models.decoder import EncoderDecoder
 from imagen.tasks.base import Task, require_tokenizer

@@ -22,7 +22,7 @@ import numpy as np
 
 from imagen.config import ConfigError
 from imagen.errors import DataError
-from imagen.data.shapes import SHAPES
+from imagen.data.shapes_scene import SHAPES
 from imagen.eval.captioning import corpus_bleu, cider_d, fact_accuracy
 from imagen.eval.vqa import normalize_answer
 from imagen.tasks.caption import english_shapes, has_shapes_objects

@@ -12,7 +12,8 @@ import dataclasses
 import torch
 
 from imagen.config import PretrainConfig
-from imagen.data.cache import TensorSplit, normalize_images
+from imagen.data.images import normalize_images
+from imagen.data.splits import TensorSplit
 from imagen.errors import DataError
 from imagen.eval.classification import linear_probe
 from imagen.models.pretraining import PretrainingModel

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagen.config import ConfigError, EncoderConfig
-from imagen.data.cache import normalize_images
+from imagen.data.images import normalize_images
 from imagen.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.eval.retrieval import (caption_relevance, class_embeddings, contrastive_loss, fact_recall, retrieval_metrics,

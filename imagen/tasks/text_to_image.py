@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from imagen.data.cache import normalize_images
+from imagen.data.images import normalize_images
 from imagen.diffusion import training_loss, uniform_timesteps
 from imagen.models.text_to_image import resize_images
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from imagen.config import ConfigError
-from imagen.data.cache import normalize_images
+from imagen.data.images import normalize_images
 from imagen.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.eval.vqa import answer_scores, normalize_answer, vqa_accuracy

@@ -1,7 +1,8 @@
 """A split held in memory as tensors: uint8 images, pre-tokenised texts and label ids.
 
 Small vision-language datasets fit in RAM many times over; decoding and tokenising once turns every later
-batch into a tensor index, which keeps CPU training bound by the model rather than by PIL.
+batch into a tensor index, which keeps CPU training bound by the model rather than by PIL. `trim_padding` is
+the one place a batch's token ids lose the padding all its rows share (every split here uses it).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import torch
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) in [0, 255] -> float in [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
+def trim_padding(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cut mask (B, T) and each (B, T, ...) tensor to the longest row's length (at least 1): (mask, *tensors)."""
+    length = max(1, int(mask.sum(1).max()))
+    return (mask[:, :length], *(t[:, :length] for t in tensors))
 
 
 class TensorSplit(torch.utils.data.Dataset):
@@ -35,10 +37,7 @@ class TensorSplit(torch.utils.data.Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         batch = {"images": self.images[idx]}
         if self.input_ids is not None:
-            mask = self.attention_mask[idx]
-            length = max(1, int(mask.sum(1).max()))  # trim padding shared by the whole batch
-            batch["input_ids"] = self.input_ids[idx, :length]
-            batch["attention_mask"] = mask[:, :length]
+            batch["attention_mask"], batch["input_ids"] = trim_padding(self.attention_mask[idx], self.input_ids[idx])
         if self.labels is not None:
             batch["labels"] = self.labels[idx]
         return batch
