@@ -25,7 +25,9 @@ install-data:
 demo: install
 	$(BIN)/imagen demo
 
+# lint-imports checks the layer contract in pyproject.toml (an upward import or an import cycle fails the build).
 test: install-test
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 test-slow: install-test
