@@ -82,7 +82,7 @@ def test_inpainting_keeps_the_known_region(capsys, t2i_run, tmp_path):
 
 def test_evaluate_t2i_scores_a_16px_run_at_the_evaluators_32px(t2i_run, monkeypatch):
     from imagen.eval import evaluator as evaluator_mod
-    from imagen.generation import evaluate_t2i
+    from imagen.pipelines import SamplingConfig, evaluate_t2i
 
     tiny = evaluator_mod.train_evaluator(size=32, steps=3, batch_size=8)
     seen = []
@@ -94,7 +94,7 @@ def test_evaluate_t2i_scores_a_16px_run_at_the_evaluators_32px(t2i_run, monkeypa
     original_predict = tiny.predict
     monkeypatch.setattr(tiny, "predict", lambda images: seen.append(tuple(images.shape)) or original_predict(images))
     monkeypatch.setattr(evaluator_mod, "get_evaluator", fake_get_evaluator)
-    r = evaluate_t2i(t2i_run, "shapes", n_per_category=2, steps=2, fid_samples=8, batch_size=8, echo=lambda *a: None)
+    r = evaluate_t2i(t2i_run, "shapes", SamplingConfig(steps=2), n_per_category=2, fid_samples=8, batch_size=8, echo=lambda *a: None)
     assert r["image_size"] == 16 and r["n"] == 6 and r["fid_samples"] == 8
     assert seen[0] == (6, 3, 32, 32)  # the cascade's 16x16 pictures were upscaled to the evaluator's canvas
     assert 0.0 <= r["compositional_accuracy"] <= 1.0 and r["fid"] >= 0.0
@@ -212,7 +212,7 @@ def test_prompts_come_from_a_pipe_or_standard_input(tmp_path, monkeypatch):
     import os
     import threading
 
-    from imagen.generation import read_prompts
+    from imagen.pipelines import read_prompts
 
     fifo = tmp_path / "prompts.fifo"  # what bash's --prompts <(...) hands over: a pipe, not a regular file
     os.mkfifo(fifo)

@@ -22,11 +22,14 @@ from imagen.diffusion.samplers import (
     DDPMSampler,
     DPMSolverPP2MSampler,
     Sampler,
+    SamplingConfig,
+    check_sampler,
     make_sampler,
     model_output_to_x0_eps,
     sample,
 )
 from imagen.diffusion.schedules import (
+    BETA_SCHEDULES,
     NoiseSchedule,
     cosine_beta_schedule,
     extract,
@@ -36,6 +39,7 @@ from imagen.diffusion.schedules import (
 from imagen.diffusion.thresholding import THRESHOLDS, apply_threshold, dynamic_threshold, static_threshold
 
 __all__ = [
+    "BETA_SCHEDULES",
     "NoiseSchedule",
     "linear_beta_schedule",
     "cosine_beta_schedule",
@@ -58,6 +62,8 @@ __all__ = [
     "apply_threshold",
     "SAMPLERS",
     "Sampler",
+    "SamplingConfig",
+    "check_sampler",
     "DDPMSampler",
     "DDIMSampler",
     "DPMSolverPP2MSampler",
