@@ -222,3 +222,30 @@ def test_prompts_come_from_a_pipe_or_standard_input(tmp_path, monkeypatch):
     writer.join()
     monkeypatch.setattr("sys.stdin", io.StringIO("a green triangle\n  \n"))
     assert read_prompts(None, "-") == ["a green triangle"]
+
+
+def test_a_sampling_option_set_on_the_cli_reaches_the_sampler(capsys, t2i_run, tmp_path, monkeypatch):
+    import imagen.diffusion.samplers as samplers
+
+    seen = []
+    original = samplers.apply_threshold
+    monkeypatch.setattr(samplers, "apply_threshold", lambda x0, mode, p: seen.append((mode, p)) or original(x0, mode, p))
+    code, _, err = run(capsys, "generate", "--run", t2i_run, "a red circle", "--n", "1", "--steps", "2", "--percentile", "0.9",
+                       "--out", tmp_path / "p.png")
+    assert code == 0, err
+    assert seen == [("dynamic", 0.9)] * 4  # two stages, two steps each
+    line = _one_line_error(*run(capsys, "generate", "--run", t2i_run, "a red circle", "--percentile", "1.5", "--out", tmp_path / "q.png")[::2])
+    assert "percentile must be in (0, 1]" in line
+
+
+def test_pipeline_batched_equals_unbatched(t2i_run):
+    from imagen.pipelines import SamplingConfig, TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_run(t2i_run, stages=["base"])
+    config = SamplingConfig(steps=3, seed=5, n=1)
+    both = pipe.generate(["a red circle", "a blue square to the left of a green triangle"], config)
+    alone = pipe.generate(["a red circle"], config)
+    assert both.shape == (2, 3, 8, 8)
+    # The first prompt's noise is the generator's first draw either way; padding to the longer prompt changes nothing.
+    torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-4)
+    assert pipe.generate(["a red circle"], SamplingConfig(steps=3, seed=5, n=2)).shape == (2, 3, 8, 8)
