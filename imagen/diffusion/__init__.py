@@ -1,6 +1,7 @@
 """Diffusion core for Imagen (Saharia et al. 2022): noise schedules, forward process and loss, guidance, samplers.
 
-Nothing here owns a network: a denoiser is any callable `denoiser(x_t, t, **cond) -> prediction`.
+Nothing here owns a network: a denoiser is any callable `denoiser(x_t, t, **cond) -> prediction`. Sampling
+options travel as one `SamplingConfig` (validated once) into `sample`, the one denoising loop.
 """
 
 from imagen.diffusion.guidance import classifier_free_guidance

@@ -5,7 +5,6 @@ from imagen.tasks.text_to_image.cascade_run import STAGE_TASK, TASK, load_stage,
 from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
 from imagen.tasks.text_to_image.training import (
     STAGE_TRAIN_DEFAULTS,
-    caption_sets,
     default_stages,
     stage_train_config,
     train_t2i,
@@ -13,5 +12,5 @@ from imagen.tasks.text_to_image.training import (
 
 __all__ = [
     "TASK", "STAGE_TASK", "read_t2i_config", "text_encoder_for", "load_stage", "T2ISplit", "TextToImageTask",
-    "STAGE_TRAIN_DEFAULTS", "default_stages", "stage_train_config", "caption_sets", "train_t2i",
+    "STAGE_TRAIN_DEFAULTS", "default_stages", "stage_train_config", "train_t2i",
 ]

@@ -54,7 +54,7 @@ def stage_train_config(overrides: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{**STAGE_TRAIN_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def caption_sets(ds, mode: str) -> list[list[str]]:
+def _caption_sets(ds, mode: str) -> list[list[str]]:
     """Each image's captions: all of them ("all"), or only its first ("first")."""
     sets = ds.caption_sets()
     return [cs[:1] for cs in sets] if mode == "first" else sets
@@ -70,7 +70,7 @@ def _new_run(out: Path, data: str, sizes: Sequence[int], text_encoder: str, n: i
     train_ds = load_dataset(data, "train", seed=seed, n=n, on_bad_sample=on_bad_sample)
     if not train_ds.has_text:
         raise DataError(f"data {data!r} has no captions; text-to-image needs image-text pairs")
-    texts = caption_sets(train_ds, captions)
+    texts = _caption_sets(train_ds, captions)
     tokenizer = None
     if text_encoder == "trainable":
         tokenizer = Tokenizer.train([t for cs in texts for t in cs], vocab_size=1024)
@@ -126,7 +126,7 @@ def train_t2i(
             d = config["data"]
             train_ds = load_dataset(d["spec"], "train", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
             encoder = text_encoder_for(out, config["text_encoder"])
-            texts = caption_sets(train_ds, d.get("captions", "first"))  # runs made before the option used "first"
+            texts = _caption_sets(train_ds, d.get("captions", "first"))  # runs made before the option used "first"
     if stage is not None and stage not in config["stages"]:
         raise RunError(f"{out} has no stage {stage!r}; its stages are {', '.join(config['stages'])}")
 
