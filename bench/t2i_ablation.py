@@ -34,7 +34,9 @@ from imagen.diffusion.process import q_sample, v_target
 from imagen.eval.evaluator import get_evaluator
 from imagen.eval.t2i import compositional_accuracy, compositional_prompts
 from imagen.config import DEFAULT_GUIDANCE
-from imagen.generation import load_cascade, resize_uint8, to_uint8, train_t2i
+from imagen.data.image_files import resize_uint8, to_uint8
+from imagen.pipelines import SamplingConfig, TextToImagePipeline
+from imagen.tasks.text_to_image import train_t2i
 
 VARIANTS = {
     "minilm-floor": ("minilm", ["base.snr_floor=1"]),
@@ -51,7 +53,7 @@ PROBE_STEPS = (980, 900, 800, 600)
 @torch.no_grad()
 def position_probe(run: Path, n: int = 128) -> dict[int, float]:
     """Per timestep: relative increase of the base stage's v-loss when the caption's position words are swapped."""
-    stage = load_cascade(run).stages[0]
+    stage = TextToImagePipeline.from_run(run).stages[0]
     unet, size = stage.ema_unet, stage.config.unet.image_size
     val = load_dataset("shapes", "val", seed=0)
     pattern = re.compile("|".join(sorted(SWAP, key=len, reverse=True)))
@@ -93,10 +95,11 @@ def main():
         start = time.time()
         train_t2i("shapes", run, sizes=(16,), text_encoder=encoder, max_steps=args.steps, sets=sets, progress=False)
         minutes = (time.time() - start) / 60
-        cascade = load_cascade(run)
+        pipe = TextToImagePipeline.from_run(run)
+        sampling = SamplingConfig(steps=25, guidance=args.guidance)
 
         def generate(texts):  # as evaluate-t2i: uint8 pictures, upscaled to the evaluator's 32x32
-            return resize_uint8(to_uint8(cascade.generate(texts, seed=0, steps=25, guidance=args.guidance)), 32)
+            return resize_uint8(to_uint8(pipe.generate(texts, sampling)), 32)
 
         r = compositional_accuracy(generate, prompts, evaluator)
         probe = position_probe(run)

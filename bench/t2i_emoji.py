@@ -26,8 +26,10 @@ from imagen.data import load_dataset
 from imagen.eval.evaluator import get_evaluator
 from imagen.eval.t2i import alignment_score, fid
 from imagen.config import DEFAULT_GUIDANCE
-from imagen.generation import load_cascade, save_grid, to_uint8, train_t2i
+from imagen.data.image_files import save_grid, to_uint8
+from imagen.pipelines import SamplingConfig, TextToImagePipeline
 from imagen.tasks.loading import load
+from imagen.tasks.text_to_image import train_t2i
 
 
 def main():
@@ -48,17 +50,18 @@ def main():
         start = time.time()
         train_t2i("emoji", run, max_steps=args.max_steps, sr_max_steps=args.sr_max_steps, progress=False)
         print(f"trained {run} in {(time.time() - start) / 60:.1f} min ({args.max_steps}+{args.sr_max_steps} steps)")
-    cascade = load_cascade(run)
+    pipe = TextToImagePipeline.from_run(run)
+    sampling = SamplingConfig(guidance=args.guidance)
     aligner = load(args.align_run)
     evaluator = get_evaluator(32)
-    seed = cascade.config["data"].get("seed", 0)
+    seed = pipe.config["data"].get("seed", 0)
     print("| captions | n | FID | alignment | real-image alignment | shuffled-caption alignment | commit |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for split in ("train", "test"):
         data = load_dataset("emoji", split, seed=seed)
         texts = [t or "" for t in data.texts()][:args.n]
-        real = data.fast_images(cascade.image_size)[:len(texts)]
-        fake = torch.cat([to_uint8(cascade.generate(texts[i:i + 64], seed=0, guidance=args.guidance))
+        real = data.fast_images(pipe.image_size)[:len(texts)]
+        fake = torch.cat([to_uint8(pipe.generate(texts[i:i + 64], sampling))
                           for i in range(0, len(texts), 64)])
         shuffled = texts[1:] + texts[:1]
         row = (fid(real, fake, evaluator), alignment_score(fake, texts, aligner), alignment_score(real, texts, aligner),

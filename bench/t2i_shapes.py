@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from imagen.config import DEFAULT_GUIDANCE
-from imagen.generation import evaluate_t2i, train_t2i
+from imagen.pipelines import SamplingConfig, evaluate_t2i
+from imagen.tasks.text_to_image import train_t2i
 
 
 def main():
@@ -49,7 +50,7 @@ def main():
         extra = {"text_encoder": args.text_encoder} if args.text_encoder else {}
         train_t2i("shapes", run, max_steps=args.max_steps, sr_max_steps=args.sr_max_steps, n=args.n, progress=False, device=args.device, **extra)
         minutes = (time.time() - start) / 60
-        r = evaluate_t2i(run, "shapes", n_per_category=args.n_per_category, guidance=args.guidance, device=args.device, echo=quiet)
+        r = evaluate_t2i(run, "shapes", SamplingConfig(guidance=args.guidance), n_per_category=args.n_per_category, device=args.device, echo=quiet)
         steps = "+".join(str(json.loads((Path(run) / name / "config.json").read_text())["train"]["max_steps"]) for name in ("base", "sr1"))
         print(f"| shapes default recipe ({steps} steps, {minutes:.1f} min training) | "
               f"compositional {r['compositional_accuracy']:.3f}, single {r['single_accuracy']:.3f}, relation {r['relation_accuracy']:.3f}, "
@@ -59,7 +60,7 @@ def main():
         print("| guidance | compositional | single | relation | count | position | FID |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for g in (float(v) for v in args.guidance_sweep.split(",")):
-            r = evaluate_t2i(run, "shapes", n_per_category=args.n_per_category, guidance=g, device=args.device, echo=quiet)
+            r = evaluate_t2i(run, "shapes", SamplingConfig(guidance=g), n_per_category=args.n_per_category, device=args.device, echo=quiet)
             print(f"| {g:g} | {r['compositional_accuracy']:.3f} | {r['single_accuracy']:.3f} | {r['relation_accuracy']:.3f} "
                   f"| {r['count_accuracy']:.3f} | {r['position_accuracy']:.3f} | {r['fid']:.2f} |", flush=True)
     if args.samplers:
@@ -67,8 +68,8 @@ def main():
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for sampler, steps in (("ddpm", 250), ("ddpm", 50), ("ddim", 50), ("ddim", 20), ("dpmpp2m", 20), ("dpmpp2m", 10)):
             start = time.time()
-            r = evaluate_t2i(run, "shapes", n_per_category=args.sampler_n_per_category, steps=steps, sampler=sampler, guidance=args.guidance,
-                             fid_samples=16, device=args.device, echo=quiet)
+            r = evaluate_t2i(run, "shapes", SamplingConfig(sampler=sampler, steps=steps, guidance=args.guidance),
+                             n_per_category=args.sampler_n_per_category, fid_samples=16, device=args.device, echo=quiet)
             print(f"| {sampler} | {steps} | {r['compositional_accuracy']:.3f} | {r['single_accuracy']:.3f} | {r['relation_accuracy']:.3f} "
                   f"| {r['count_accuracy']:.3f} | {time.time() - start:.1f} |", flush=True)
 

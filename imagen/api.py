@@ -1,5 +1,6 @@
 """The Python API behind the CLI: pretrain, finetune, evaluate and predict, each one function and one path for
-every task (the task's class in imagen/tasks/ supplies everything that differs).
+every task (the task's class in imagen/tasks/ supplies everything that differs); and the text-to-image cascade's
+train_t2i, generate_to_files and evaluate_t2i (imagen/tasks/text_to_image/, imagen/pipelines/).
 
     import imagen
     imagen.pretrain(data="shapes", out="runs/pre", max_steps=200)
@@ -20,13 +21,18 @@ from imagen.atomic import write_json
 from imagen.config import EncoderConfig, TrainConfig, apply_overrides, encoder_config, to_dict
 from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image
 from imagen.errors import ConfigError, DataError, RunError
+from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
 from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, RunConfig, load_tokenizer, read_config, run_setup
 from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
+from imagen.tasks.text_to_image import train_t2i
 from imagen.train import Trainer, TrainResult, seed_everything
 
 log = logging.getLogger("imagen")
+
+__all__ = ["pretrain", "finetune", "train_task", "evaluate", "predict", "load", "train_t2i", "generate_to_files",
+           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -9,8 +9,23 @@ import os
 import sys
 
 # torch-free imports only, so `imagen --help` stays fast
-from imagen.config import (CAPTION_MODES, DEFAULT_GUIDANCE, DEFAULT_T2I_CAPTIONS, DEFAULT_T2I_STEPS, ENCODER_PRESETS, TrainConfig,
-                           default_of)
+from imagen.config import (
+    CAPTION_MODES,
+    DEFAULT_AUG_LEVEL,
+    DEFAULT_GUIDANCE,
+    DEFAULT_PERCENTILE,
+    DEFAULT_SAMPLER,
+    DEFAULT_SAMPLING_STEPS,
+    DEFAULT_STRENGTH,
+    DEFAULT_T2I_CAPTIONS,
+    DEFAULT_T2I_STEPS,
+    DEFAULT_THRESHOLD,
+    ENCODER_PRESETS,
+    SAMPLER_NAMES,
+    THRESHOLD_NAMES,
+    TrainConfig,
+    default_of,
+)
 from imagen.errors import USER_ERRORS, ConfigError
 from imagen.tasks.registry import FINETUNE_TASKS
 
@@ -96,6 +111,29 @@ def _train_kwargs(args) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def _add_sampling_args(p):
+    """Options of `imagen.diffusion.SamplingConfig`; each dest is the field's name, so `_sampling_config` passes it on."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--seed", type=int, default=0, help="random seed; same seed, same pictures (default: 0)")
+    g.add_argument("--steps", type=_positive_int, default=DEFAULT_SAMPLING_STEPS, help=f"sampling steps (default: {DEFAULT_SAMPLING_STEPS})")
+    g.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER, help=f"sampler (default: {DEFAULT_SAMPLER})")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 1 = off (default: {DEFAULT_GUIDANCE:g})")
+    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--threshold", choices=THRESHOLD_NAMES, default=DEFAULT_THRESHOLD, help=f"clipping of the predicted image at each step (default: {DEFAULT_THRESHOLD})")
+    g.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help=f"dynamic thresholding's percentile of |pred_x0| (default: {DEFAULT_PERCENTILE:g})")
+    g.add_argument("--aug-level", type=float, default=DEFAULT_AUG_LEVEL, help=f"noise-augmentation level of the low-res image at each SR stage (default: {DEFAULT_AUG_LEVEL:g})")
+
+
+def _sampling_config(args):
+    """The SamplingConfig of the parsed options (validated there, once)."""
+    import dataclasses
+
+    from imagen.api import SamplingConfig
+
+    return SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if hasattr(args, f.name)})
+
+
 def _sizes(text):
     try:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -172,17 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG file for a grid of all samples (with a single prompt)")
     p.add_argument("--out-dir", default=None, help="folder for one PNG per (prompt, sample) plus index.jsonl")
     p.add_argument("--n", type=_positive_int, default=4, help="samples per prompt (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same pictures (default: 0)")
-    p.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
-    p.add_argument("--sampler", default="dpmpp2m", help="dpmpp2m, ddim or ddpm (default: dpmpp2m)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 1 = off (default: {DEFAULT_GUIDANCE:g})")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--threshold", default="dynamic", help="dynamic, static or none (default: dynamic)")
-    p.add_argument("--aug-level", type=float, default=0.1, help="noise-augmentation level of the low-res image at each SR stage (default: 0.1)")
+    _add_sampling_args(p)
     p.add_argument("--stage", default=None, help="stop after this stage (e.g. base) (default: the whole cascade)")
     p.add_argument("--init-image", default=None, help="image-to-image: start from this image")
-    p.add_argument("--strength", type=float, default=0.6, help="image-to-image / inpainting: share of the steps to run (default: 0.6)")
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help=f"image-to-image: share of the steps to run (default: {DEFAULT_STRENGTH:g})")
     p.add_argument("--mask", default=None, help="inpainting: a mask image, white where pixels are regenerated (needs --init-image)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
 
@@ -190,10 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="text-to-image run directory")
     p.add_argument("--data", default="shapes", help="shapes (compositional accuracy + FID) or other data (FID) (default: shapes)")
     p.add_argument("--n-per-category", type=_positive_int, default=50, help="held-out prompts per category: single, relation, count (default: 50)")
-    p.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
-    p.add_argument("--sampler", default="dpmpp2m", help="dpmpp2m, ddim or ddpm (default: dpmpp2m)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE:g})")
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(p)
     p.add_argument("--fid-samples", type=_positive_int, default=500, help="test images for FID (default: 500)")
     p.add_argument("--alignment-run", default=None, help="a pretraining run whose contrastive heads score text-image alignment")
     p.add_argument("--device", default="auto")
@@ -252,13 +280,9 @@ def run_command(args) -> int:
                 print(r["file"] + "\t" + r.get("summary", json.dumps({k: v for k, v in r.items() if k != "file"}, ensure_ascii=False)))
         return 0
     if args.command == "train-t2i":
-        import imagen.generation as gen
-
-        sizes = _sizes(args.sizes)
-        kw = _train_kwargs(args)
-        results = gen.train_t2i(args.data, args.out, stage=args.stage, sizes=sizes, text_encoder=args.text_encoder,
-                                resume=args.resume, n=args.n, sr_max_steps=args.sr_max_steps, sample_every=args.sample_every,
-                                on_bad_sample=args.on_bad_sample, captions=args.captions, sets=args.sets, **kw)
+        results = api.train_t2i(args.data, args.out, stage=args.stage, sizes=_sizes(args.sizes), text_encoder=args.text_encoder,
+                            resume=args.resume, n=args.n, sr_max_steps=args.sr_max_steps, sample_every=args.sample_every,
+                            on_bad_sample=args.on_bad_sample, captions=args.captions, sets=args.sets, **_train_kwargs(args))
         for name, result in results.items():
             if result.status == "interrupted":
                 print(f"stage {name} interrupted at step {result.step}; checkpoint saved. Continue with: imagen train-t2i --out {args.out} --resume", file=sys.stderr)
@@ -267,25 +291,18 @@ def run_command(args) -> int:
         print(f"run saved to {args.out}; sample with: imagen generate --run {args.out} \"PROMPT\" --out grid.png")
         return 0
     if args.command == "generate":
-        import imagen.generation as gen
-
-        prompts = gen.read_prompts(args.prompt, args.prompts)
-        files = gen.generate_to_files(args.run, prompts, out=args.out, out_dir=args.out_dir, n=args.n, seed=args.seed,
-                                      steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                                      negative=args.negative, threshold=args.threshold, aug_level=args.aug_level,
-                                      stage=args.stage, init_image=args.init_image, strength=args.strength, mask=args.mask,
-                                      device=args.device)
-        print(f"wrote {files[0] if args.out else args.out_dir} ({len(prompts)} prompt(s) x {args.n} sample(s))")
+        prompts = api.read_prompts(args.prompt, args.prompts)
+        config = _sampling_config(args)
+        files = api.generate_to_files(args.run, prompts, config, out=args.out, out_dir=args.out_dir, stage=args.stage,
+                                  init_image=args.init_image, mask=args.mask, device=args.device)
+        print(f"wrote {files[0] if args.out else args.out_dir} ({len(prompts)} prompt(s) x {config.n} sample(s))")
         return 0
     if args.command == "evaluate-t2i":
-        import imagen.generation as gen
-
-        if args.sampler not in ("dpmpp2m", "ddim", "ddpm"):
-            raise gen.GenerationError(f"unknown sampler {args.sampler!r}; choose one of: dpmpp2m, ddim, ddpm")
         echo = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-        result = gen.evaluate_t2i(args.run, args.data, n_per_category=args.n_per_category, steps=args.steps,
-                                  sampler=args.sampler, guidance=args.guidance, seed=args.seed, fid_samples=args.fid_samples,
-                                  alignment_run=args.alignment_run, device=args.device, echo=echo)
+        config = _sampling_config(args)
+        aligner = api.load(args.alignment_run) if args.alignment_run else None
+        result = api.evaluate_t2i(args.run, args.data, config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
+                              aligner=aligner, device=args.device, echo=echo)
         if args.json:
             print(json.dumps(result))
         return 0

@@ -29,6 +29,19 @@ DEFAULT_T2I_STEPS = {"base": 14000, "sr": 1500}
 CAPTION_MODES = ("all", "first")
 DEFAULT_T2I_CAPTIONS = "first"
 
+# Text-to-image sampling: the names the diffusion registries are keyed by, and the defaults of
+# `imagen.diffusion.SamplingConfig`. They live here, torch-free, so the CLI's help reads them without importing torch.
+SAMPLER_NAMES = ("dpmpp2m", "ddim", "ddpm")  # imagen.diffusion.SAMPLERS, in this order
+THRESHOLD_NAMES = ("dynamic", "static", "none")  # imagen.diffusion.THRESHOLDS
+OBJECTIVE_NAMES = ("eps", "v", "x0")  # imagen.diffusion.OBJECTIVES
+SCHEDULE_NAMES = ("linear", "cosine")  # imagen.diffusion.BETA_SCHEDULES, in this order
+DEFAULT_SAMPLER = "dpmpp2m"
+DEFAULT_SAMPLING_STEPS = 25
+DEFAULT_THRESHOLD = "dynamic"
+DEFAULT_PERCENTILE = 0.995  # dynamic thresholding's percentile of |pred_x0| (Imagen sec. 2.3)
+DEFAULT_AUG_LEVEL = 0.1  # noise-augmentation level of the low-res image at each super-resolution stage
+DEFAULT_STRENGTH = 0.6  # image-to-image: share of the steps to run from the noised init image
+
 
 
 

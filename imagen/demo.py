@@ -36,11 +36,9 @@ def run_demo(out: str | Path | None = None, fast: bool = False, progress: bool =
     echo("[4/5] evaluating on the Shapes test split")
     result = api.evaluate(fine, "shapes", split="test", compare=[scratch], echo=echo)
     echo(f"[5/5] a short text-to-image cascade ({budget['sizes'][0]}px base + {budget['sizes'][1]}px super-resolution) -> {t2i}")
-    from imagen.generation import generate_to_files, train_t2i
-
-    train_t2i("shapes", t2i, sizes=budget["sizes"], n=budget["n"], max_steps=budget["t2i_steps"], sr_max_steps=budget["sr_steps"],
+    api.train_t2i("shapes", t2i, sizes=budget["sizes"], n=budget["n"], max_steps=budget["t2i_steps"], sr_max_steps=budget["sr_steps"],
               batch_size=32, progress=progress, sets=budget["t2i_sets"])
-    grid = generate_to_files(t2i, PROMPTS, out=t2i / "demo-samples.png", n=4, steps=20)[0]
+    grid = api.generate_to_files(t2i, PROMPTS, api.SamplingConfig(n=4, steps=20), out=t2i / "demo-samples.png")[0]
 
     minutes = (time.time() - start) / 60
     echo(f"\ndemo finished in {minutes:.1f} min. Test accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}.")

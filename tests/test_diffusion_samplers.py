@@ -10,6 +10,7 @@ from imagen.diffusion import (
     DDIMSampler,
     DDPMSampler,
     NoiseSchedule,
+    SamplingConfig,
     make_sampler,
     sample,
 )
@@ -48,8 +49,8 @@ def _trajectory(denoiser, **kw):
 
 def test_ddim_eta0_step_is_eq_12():
     x_T, eps = _x(0), 0.1
-    xs, _ = _trajectory(lambda x, t: torch.full_like(x, eps), schedule=LINEAR, sampler="ddim", steps=2, x_T=x_T,
-                        threshold="none")
+    xs, _ = _trajectory(lambda x, t: torch.full_like(x, eps), schedule=LINEAR,
+                        config=SamplingConfig(sampler="ddim", steps=2, threshold="none"), x_T=x_T)
     a_t, a_prev = _abar(999), _abar(499)  # steps=2 -> timesteps [999, 499]
     pred_x0 = (x_T - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     expected = math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev) * eps  # (12) with sigma = 0
@@ -88,7 +89,7 @@ def test_ddpm_posterior_is_eq_7(t, t_prev):
 def test_dpmpp2m_matches_algorithm_2():
     f = lambda x, t: 0.8 * torch.tanh(x) + 1e-4 * t.double()[:, None, None]  # noqa: E731  a known x0(x_t, t)
     x_T = _x(4)
-    xs, out = _trajectory(f, schedule=LINEAR, sampler="dpmpp2m", steps=3, x_T=x_T, objective="x0", threshold="none")
+    xs, out = _trajectory(f, schedule=LINEAR, config=SamplingConfig(sampler="dpmpp2m", steps=3, threshold="none"), x_T=x_T, objective="x0")
     ts = [999, 666, 332]  # trailing spacing for 3 steps, then clean data
 
     def alpha_sigma_lam(t):
@@ -133,7 +134,7 @@ def _point_denoiser(schedule, c, objective):
 @pytest.mark.parametrize("schedule", [COSINE, LINEAR], ids=["cosine", "linear"])
 def test_samplers_recover_single_point(sampler, objective, schedule):
     c = torch.tensor([0.7, -0.3, 0.05, -0.95])
-    out = sample(_point_denoiser(schedule, c, objective), (8, 4), schedule=schedule, sampler=sampler, steps=10,
+    out = sample(_point_denoiser(schedule, c, objective), (8, 4), schedule=schedule, config=SamplingConfig(sampler=sampler, steps=10),
                  objective=objective, generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, c.expand(8, 4), rtol=0, atol=1e-3)
@@ -148,7 +149,7 @@ def test_gaussian_data_is_reproduced(sampler, steps):
         s = COSINE.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1).to(x_t)
         return s * (x_t - a * mu) / (a**2 * std**2 + s**2)
 
-    out = sample(den, (2000, 3), schedule=COSINE, sampler=sampler, steps=steps, threshold="none",
+    out = sample(den, (2000, 3), schedule=COSINE, config=SamplingConfig(sampler=sampler, steps=steps, threshold="none"),
                  generator=torch.Generator().manual_seed(0))
     assert out.mean().item() == pytest.approx(mu, abs=0.05)
     assert out.std().item() == pytest.approx(std, abs=0.05)
@@ -158,8 +159,8 @@ def test_img2img_starts_from_noised_init():
     init, x_T = _x(5).clamp(-1, 1), _x(6)
     den = Recorder(lambda x, t: torch.zeros_like(x))
     calls = []
-    sample(den, None, schedule=LINEAR, sampler="ddim", steps=10, x_T=x_T, init_x0=init, strength=0.3,
-           threshold="none", callback=lambda i, t, x, p: calls.append(t))
+    sample(den, None, schedule=LINEAR, config=SamplingConfig(sampler="ddim", steps=10, strength=0.3, threshold="none"),
+           x_T=x_T, init_x0=init, callback=lambda i, t, x, p: calls.append(t))
     assert calls == [299, 199, 99]  # the last 3 of the 10 trailing timesteps
     x_first, t_first = den.calls[0]
     assert t_first.tolist() == [299, 299]
@@ -174,8 +175,8 @@ def test_inpainting_keeps_known_region(sampler):
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0])  # 1 = generate, 0 = keep known_x0
     x_T = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
     den = Recorder(_point_denoiser(COSINE, c, "eps"))
-    out = sample(den, (3, 4), schedule=COSINE, sampler=sampler, steps=8, x_T=x_T, inpaint_mask=mask, known_x0=known,
-                 threshold="static", generator=torch.Generator().manual_seed(2))
+    out = sample(den, (3, 4), schedule=COSINE, config=SamplingConfig(sampler=sampler, steps=8, threshold="static"), x_T=x_T,
+                 inpaint_mask=mask, known_x0=known, generator=torch.Generator().manual_seed(2))
     assert torch.equal(out[:, 1::2], known[:, 1::2])  # exactly the known image at the end
     torch.testing.assert_close(out[:, ::2], c[::2].expand(3, 2), rtol=0, atol=1e-3)
     # Before the first step the known region is q_sample(known_x0, T-1) with the generator's first draw.
@@ -189,9 +190,9 @@ def test_inpainting_keeps_known_region(sampler):
 def test_sample_is_seeded_and_calls_back_every_step():
     den = _point_denoiser(COSINE, torch.zeros(2), "eps")
     seen = []
-    a = sample(lambda x, t: den(x, t) + 0.1, (4, 2), schedule=COSINE, sampler="ddpm", steps=5,
+    a = sample(lambda x, t: den(x, t) + 0.1, (4, 2), schedule=COSINE, config=SamplingConfig(sampler="ddpm", steps=5),
                generator=torch.Generator().manual_seed(0), callback=lambda i, t, x, p: seen.append((i, t)))
-    b = sample(lambda x, t: den(x, t) + 0.1, (4, 2), schedule=COSINE, sampler="ddpm", steps=5,
+    b = sample(lambda x, t: den(x, t) + 0.1, (4, 2), schedule=COSINE, config=SamplingConfig(sampler="ddpm", steps=5),
                generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
     assert seen == [(0, 999), (1, 799), (2, 599), (3, 399), (4, 199)]
@@ -201,17 +202,38 @@ def test_sample_is_seeded_and_calls_back_every_step():
 def test_bad_arguments_fail_with_one_line():
     den = lambda x, t: x  # noqa: E731
     with pytest.raises(ValueError, match=r"unknown sampler 'euler'.*dpmpp2m.*ddim.*ddpm"):
-        sample(den, (1, 2), schedule=COSINE, sampler="euler")
+        sample(den, (1, 2), schedule=COSINE, config=SamplingConfig(sampler="euler"))
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="steps must be a positive integer"):
-            sample(den, (1, 2), schedule=COSINE, steps=bad)
+            sample(den, (1, 2), schedule=COSINE, config=SamplingConfig(steps=bad))
     with pytest.raises(ValueError, match=r"steps must be in \[1, 1000\]"):
-        sample(den, (1, 2), schedule=COSINE, steps=1001)
+        sample(den, (1, 2), schedule=COSINE, config=SamplingConfig(steps=1001))
     with pytest.raises(ValueError, match=r"unknown objective 'score'.*eps.*v.*x0"):
         sample(den, (1, 2), schedule=COSINE, objective="score")
     with pytest.raises(ValueError, match=r"unknown threshold 'soft'.*dynamic.*static.*none"):
-        sample(den, (1, 2), schedule=COSINE, threshold="soft")
+        sample(den, (1, 2), schedule=COSINE, config=SamplingConfig(threshold="soft"))
     with pytest.raises(ValueError, match="both inpaint_mask and known_x0"):
         sample(den, (1, 2), schedule=COSINE, known_x0=torch.zeros(1, 2))
     with pytest.raises(ValueError, match="only applies to the 'ddim'"):
         make_sampler("ddpm", COSINE, eta=0.5)
+
+
+def test_sampling_config_validates_once_with_one_line_errors():
+    from imagen.errors import GenerationError
+
+    for bad, needle in [(dict(guidance=-1), "guidance must be >= 0"), (dict(percentile=0.0), r"percentile must be in \(0, 1\]"),
+                        (dict(aug_level=1.5), r"aug_level must be in \[0, 1\]"), (dict(strength=0.0), "strength"),
+                        (dict(eta=0.5), "only applies to the 'ddim'"), (dict(n=0), "samples per prompt")]:
+        with pytest.raises(GenerationError, match=needle):
+            SamplingConfig(**bad)
+    assert SamplingConfig(sampler="ddim", eta=0.5).eta == 0.5
+
+
+def test_sampling_config_percentile_reaches_the_threshold(monkeypatch):
+    import imagen.diffusion.samplers as samplers
+
+    seen = []
+    original = samplers.apply_threshold
+    monkeypatch.setattr(samplers, "apply_threshold", lambda x0, mode, p: seen.append((mode, p)) or original(x0, mode, p))
+    sample(lambda x, t: x, (2, 3), schedule=COSINE, config=SamplingConfig(steps=2, percentile=0.9))
+    assert seen == [("dynamic", 0.9)] * 2

@@ -82,7 +82,7 @@ def test_inpainting_keeps_the_known_region(capsys, t2i_run, tmp_path):
 
 def test_evaluate_t2i_scores_a_16px_run_at_the_evaluators_32px(t2i_run, monkeypatch):
     from imagen.eval import evaluator as evaluator_mod
-    from imagen.generation import evaluate_t2i
+    from imagen.pipelines import SamplingConfig, evaluate_t2i
 
     tiny = evaluator_mod.train_evaluator(size=32, steps=3, batch_size=8)
     seen = []
@@ -94,7 +94,7 @@ def test_evaluate_t2i_scores_a_16px_run_at_the_evaluators_32px(t2i_run, monkeypa
     original_predict = tiny.predict
     monkeypatch.setattr(tiny, "predict", lambda images: seen.append(tuple(images.shape)) or original_predict(images))
     monkeypatch.setattr(evaluator_mod, "get_evaluator", fake_get_evaluator)
-    r = evaluate_t2i(t2i_run, "shapes", n_per_category=2, steps=2, fid_samples=8, batch_size=8, echo=lambda *a: None)
+    r = evaluate_t2i(t2i_run, "shapes", SamplingConfig(steps=2), n_per_category=2, fid_samples=8, batch_size=8, echo=lambda *a: None)
     assert r["image_size"] == 16 and r["n"] == 6 and r["fid_samples"] == 8
     assert seen[0] == (6, 3, 32, 32)  # the cascade's 16x16 pictures were upscaled to the evaluator's canvas
     assert 0.0 <= r["compositional_accuracy"] <= 1.0 and r["fid"] >= 0.0
@@ -212,7 +212,7 @@ def test_prompts_come_from_a_pipe_or_standard_input(tmp_path, monkeypatch):
     import os
     import threading
 
-    from imagen.generation import read_prompts
+    from imagen.pipelines import read_prompts
 
     fifo = tmp_path / "prompts.fifo"  # what bash's --prompts <(...) hands over: a pipe, not a regular file
     os.mkfifo(fifo)
@@ -222,3 +222,30 @@ def test_prompts_come_from_a_pipe_or_standard_input(tmp_path, monkeypatch):
     writer.join()
     monkeypatch.setattr("sys.stdin", io.StringIO("a green triangle\n  \n"))
     assert read_prompts(None, "-") == ["a green triangle"]
+
+
+def test_a_sampling_option_set_on_the_cli_reaches_the_sampler(capsys, t2i_run, tmp_path, monkeypatch):
+    import imagen.diffusion.samplers as samplers
+
+    seen = []
+    original = samplers.apply_threshold
+    monkeypatch.setattr(samplers, "apply_threshold", lambda x0, mode, p: seen.append((mode, p)) or original(x0, mode, p))
+    code, _, err = run(capsys, "generate", "--run", t2i_run, "a red circle", "--n", "1", "--steps", "2", "--percentile", "0.9",
+                       "--out", tmp_path / "p.png")
+    assert code == 0, err
+    assert seen == [("dynamic", 0.9)] * 4  # two stages, two steps each
+    line = _one_line_error(*run(capsys, "generate", "--run", t2i_run, "a red circle", "--percentile", "1.5", "--out", tmp_path / "q.png")[::2])
+    assert "percentile must be in (0, 1]" in line
+
+
+def test_pipeline_batched_equals_unbatched(t2i_run):
+    from imagen.pipelines import SamplingConfig, TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_run(t2i_run, stages=["base"])
+    config = SamplingConfig(steps=3, seed=5, n=1)
+    both = pipe.generate(["a red circle", "a blue square to the left of a green triangle"], config)
+    alone = pipe.generate(["a red circle"], config)
+    assert both.shape == (2, 3, 8, 8)
+    # The first prompt's noise is the generator's first draw either way; padding to the longer prompt changes nothing.
+    torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-4)
+    assert pipe.generate(["a red circle"], SamplingConfig(steps=3, seed=5, n=2)).shape == (2, 3, 8, 8)

@@ -169,7 +169,7 @@ def test_presets_and_parameter_count():
     n = model.num_parameters()
     print(f"base32 parameters: {n:,}")
     assert 3_000_000 <= n <= 4_500_000
-    assert EfficientUNet.from_preset("sr").config.lowres_cond
+    assert EfficientUNet.from_preset("sr64").config.lowres_cond
     assert EfficientUNet.from_preset("tiny", image_size=24).config.image_size == 24
     with pytest.raises(ConfigError, match="unknown U-Net preset"):
         EfficientUNet.from_preset("huge")

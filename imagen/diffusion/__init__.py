@@ -1,6 +1,7 @@
 """Diffusion core for Imagen (Saharia et al. 2022): noise schedules, forward process and loss, guidance, samplers.
 
-Nothing here owns a network: a denoiser is any callable `denoiser(x_t, t, **cond) -> prediction`.
+Nothing here owns a network: a denoiser is any callable `denoiser(x_t, t, **cond) -> prediction`. Sampling
+options travel as one `SamplingConfig` (validated once) into `sample`, the one denoising loop.
 """
 
 from imagen.diffusion.guidance import classifier_free_guidance
@@ -22,11 +23,14 @@ from imagen.diffusion.samplers import (
     DDPMSampler,
     DPMSolverPP2MSampler,
     Sampler,
+    SamplingConfig,
+    check_sampler,
     make_sampler,
     model_output_to_x0_eps,
     sample,
 )
 from imagen.diffusion.schedules import (
+    BETA_SCHEDULES,
     NoiseSchedule,
     cosine_beta_schedule,
     extract,
@@ -36,6 +40,7 @@ from imagen.diffusion.schedules import (
 from imagen.diffusion.thresholding import THRESHOLDS, apply_threshold, dynamic_threshold, static_threshold
 
 __all__ = [
+    "BETA_SCHEDULES",
     "NoiseSchedule",
     "linear_beta_schedule",
     "cosine_beta_schedule",
@@ -58,6 +63,8 @@ __all__ = [
     "apply_threshold",
     "SAMPLERS",
     "Sampler",
+    "SamplingConfig",
+    "check_sampler",
     "DDPMSampler",
     "DDIMSampler",
     "DPMSolverPP2MSampler",

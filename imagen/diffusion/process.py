@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from imagen.config import OBJECTIVE_NAMES
 from imagen.diffusion.schedules import NoiseSchedule, extract
 
-OBJECTIVES = ("eps", "v", "x0")
+OBJECTIVES = OBJECTIVE_NAMES
 
 
 def _alpha_sigma(schedule: NoiseSchedule, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,26 @@
-"""Reverse-process samplers (DDPM, DDIM, DPM-Solver++(2M)); they hold no weights and take a denoiser callable."""
+"""Reverse-process samplers (DDPM, DDIM, DPM-Solver++(2M)), their options (`SamplingConfig`) and the one loop.
+
+Samplers hold no weights and take a denoiser callable.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from imagen.config import (
+    DEFAULT_AUG_LEVEL,
+    DEFAULT_GUIDANCE,
+    DEFAULT_PERCENTILE,
+    DEFAULT_SAMPLER,
+    DEFAULT_SAMPLING_STEPS,
+    DEFAULT_STRENGTH,
+    DEFAULT_THRESHOLD,
+    SAMPLER_NAMES,
+)
 
 from imagen.diffusion.process import (
     OBJECTIVES,
@@ -17,6 +32,7 @@ from imagen.diffusion.process import (
 )
 from imagen.diffusion.schedules import NoiseSchedule, spaced_timesteps
 from imagen.diffusion.thresholding import THRESHOLDS, apply_threshold
+from imagen.errors import GenerationError
 
 # Every sampler walks the timesteps of `spaced_timesteps` ("trailing": evenly spaced, starting at T-1) and takes
 # its last step from the smallest of them straight to t = -1, the clean data. Coefficients come from alphas_cumprod
@@ -115,18 +131,63 @@ class DPMSolverPP2MSampler(Sampler):
         return x_prev
 
 
-SAMPLERS = {"dpmpp2m": DPMSolverPP2MSampler, "ddim": DDIMSampler, "ddpm": DDPMSampler}
+SAMPLERS = dict(zip(SAMPLER_NAMES, (DPMSolverPP2MSampler, DDIMSampler, DDPMSampler)))
+
+
+def check_sampler(name: str, eta: float = 0.0) -> None:
+    """Raise a one-line GenerationError unless `name` is a sampler of SAMPLERS that takes this `eta`."""
+    if name not in SAMPLERS:
+        raise GenerationError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    if eta < 0:
+        raise GenerationError(f"eta must be >= 0, got {eta}")
+    if eta != 0.0 and name != "ddim":
+        raise GenerationError(f"eta={eta} only applies to the 'ddim' sampler, not {name!r}")
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, eta: float = 0.0) -> Sampler:
     """Build a sampler by name: "dpmpp2m", "ddim" or "ddpm" (`eta` applies to DDIM only)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    check_sampler(name, eta)
     if name == "ddim":
         return DDIMSampler(schedule, eta)
-    if eta != 0.0:
-        raise ValueError(f"eta={eta} only applies to the 'ddim' sampler, not {name!r}")
     return SAMPLERS[name](schedule)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Every option of text-to-image sampling, validated once; it travels as one object from the CLI to `sample`.
+
+    `sample` reads sampler, steps, threshold, percentile, eta and strength; the pipeline reads guidance,
+    negative, aug_level, seed and n (samples per prompt).
+    """
+
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_SAMPLING_STEPS
+    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale; 1 = off
+    negative: str | None = None  # negative prompt: takes the place of the empty prompt in guidance
+    threshold: str = DEFAULT_THRESHOLD
+    percentile: float = DEFAULT_PERCENTILE  # dynamic thresholding only
+    eta: float = 0.0  # DDIM only
+    aug_level: float = DEFAULT_AUG_LEVEL  # super-resolution stages: noise level of the low-res input, in [0, 1]
+    strength: float = DEFAULT_STRENGTH  # image-to-image: share of the steps run from the noised init image
+    seed: int = 0  # same seed, same images
+    n: int = 1  # samples per prompt
+
+    def __post_init__(self):
+        check_sampler(self.sampler, self.eta)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise GenerationError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.guidance < 0:
+            raise GenerationError(f"guidance must be >= 0, got {self.guidance}")
+        if self.threshold not in THRESHOLDS:
+            raise GenerationError(f"unknown threshold {self.threshold!r}; choose one of: {', '.join(THRESHOLDS)}")
+        if not 0.0 < self.percentile <= 1.0:
+            raise GenerationError(f"percentile must be in (0, 1], got {self.percentile}")
+        if not 0.0 <= self.aug_level <= 1.0:
+            raise GenerationError(f"aug_level must be in [0, 1], got {self.aug_level}")
+        if not 0.0 < self.strength <= 1.0:
+            raise GenerationError(f"strength must be in (0, 1], got {self.strength}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n <= 0:
+            raise GenerationError(f"n (samples per prompt) must be a positive integer, got {self.n!r}")
 
 
 def model_output_to_x0_eps(
@@ -135,8 +196,8 @@ def model_output_to_x0_eps(
     x_t: torch.Tensor,
     t: torch.Tensor,
     objective: str = "eps",
-    threshold: str = "dynamic",
-    percentile: float = 0.995,
+    threshold: str = DEFAULT_THRESHOLD,
+    percentile: float = DEFAULT_PERCENTILE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a denoiser's eps / v / x0 output into (thresholded pred_x0, eps consistent with it)."""
     if objective == "eps":
@@ -169,17 +230,12 @@ def sample(
     shape,
     *,
     schedule: NoiseSchedule,
-    sampler: str = "dpmpp2m",
-    steps: int = 25,
+    config: SamplingConfig | None = None,
     objective: str = "eps",
-    threshold: str = "dynamic",
-    percentile: float = 0.995,
-    eta: float = 0.0,
+    cond: dict | None = None,
     generator: torch.Generator | None = None,
     x_T: torch.Tensor | None = None,
-    cond: dict | None = None,
     init_x0: torch.Tensor | None = None,
-    strength: float = 1.0,
     inpaint_mask: torch.Tensor | None = None,
     known_x0: torch.Tensor | None = None,
     callback: Callable | None = None,
@@ -188,23 +244,21 @@ def sample(
 ) -> torch.Tensor:
     """Draw x0 from `denoiser(x_t, t, **cond)` by reverse diffusion (text-to-image, image-to-image, inpainting).
 
+    `config` gives the sampler, steps, threshold (and percentile), eta and strength; its guidance belongs to the
+    denoiser (see `classifier_free_guidance`). `objective` is what the denoiser predicts: eps, v or x0.
     Image-to-image (SDEdit, Meng et al. 2022): `init_x0` is noised to the timestep reached after skipping the
     first (1 - strength) of the steps, and sampling runs the rest. Inpainting (RePaint, Lugmayr et al. 2022):
     `inpaint_mask` is 1 where pixels are generated and 0 where `known_x0` is kept; after every step the known
     region is replaced by `known_x0` noised to the new timestep, so the result equals `known_x0` there.
     `x_T` fixes the starting noise; `callback(i, t, x_t, pred_x0)` sees every step.
     """
+    config = config if config is not None else SamplingConfig()
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
-    if threshold not in THRESHOLDS:
-        raise ValueError(f"unknown threshold {threshold!r}; choose one of {list(THRESHOLDS)}")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
     if (inpaint_mask is None) != (known_x0 is None):
         raise ValueError("inpainting needs both inpaint_mask and known_x0")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    solver = make_sampler(sampler, schedule, eta)
+    steps, strength = config.steps, config.strength
+    solver = make_sampler(config.sampler, schedule, config.eta)
     timesteps = solver.set_timesteps(steps)
     cond = cond or {}
 
@@ -222,7 +276,7 @@ def sample(
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         model_output = denoiser(x, t_batch, **cond)
-        pred_x0, eps = model_output_to_x0_eps(schedule, model_output, x, t_batch, objective, threshold, percentile)
+        pred_x0, eps = model_output_to_x0_eps(schedule, model_output, x, t_batch, objective, config.threshold, config.percentile)
         x = solver.step(pred_x0, eps, t, t_prev, x, generator)
         if inpaint_mask is not None:
             x = inpaint_mask * x + (1 - inpaint_mask) * _noise_to(schedule, known_x0, t_prev, generator)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from imagen.config import SCHEDULE_NAMES
+
 # Timestep convention, used everywhere in imagen.diffusion: integer t in {0, ..., T-1} indexes the noisy latents,
 # so alphas_cumprod[t] is abar of DDPM step t+1; t = -1 stands for the clean data (abar = 1, sigma = 0).
 
@@ -35,7 +37,7 @@ def extract(a: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
     return out.reshape(t.shape[0], *([1] * (len(x_shape) - 1)))
 
 
-BETA_SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+BETA_SCHEDULES = dict(zip(SCHEDULE_NAMES, (linear_beta_schedule, cosine_beta_schedule)))
 
 
 @dataclass(frozen=True, eq=False)

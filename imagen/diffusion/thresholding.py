@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-THRESHOLDS = ("dynamic", "static", "none")
+from imagen.config import DEFAULT_PERCENTILE, THRESHOLD_NAMES
+
+THRESHOLDS = THRESHOLD_NAMES
 
 
 def static_threshold(x0: torch.Tensor) -> torch.Tensor:
@@ -12,7 +14,7 @@ def static_threshold(x0: torch.Tensor) -> torch.Tensor:
     return x0.clamp(-1.0, 1.0)
 
 
-def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_scale: float | None = None) -> torch.Tensor:
+def dynamic_threshold(x0: torch.Tensor, percentile: float = DEFAULT_PERCENTILE, max_scale: float | None = None) -> torch.Tensor:
     """Imagen sec. 2.3: s = per-sample percentile of |x0|, s = max(s, 1); x0 = clamp(x0, -s, s) / s."""
     if not 0.0 < percentile <= 1.0:
         raise ValueError(f"percentile must be in (0, 1], got {percentile}")
@@ -25,7 +27,7 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_scale: fl
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def apply_threshold(x0: torch.Tensor, mode: str, percentile: float = 0.995) -> torch.Tensor:
+def apply_threshold(x0: torch.Tensor, mode: str, percentile: float = DEFAULT_PERCENTILE) -> torch.Tensor:
     """Threshold pred_x0 by mode: "dynamic", "static" or "none"."""
     if mode == "dynamic":
         return dynamic_threshold(x0, percentile)

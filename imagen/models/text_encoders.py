@@ -15,6 +15,7 @@ Classifier-free guidance needs no special null text: an all-False mask (`empty_e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -26,8 +27,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from imagen.errors import TextEncoderError
+from imagen.data.tokenizer import Tokenizer
+from imagen.errors import CheckpointError, DataError, RunError, TextEncoderError
+from imagen.models.encoder import MultimodalEncoder
 from imagen.models.layers import Block
+from imagen.runs import TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, read_config
+from imagen.train.checkpoint import read_weights
 
 # transformers reads these when it is first imported; local_files_only=True below covers a later import too.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,28 +123,43 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 
 
 class ImagenTextEncoder(TextEncoder):
-    """The text side of an imagen pretraining run: its BPE tokenizer and MultimodalEncoder (text-only pass)."""
+    """The text side of an imagen pretraining run: its BPE tokenizer and MultimodalEncoder (text-only pass).
+
+    Read from the run directory itself: config.json (the encoder config), tokenizer.json and the `encoder.*`
+    weights of model.safetensors; the run's heads are never built.
+    """
 
     def __init__(self, run_dir: str | Path, trainable: bool = False):
         super().__init__()
-        from imagen.models.encoder import MultimodalEncoder
-        from imagen.runs import RunError, load
-
         self.path = Path(run_dir).resolve()
         try:
-            run = load(self.path)
+            config = RunConfig.from_json(read_config(self.path)).model  # the EncoderConfig
         except RunError as e:
             raise TextEncoderError(str(e)) from None
-        encoder = getattr(run.model, "encoder", None)
-        if not isinstance(encoder, MultimodalEncoder):
-            raise TextEncoderError(f"run {run_dir} (task {run.task!r}) has no multimodal encoder to encode text with")
-        if run.tokenizer is None:
-            raise TextEncoderError(f"run {run_dir} has no tokenizer.json (it was trained image-only); "
+        if not (self.path / WEIGHTS_NAME).is_file():
+            raise TextEncoderError(f"{run_dir} is not a finished run (no {WEIGHTS_NAME}); finish it with --resume or train again")
+        if not (self.path / TOKENIZER_NAME).is_file():
+            raise TextEncoderError(f"run {run_dir} has no {TOKENIZER_NAME} (it was trained image-only); "
                                    "pass a run pretrained on image-text data")
-        self.encoder = encoder  # only the encoder: the pretraining heads are not needed
-        self.tokenizer = run.tokenizer
+        try:
+            weights = read_weights(self.path / WEIGHTS_NAME)
+            tokenizer = Tokenizer.load(self.path / TOKENIZER_NAME)
+        except (CheckpointError, DataError) as e:
+            raise TextEncoderError(str(e)) from None
+        # Only the encoder: the pretraining (or task) heads are not needed.
+        prefix = "encoder."
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if not state:
+            raise TextEncoderError(f"run {run_dir} has no multimodal encoder (no {prefix}* weights) to encode text with")
+        encoder = MultimodalEncoder(config)
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as e:
+            raise TextEncoderError(f"the encoder weights of {run_dir} do not fit its config ({_first_line(e)})") from None
+        self.encoder = encoder
+        self.tokenizer = tokenizer
         self.dim = encoder.dim
-        self.max_length = run.config.model.max_text_len
+        self.max_length = config.max_text_len
         self.frozen = not trainable
         self.name = f"imagen-run:{self.path.name}"
         if self.frozen:
@@ -283,13 +303,22 @@ class HFTextEncoder(TextEncoder):
 
 def _load_tokenizer(path: str | Path):
     """Our BPE Tokenizer from tokenizer.json or a run folder, with its one-line error as a TextEncoderError."""
-    from imagen.errors import DataError
-    from imagen.data.tokenizer import Tokenizer
-
     try:
         return Tokenizer.load(path)
     except DataError as e:
         raise TextEncoderError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class TrainableTextEncoderConfig:
+    """Defaults of `--text-encoder trainable`: sized for the Shapes world's short captions."""
+
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 32
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
 
 
 class TrainableTextEncoder(TextEncoder):
@@ -299,7 +328,8 @@ class TrainableTextEncoder(TextEncoder):
     """
 
     def __init__(self, vocab_size: int, dim: int, num_layers: int, num_heads: int, max_length: int,
-                 tokenizer, mlp_ratio: float = 4.0, dropout: float = 0.0):
+                 tokenizer, mlp_ratio: float = TrainableTextEncoderConfig.mlp_ratio,
+                 dropout: float = TrainableTextEncoderConfig.dropout):
         super().__init__()
         self.tokenizer_path = None
         if isinstance(tokenizer, (str, Path)):
@@ -389,10 +419,6 @@ class CachedTextEncoder(TextEncoder):
 
 # --- building from a config or a CLI flag ------------------------------------------------------------------
 
-# Defaults of `--text-encoder trainable`: sized for the Shapes world's short captions.
-TRAINABLE_DEFAULTS = {"dim": 128, "num_layers": 2, "num_heads": 4, "max_length": 32}
-
-
 def build_text_encoder(spec: dict[str, Any], tokenizer=None) -> TextEncoder:
     """Rebuild an encoder from its `spec()`; a 'trainable' one takes `tokenizer` or loads spec['tokenizer']."""
     kind = spec.get("kind")
@@ -422,7 +448,8 @@ def text_encoder_from_arg(arg: str, tokenizer=None) -> TextEncoder:
         path = None
         if isinstance(tokenizer, (str, Path)):  # load once here, but record the path in spec()
             path, tokenizer = str(Path(tokenizer).resolve()), _load_tokenizer(tokenizer)
-        enc = TrainableTextEncoder(vocab_size=tokenizer.vocab_size, tokenizer=tokenizer, **TRAINABLE_DEFAULTS)
+        enc = TrainableTextEncoder(vocab_size=tokenizer.vocab_size, tokenizer=tokenizer,
+                                   **dataclasses.asdict(TrainableTextEncoderConfig()))
         enc.tokenizer_path = path
         return enc
     path = Path(arg)

@@ -1,24 +1,26 @@
-"""One stage of Imagen's cascade: a text-conditioned Efficient U-Net with EMA weights, and the cascade itself.
+"""One stage of Imagen's cascade: a text-conditioned Efficient U-Net with EMA weights and its conditioning.
 
-A stage owns its U-Net (and, when trainable, its text encoder) but no diffusion logic: training and sampling
-go through `imagen.diffusion` (schedules, `training_loss`, `sample`, classifier-free guidance). Frozen text
-encoders are kept out of the state dict, so a run's weights hold only what the run trained.
+A stage owns its U-Net (and, when trainable, its text encoder) but no diffusion logic: it exposes its denoiser
+(`TextToImageStage.denoiser`: U-Net + low-res input) and its text conditioning; training (`training_loss`) and
+sampling (`sample`, classifier-free guidance) go through `imagen.diffusion`, composed by the task and by
+`imagen.pipelines.TextToImagePipeline`. Frozen text encoders are kept out of the state dict, so a run's weights
+hold only what the run trained.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from imagen.config import DEFAULT_GUIDANCE, ConfigError
-from imagen.diffusion import NoiseSchedule, classifier_free_guidance, q_sample
-from imagen.diffusion import sample as diffusion_sample
+from imagen.data.image_files import resize_images
+from imagen.diffusion import BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, q_sample
+from imagen.errors import ConfigError
 from imagen.models.unet import EfficientUNet, UNetConfig
 
 
@@ -42,10 +44,10 @@ class StageConfig:
     def __post_init__(self):
         if isinstance(self.unet, dict):
             self.unet = UNetConfig(**self.unet)
-        if self.objective not in ("eps", "v", "x0"):
-            raise ConfigError(f"unknown objective {self.objective!r}; choose eps, v or x0")
-        if self.schedule not in ("cosine", "linear"):
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose cosine or linear")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        if self.schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(BETA_SCHEDULES)}")
         if self.snr_floor is not None and not 0 < self.snr_floor <= (self.min_snr_gamma or float("inf")):
             raise ConfigError(f"snr_floor {self.snr_floor} must be in (0, min_snr_gamma={self.min_snr_gamma}]")
         if not 0.0 <= self.cond_drop_prob < 1.0:
@@ -56,15 +58,6 @@ class StageConfig:
     @property
     def is_sr(self) -> bool:
         return self.unet.lowres_cond
-
-
-def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float images (B, C, H, W): antialiased bilinear down, bicubic up (the SR input)."""
-    if x.shape[-1] == size:
-        return x
-    if size < x.shape[-1]:
-        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 class TextToImageStage(nn.Module):
@@ -122,41 +115,31 @@ class TextToImageStage(nn.Module):
         """The SR stage's extra input: the low-res image, noise-augmented, upsampled to the stage's size."""
         return resize_images(self.augment_lowres(lowres, level, generator), self.config.unet.image_size)
 
-    # --- sampling ---------------------------------------------------------------------------------
+    # --- the denoiser -------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, cond, *, n_per_prompt=1, steps=25, sampler="dpmpp2m", guidance=DEFAULT_GUIDANCE, negative=None,
-                 threshold="dynamic", percentile=0.995, eta=0.0, generator=None, lowres=None, aug_level=0.1,
-                 init_images=None, strength=1.0, inpaint_mask=None, use_ema=True, callback=None) -> torch.Tensor:
-        """Sample images (B, 3, S, S) in [-1, 1] for a condition dict (one row per image)."""
+    def denoiser(self, lowres: torch.Tensor | None = None, aug_level: float = 0.0, generator=None, use_ema: bool = True):
+        """The stage as a denoiser callable `(x_t, t, **cond) -> prediction` for `imagen.diffusion.sample`.
+
+        A super-resolution stage takes the stage below's images `lowres` (B, C, s, s); they are noise-augmented
+        to `aug_level` here, once (drawing from `generator` before the sampler does), and upsampled.
+        """
         unet = self.ema_unet if use_ema else self.unet
-        device = next(unet.parameters()).device
         c = self.config
-        B = cond["text_mask"].shape[0]
         extra = {}
         if c.is_sr:
             if lowres is None:
                 raise ValueError(f"stage {c.name} needs the low-resolution images of the stage below")
-            level = torch.full((B,), float(aug_level), device=device)
+            device = next(unet.parameters()).device
+            level = torch.full((lowres.shape[0],), float(aug_level), device=device)
             extra = {"lowres_image": self.lowres_input(lowres.to(device), level, generator), "lowres_noise_level": level}
 
-        def denoiser(x_t, t, **kw):
+        def denoise(x_t, t, **cond):
             t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-            reps = x_t.shape[0] // B  # guidance doubles the batch
-            more = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in extra.items()}
-            return unet(x_t, t, **kw, **more).float()
+            # Classifier-free guidance stacks the batch (conditional, then unconditional): repeat the low-res input.
+            more = {k: v.repeat(x_t.shape[0] // v.shape[0], *([1] * (v.dim() - 1))) for k, v in extra.items()}
+            return unet(x_t, t, **cond, **more).float()
 
-        if guidance != 1.0:
-            null = self.null_condition(B, cond)
-            denoiser = classifier_free_guidance(denoiser, null, scale=guidance, negative_cond=negative)
-        size = c.unet.image_size
-        shape = (B, c.unet.in_channels, size, size)
-        return diffusion_sample(
-            denoiser, shape, schedule=self.schedule, sampler=sampler, steps=steps, objective=c.objective,
-            threshold=threshold, percentile=percentile, eta=eta, generator=generator, cond=cond,
-            init_x0=init_images, strength=strength, inpaint_mask=inpaint_mask,
-            known_x0=init_images if inpaint_mask is not None else None, callback=callback, device=device,
-        )
+        return denoise
 
     @torch.no_grad()
     def update_ema(self, step: int | None = None) -> None:
@@ -174,6 +157,5 @@ class TextToImageStage(nn.Module):
 
 
 def stage_config_to_json(config: StageConfig) -> dict[str, Any]:
-    import json
-
+    """The stage config as plain JSON values (tuples become lists), as config.json stores it."""
     return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -94,14 +94,24 @@ class UNetConfig:
         return "cross" if self.cross_attn_levels and self.cross_attn_levels[level] else None
 
 
-# Named presets: one table. "base32" (~4.05M parameters) is sized like imagen-pytorch's ~3.9M 32x32 reference;
-# its extra blocks sit at 8x8, where they are cheapest.
+# Named presets: one table. "base16" and "sr32" are the default cascade for the built-in worlds, sized for a CPU
+# (a 16x16 base and a 16 -> 32 super-resolution); "base32" (~4.05M parameters) is sized like imagen-pytorch's
+# ~3.9M 32x32 reference, its extra blocks at 8x8, where they are cheapest; "sr64" (32 -> 64) is narrower, with
+# attention only at its lowest resolution (16x16).
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=16, dim=16, dim_mults=(1, 2), num_res_blocks=(1, 1), attn_levels=(False, True), num_heads=2, text_dim=32),
+    "base16": dict(image_size=16, dim=48, dim_mults=(1, 2, 2), num_res_blocks=(1, 2, 2), attn_levels=(False, True, True), num_heads=4),
     "base32": dict(image_size=32, dim=48, dim_mults=(1, 2, 2), num_res_blocks=(1, 2, 3), attn_levels=(False, True, True), num_heads=4),
-    # 32 -> 64 super-resolution: narrower, attention only at the lowest resolution (16x16).
-    "sr": dict(image_size=64, dim=32, dim_mults=(1, 2, 4, 4), num_res_blocks=(1, 2, 2, 2), attn_levels=(False, False, False, True), num_heads=4, lowres_cond=True),
+    "sr32": dict(image_size=32, dim=32, dim_mults=(1, 2, 2), num_res_blocks=(1, 1, 2), attn_levels=(False, False, True), num_heads=4, lowres_cond=True),
+    "sr64": dict(image_size=64, dim=32, dim_mults=(1, 2, 4, 4), num_res_blocks=(1, 2, 2, 2), attn_levels=(False, False, False, True), num_heads=4, lowres_cond=True),
 }
+
+
+def unet_preset(name: str, **overrides) -> UNetConfig:
+    """The UNetConfig of a named preset in UNET_PRESETS, with optional field overrides."""
+    if name not in UNET_PRESETS:
+        raise ConfigError(f"unknown U-Net preset {name!r}; choose from {sorted(UNET_PRESETS)}")
+    return UNetConfig(**{**UNET_PRESETS[name], **overrides})
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -283,9 +293,7 @@ class EfficientUNet(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "EfficientUNet":
         """Build a U-Net from a named preset in UNET_PRESETS, with optional field overrides."""
-        if name not in UNET_PRESETS:
-            raise ConfigError(f"unknown U-Net preset {name!r}; choose from {sorted(UNET_PRESETS)}")
-        return cls(UNetConfig(**{**UNET_PRESETS[name], **overrides}))
+        return cls(unet_preset(name, **overrides))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
+from imagen.data.image_files import resize_images, save_grid
 from imagen.data.images import normalize_images
-from imagen.diffusion import training_loss, uniform_timesteps
-from imagen.models.text_to_image import resize_images
+from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample, training_loss, uniform_timesteps
 
 
 class T2ISplit(torch.utils.data.Dataset):
@@ -146,15 +146,21 @@ class TextToImageTask:
 
     def write_grid(self, model, step: int) -> Path:
         """Samples for the fixed validation prompts (own generator: the training RNG stream is untouched)."""
-        from imagen.generation import save_grid
-
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+        config = SamplingConfig(steps=self.sample_steps)  # the default sampler, guidance and thresholding
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(0)
         was_training = model.training
         model.eval()
         try:
-            cond = model.encode_text(self.sample_prompts)
-            lowres = self.lowres_source(self.sample_prompts) if model.config.is_sr and self.lowres_source else None
-            images = model.generate(cond, steps=self.sample_steps, generator=generator, lowres=lowres)  # default guidance
+            with torch.no_grad():
+                cond = model.encode_text(self.sample_prompts)
+                lowres = self.lowres_source(self.sample_prompts) if model.config.is_sr and self.lowres_source else None
+                denoiser = model.denoiser(lowres, aug_level=config.aug_level, generator=generator)
+                B, c = len(self.sample_prompts), model.config
+                if config.guidance != 1.0:
+                    denoiser = classifier_free_guidance(denoiser, model.null_condition(B, cond), scale=config.guidance)
+                images = sample(denoiser, (B, c.unet.in_channels, c.unet.image_size, c.unet.image_size), schedule=model.schedule,
+                                config=config, objective=c.objective, cond=cond, generator=generator, device=device)
         finally:
             model.train(was_training)
         path = self.run_dir / "samples" / f"step-{step:06d}.png"

@@ -1,0 +1,183 @@
+"""The text-to-image pipeline: a cascade's stages, their text encoder and the sampler composed in one place.
+
+    pipe = TextToImagePipeline.from_run("runs/t2i", device="cuda")
+    images = pipe.generate(["a red circle"], SamplingConfig(n=4, seed=0))   # (4, 3, S, S) in [-1, 1]
+
+Each stage exposes its denoiser (EMA U-Net + low-res input); the pipeline encodes the prompts, wraps the
+denoiser in classifier-free guidance and runs `imagen.diffusion.sample`, lowest resolution first, each stage's
+output the next one's low-res input. `generate_to_files` is what `imagen generate` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from imagen.atomic import write_json_lines
+from imagen.data import image_to_tensor, open_image
+from imagen.data.images import normalize_images
+from imagen.data.image_files import resize_images, save_grid, save_image
+from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample
+from imagen.errors import GenerationError, RunError
+from imagen.models.text_to_image import TextToImageStage
+from imagen.runs import WEIGHTS_NAME
+from imagen.tasks.text_to_image import load_stage, read_t2i_config
+from imagen.train import resolve_device
+
+
+@dataclass
+class TextToImagePipeline:
+    """The loaded stages of a text-to-image run, lowest resolution first, and how to sample them."""
+
+    path: Path
+    stages: list[TextToImageStage]
+    config: dict[str, Any]  # the run's config.json
+
+    @classmethod
+    def from_run(cls, path: str | Path, stages: Sequence[str] | None = None, device: str = "cpu") -> "TextToImagePipeline":
+        """Load a text-to-image run's trained stages (all of them, or the named ones, in cascade order)."""
+        run = Path(path)
+        config = read_t2i_config(run)
+        names = list(stages) if stages else [s for s in config["stages"] if (run / s / WEIGHTS_NAME).is_file()]
+        if not names:
+            raise RunError(f"{run} has no trained stage yet; finish it with `imagen train-t2i --out {run} --resume`")
+        unknown = [n for n in names if n not in config["stages"]]
+        if unknown:
+            raise RunError(f"{run} has no stage {unknown[0]!r}; its stages are {', '.join(config['stages'])}")
+        if names[0] != config["stages"][0]:
+            raise RunError(f"the cascade must start at its base stage {config['stages'][0]!r}")
+        map_location = resolve_device(device)
+        frozen, loaded = None, []
+        for name in names:
+            stage = load_stage(run, name, text_encoder=frozen, map_location=map_location)
+            if stage.text_encoder is None:
+                frozen = stage.encoder  # frozen encoders are shared, loaded once
+            loaded.append(stage)
+        return cls(path=run, stages=loaded, config=config)
+
+    @property
+    def image_size(self) -> int:
+        return self.stages[-1].config.unet.image_size
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.config.name for s in self.stages]
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], config: SamplingConfig | None = None, *,
+                 init_images: torch.Tensor | None = None, inpaint_mask: torch.Tensor | None = None,
+                 stop_at: str | None = None) -> torch.Tensor:
+        """Images (len(prompts) * config.n, 3, S, S) in [-1, 1], prompt-major; same seed, same images.
+
+        Image-to-image: `init_images` (1 or B, 3, H, W) in [-1, 1], noised and denoised for config.strength of
+        the steps. Inpainting: with `inpaint_mask` (1 or B, 1, H, W), 1 where pixels are generated, every step
+        runs and the rest of `init_images` is kept. `stop_at` names the last stage to run.
+        """
+        config = config if config is not None else SamplingConfig()
+        if stop_at is not None and stop_at not in self.stage_names:
+            raise RunError(f"{self.path} has no trained stage {stop_at!r}; trained: {', '.join(self.stage_names)}")
+        if inpaint_mask is not None:
+            config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
+        prompts = [p for p in prompts for _ in range(config.n)]
+        images = None
+        for stage in self.stages:
+            images = self._sample_stage(stage, prompts, config, images, init_images, inpaint_mask)
+            if stage.config.name == stop_at:
+                break
+        return images
+
+    def _sample_stage(self, stage: TextToImageStage, prompts: list[str], config: SamplingConfig, lowres, init_images,
+                      inpaint_mask) -> torch.Tensor:
+        """One stage: encode the prompts, guide the stage's denoiser, and sample at the stage's size."""
+        device = next(stage.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(config.seed)  # each stage draws from the seed anew
+        B, c = len(prompts), stage.config
+        negative = config.negative
+        texts = prompts + ([negative] * B if negative is not None else [])
+        both = stage.encode_text(texts)  # one call, so prompt and negative share a padded length
+        cond = {k: v[:B] for k, v in both.items()}
+        negative_cond = {k: v[B:] for k, v in both.items()} if negative is not None else None
+        denoiser = stage.denoiser(lowres, aug_level=config.aug_level, generator=generator)
+        if config.guidance != 1.0:
+            denoiser = classifier_free_guidance(denoiser, stage.null_condition(B, cond), scale=config.guidance,
+                                                negative_cond=negative_cond)
+        size = c.unet.image_size
+        init = mask = None
+        if init_images is not None:
+            init = resize_images(init_images.to(device), size).expand(B, -1, -1, -1)
+        if inpaint_mask is not None:
+            mask = F.interpolate(inpaint_mask.float().to(device), size=(size, size), mode="nearest").expand(B, -1, -1, -1)
+        return sample(denoiser, (B, c.unet.in_channels, size, size), schedule=stage.schedule, config=config,
+                      objective=c.objective, cond=cond, generator=generator, init_x0=init, inpaint_mask=mask,
+                      known_x0=init if mask is not None else None, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generating to files (what `imagen generate` does)
+
+
+def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[str]:
+    """The prompts of a request: one prompt, or a file with one per line (blank lines skipped)."""
+    if (prompt is None) == (prompts_file is None):
+        raise GenerationError("give either a prompt or --prompts FILE (not both, not neither)")
+    if prompts_file is not None:
+        path, stdin = Path(prompts_file), str(prompts_file) == "-"
+        # "-" is standard input; pipes such as bash's <(...) are read like files.
+        if not stdin and not path.exists():
+            raise GenerationError(f"prompt file {path} does not exist")
+        if path.is_dir():
+            raise GenerationError(f"prompt file {path} is a folder; give a text file with one prompt per line")
+        try:
+            lines = (sys.stdin.read() if stdin else path.read_text(encoding="utf-8")).splitlines()
+        except UnicodeDecodeError:
+            raise GenerationError(f"prompt file {path} is not UTF-8 text") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise GenerationError(f"prompt file {path} holds no prompts (only blank lines)")
+        return prompts
+    if not prompt.strip():
+        raise GenerationError("the prompt is empty; describe the picture, e.g. \"a red circle\"")
+    return [prompt.strip()]
+
+
+def _load_rgb(path, size: int) -> torch.Tensor:
+    """An image file as (1, 3, size, size) in [-1, 1]."""
+    return normalize_images(image_to_tensor(open_image(path), size)[None])
+
+
+def generate_to_files(run, prompts: Sequence[str], config: SamplingConfig | None = None, *, out=None, out_dir=None,
+                      stage: str | None = None, init_image=None, mask=None, device: str = "auto") -> list[Path]:
+    """Sample `config.n` images per prompt and write a grid (`out`) or one PNG per sample plus index.jsonl (`out_dir`).
+
+    `init_image` (a file) starts image-to-image from it; with `mask` (a file, white where pixels are
+    regenerated) it is inpainted. `stage` names the last stage to run.
+    """
+    config = config if config is not None else SamplingConfig()
+    if (out is None) == (out_dir is None):
+        raise GenerationError("give exactly one of --out FILE.png (a grid) or --out-dir DIR (one PNG per sample)")
+    if out is not None and not str(out).lower().endswith(".png"):
+        raise GenerationError(f"--out {out} must be a .png file")
+    if mask is not None and init_image is None:
+        raise GenerationError("inpainting (--mask) needs the image to complete (--init-image)")
+    pipe = TextToImagePipeline.from_run(run, device=device)
+    size = pipe.image_size
+    init = _load_rgb(init_image, size) if init_image is not None else None
+    inpaint = (_load_rgb(mask, size).mean(1, keepdim=True) > 0).float() if mask is not None else None
+    images = pipe.generate(prompts, config, init_images=init, inpaint_mask=inpaint, stop_at=stage)
+    if out is not None:
+        return [save_grid(images, Path(out), nrow=config.n)]
+    out_dir = Path(out_dir)
+    written, rows = [], []
+    for i, image in enumerate(images):
+        p, k = divmod(i, config.n)
+        name = f"{p:04d}-{k:02d}.png"
+        written.append(save_image(image, out_dir / name))
+        rows.append({"prompt": prompts[p], "seed": config.seed, "sample": k, "file": name})
+    write_json_lines(out_dir / "index.jsonl", rows)
+    return written
