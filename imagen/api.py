@@ -19,7 +19,7 @@ import torch
 
 from imagen.atomic import write_json
 from imagen.config import EncoderConfig, TrainConfig, apply_overrides, encoder_config, to_dict
-from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image
+from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image, write_shapes
 from imagen.errors import ConfigError, DataError, RunError
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
 from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, RunConfig, load_tokenizer, read_config, run_setup
@@ -32,7 +32,7 @@ from imagen.train import Trainer, TrainResult, seed_everything
 log = logging.getLogger("imagen")
 
 __all__ = ["pretrain", "finetune", "train_task", "evaluate", "predict", "load", "train_t2i", "generate_to_files",
-           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline"]
+           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}

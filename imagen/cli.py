@@ -245,9 +245,7 @@ def run_command(args) -> int:
     import imagen.api as api
 
     if args.command == "data":
-        from imagen.data import write_shapes
-
-        path = write_shapes(args.out, n=args.n, seed=args.seed, size=args.size, lang=args.lang, max_objects=args.max_objects)
+        path = api.write_shapes(args.out, n=args.n, seed=args.seed, size=args.size, lang=args.lang, max_objects=args.max_objects)
         print(f"wrote {args.n} images and annotations.jsonl to {path}")
         return 0
     if args.command == "pretrain":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from imagen.config import ConfigError
-from imagen.data.images import normalize_images
+from imagen.data.images import normalize_images, open_image
 from imagen.errors import DataError
 from imagen.data.examples import ExampleSplit
 from imagen.data.shapes import class_names as shapes_class_names
@@ -309,8 +309,6 @@ PALETTE = ((255, 64, 64), (64, 200, 255), (255, 210, 0), (80, 255, 120), (255, 1
 def draw_detections(file: str | Path, detections: list[dict], path: Path, min_side: int = 256) -> Path:
     """A copy of the image, scaled up by a whole factor to at least `min_side`, with boxes and labels drawn."""
     from PIL import Image, ImageDraw
-
-    from imagen.data.images import open_image
 
     img = open_image(file)
     factor = max(1, math.ceil(min_side / min(img.size)))

@@ -29,7 +29,7 @@ from imagen.train import Trainer, TrainResult, latest_checkpoint, seed_everythin
 log = logging.getLogger("imagen")
 
 # What a stage trains with unless the command line says otherwise.
-STAGE_TRAIN_DEFAULTS = dict(lr=1e-3, weight_decay=0.0, batch_size=32, warmup_steps=100, grad_clip=1.0, log_every=25)
+STAGE_TRAIN_DEFAULTS = dict(weight_decay=0.0, batch_size=32, warmup_steps=100, log_every=25)  # the rest: TrainConfig's
 BASE_PRESETS = {16: "base16", 32: "base32"}  # base stage size -> U-Net preset (others: base16 at that size)
 SR_PRESETS = {32: "sr32", 64: "sr64"}  # super-resolution stage size -> U-Net preset (others: sr32 at that size)
 
