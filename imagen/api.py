@@ -20,14 +20,15 @@ import torch
 from imagen.atomic import write_json
 from imagen.config import EncoderConfig, TrainConfig, apply_overrides, encoder_config, to_dict
 from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image, write_shapes
+from imagen.data.registry import recorded_spec
 from imagen.errors import ConfigError, DataError, RunError
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, RunConfig, load_tokenizer, read_config, run_setup
+from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, load_tokenizer, open_run, read_config
 from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
 from imagen.tasks.text_to_image import train_t2i
-from imagen.train import Trainer, TrainResult, seed_everything
+from imagen.train import Trainer, TrainResult, latest_checkpoint, seed_everything
 
 log = logging.getLogger("imagen")
 
@@ -38,6 +39,10 @@ MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 # BPE vocabulary of a tokenizer trained for a run that does not start from one.
 DEFAULT_VOCAB_SIZE = 1024
+# Training options that --resume may change (recorded in the run's config.json): how long to train and how to
+# watch it, not what is trained. Any other change would make the run differ from what its config says.
+RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "early_stopping_patience", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "progress", "report_to", "device", "num_workers"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,16 +127,46 @@ def _new_run_config(task_cls, data, *, init_from, preset, freeze, n, on_bad_samp
         model_cfg.vocab_size = tokenizer.vocab_size
     rc = RunConfig(task=task_cls.name, model=model_cfg, train=train_cfg, task_config=to_dict(task_cfg),
                    class_names=task_cls.vocabulary(train[1], task_cfg, dataset=train_ds),
-                   data={"spec": str(data), "seed": seed, "label": label, "n": n},
-                   init_from=str(init_from) if init_from is not None else None, freeze=freeze)
+                   data={"spec": recorded_spec(data), "seed": seed, "label": label, "n": n},
+                   init_from=str(Path(init_from).resolve()) if init_from is not None else None, freeze=freeze)
     return rc, tokenizer, init, train, val
 
 
-def _resumed_run_config(task_cls, out: Path, on_bad_sample: str):
-    """The same pieces for a run being resumed, read back from its directory."""
+def _resume_changes(rc: RunConfig, task_cls, out: Path, options: dict, sets: Sequence[str], n) -> bool:
+    """Fold the options given with --resume into `rc` when they only change how long or how visibly it trains;
+    refuse any other difference with the list of them. True when something changed."""
+    model_opts, train_opts, task_opts = _split_options(options, task_cls)
+    model = dataclasses.replace(rc.model, **model_opts)
+    train = dataclasses.replace(rc.train, **train_opts)
+    task_cfg = dataclasses.replace(task_cls.config_from(rc.task_config), **task_opts)
+    apply_overrides({"model": model, "train": train, task_cls.name: task_cfg}, list(sets))
+    changed = [(f"{section}.{k}", v, new[k]) for section, old, new in
+               (("model", to_dict(rc.model), to_dict(model)), ("train", to_dict(rc.train), to_dict(train)),
+                (task_cls.name, rc.task_config, to_dict(task_cfg)))
+               for k, v in old.items() if k in new and new[k] != v]
+    if n is not None and n != rc.data.get("n"):
+        changed.append(("n", rc.data.get("n"), n))
+    refused = [c for c in changed if not (c[0].startswith("train.") and c[0][6:] in RESUMABLE_CHANGES)]
+    if refused:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)
+        raise RunError(f"--resume continues {out} as it was configured, but these differ: {listed}; drop them to "
+                       f"resume, or start a new run (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    for k, old, new in changed:
+        log.info("resuming with %s %r (was %r)", k, new, old)
+    rc.train = train
+    return bool(changed)
+
+
+def _resumed_run_config(task_cls, out: Path, on_bad_sample: str, options: dict, sets: Sequence[str], n):
+    """The same pieces for a run being resumed, read back from its directory (with the changes --resume allows)."""
     rc = RunConfig.from_json(read_config(out))
     if rc.task != task_cls.name:
         raise RunError(f"{out} is a {rc.task} run; resume it with " + ("`imagen pretrain`" if rc.task == "pretrain" else f"--task {rc.task}"))
+    if (out / WEIGHTS_NAME).is_file():
+        raise RunError(f"{out} is already finished ({WEIGHTS_NAME} is written); evaluate or predict with it, "
+                       "or train a new run into another --out")
+    if _resume_changes(rc, task_cls, out, options, sets, n):
+        write_json(out / CONFIG_NAME, rc.to_json())  # the run's record says what it was trained with
     d = rc.data
     train_ds, val_ds = _load_splits(d["spec"], d.get("seed", 0), d.get("label"), d.get("n"), on_bad_sample)
     size = rc.model.image_size
@@ -148,9 +183,10 @@ def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = T
     options (its Config fields, e.g. label= for classify); `sets` are dotted overrides ("model.dim=96").
     """
     task_cls = get_task(task, finetune=finetune)  # unknown task names fail before anything is created
-    with run_setup(out, resume) as out:
+    with open_run(out, resume) as run:
+        out = run.path
         if resume:
-            rc, tokenizer, init, train, val = _resumed_run_config(task_cls, out, on_bad_sample)
+            rc, tokenizer, init, train, val = _resumed_run_config(task_cls, out, on_bad_sample, options, sets, n)
         else:
             rc, tokenizer, init, train, val = _new_run_config(
                 task_cls, data, init_from=init_from, preset=preset, freeze=freeze, n=n, on_bad_sample=on_bad_sample,
@@ -168,7 +204,9 @@ def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = T
             if tokenizer is not None:
                 tokenizer.save(out / TOKENIZER_NAME)
             write_json(out / CONFIG_NAME, rc.to_json())
-    return trainer.fit(resume=resume)
+        run.commit()
+        # A run stopped before its first checkpoint starts again from its config (the same seed, the same run).
+        return trainer.fit(resume=resume and latest_checkpoint(out) is not None)
 
 
 def pretrain(data: str = "shapes", out: str | Path = "runs/pretrain", *, preset: str = "tiny", resume: bool = False,
@@ -230,7 +268,8 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", l
 
     comparable = (rc.task, *task_cls.comparable_with)
     others = [str(c) for c in compare]
-    if (compare_init and rc.init_from and rc.init_from not in others and Path(rc.init_from).is_dir()
+    if (compare_init and rc.init_from and Path(rc.init_from).resolve() not in {Path(o).resolve() for o in others}
+            and Path(rc.init_from).is_dir()
             and read_config(rc.init_from).get("task") in comparable):
         others.insert(0, rc.init_from)
     if others:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 # torch-free imports only, so `imagen --help` stays fast
@@ -233,10 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_code(signal_name: str | None) -> int:
+    """The shell's convention for a process stopped by a signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    return 128 + (signal.SIGTERM if signal_name == "SIGTERM" else signal.SIGINT)
+
+
 def _report_fit(result, out, command):
     if result.status == "interrupted":
-        print(f"interrupted at step {result.step}; checkpoint saved. Continue with: {command} --out {out} --resume", file=sys.stderr)
-        return 130
+        print(f"interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
+              f"Continue with: {command} --out {out} --resume", file=sys.stderr)
+        return _exit_code(result.stopped_by)
     print(f"{result.status} at step {result.step}; run saved to {out}" + (f" (best {result.best_metric:.4f} at step {result.best_step})" if result.best_metric is not None else ""))
     return 0
 
@@ -283,8 +290,9 @@ def run_command(args) -> int:
                             on_bad_sample=args.on_bad_sample, captions=args.captions, sets=args.sets, **_train_kwargs(args))
         for name, result in results.items():
             if result.status == "interrupted":
-                print(f"stage {name} interrupted at step {result.step}; checkpoint saved. Continue with: imagen train-t2i --out {args.out} --resume", file=sys.stderr)
-                return 130
+                print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
+                      f"Continue with: imagen train-t2i --out {args.out} --resume", file=sys.stderr)
+                return _exit_code(result.stopped_by)
             print(f"stage {name}: {result.status} at step {result.step}")
         print(f"run saved to {args.out}; sample with: imagen generate --run {args.out} \"PROMPT\" --out grid.png")
         return 0
@@ -317,14 +325,24 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors and --help: argparse has printed its line already
         return int(e.code or 0)
+    # SIGTERM (docker stop, Kubernetes, Slurm, systemd) stops a command the way Ctrl-C does: a run being set up is
+    # removed, a run training checkpoints (the trainer handles both signals itself while it trains).
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return run_command(args)
     except USER_ERRORS as e:
         print(f"imagen {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("imagen: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if str(e) == "SIGTERM" else "SIGINT"
+        print(f"imagen {args.command}: interrupted ({name})", file=sys.stderr)
+        return _exit_code(name)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +143,11 @@ class TrainConfig:
             raise ConfigError(f"max steps must be positive, got {self.max_steps}")
         if self.grad_accum <= 0:
             raise ConfigError(f"gradient accumulation must be positive, got {self.grad_accum}")
-        if self.lr <= 0:
-            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # also refuses nan
+            raise ConfigError(f"learning rate must be a positive finite number, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "momentum", "warmup_ratio", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
         for name in ("checkpoint_every", "eval_every", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value <= 0:

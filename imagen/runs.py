@@ -7,6 +7,7 @@ finished run back as a model needs its task, so `load` lives with the tasks (ima
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -26,11 +27,14 @@ TOKENIZER_NAME = "tokenizer.json"
 
 
 
+LOCK_NAME = ".lock"  # held (flock) by the process writing the run; the kernel releases it if the process dies
+
+
 def check_new_run_dir(out: Path) -> None:
-    """Refuse an --out that would overwrite something: it must be absent or an empty folder."""
+    """Refuse an --out that would overwrite something: it must be absent or an empty folder we can write in."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; choose a directory path")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise RunError(f"--out {out} already exists and is not empty; choose a new directory or pass --resume to continue it")
     for parent in out.parents:
         if parent.exists():
@@ -41,32 +45,88 @@ def check_new_run_dir(out: Path) -> None:
             break
 
 
-@contextmanager
-def run_setup(out: str | Path, resume: bool) -> Iterator[Path]:
-    """The run directory while a command sets a run up (config, tokenizer, data, model): one lifecycle for all.
+def _lock(out: Path) -> int:
+    """An exclusive lock on the run directory for this process, or a RunError naming the process that holds it."""
+    try:
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot write there ({e.strerror}); choose a folder you can write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunError(f"--out {out} is being written by another imagen process (pid {holder}); "
+                       "wait for it to finish, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
-    A fresh run's `out` must be absent or empty; it is created, and if setup fails (a bad option, unreadable
-    data, Ctrl-C) everything set up in it is removed again, so no half-made run is left behind. With `resume`
-    it must hold a run's config.json, and it is left as it was whatever happens.
+
+class RunDir:
+    """A run directory held by this process: `path`, and `commit()` once its setup is written."""
+
+    def __init__(self, path: Path, created: bool):
+        self.path = path
+        self.created = created  # this process made the folder (else it existed, empty or as a run)
+        self.committed = False
+
+    def commit(self) -> None:
+        """Setup is done (config.json written): from now on a failure keeps the run, to be resumed."""
+        self.committed = True
+
+    def discard_setup(self, resume: bool) -> None:
+        """Remove what an unfinished setup made: the folder, or its contents when it was an empty folder given."""
+        if resume:
+            return
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for child in self.path.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
+
+
+@contextmanager
+def open_run(out: str | Path, resume: bool) -> Iterator[RunDir]:
+    """The one lifecycle of a run directory, for every command that trains: check, then create, lock, set up, commit.
+
+    A fresh run's `out` must be absent or empty, a resumed one must hold a run's config.json; both are checked
+    before anything is created. The directory is locked for the whole block: a second process on the same `out`
+    gets a RunError at once instead of interleaving its writes. Until `run.commit()` a failure (a bad option,
+    unreadable data, no such device, Ctrl-C, SIGTERM) removes everything the block made, so a failed start never
+    blocks the folder; after it, a failure keeps the run and its checkpoints for --resume.
     """
     out = Path(out)
     if resume:
         if not (out / CONFIG_NAME).is_file():
             raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
-        yield out
-        return
-    check_new_run_dir(out)
-    existed = out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+        created = False
+    else:
+        check_new_run_dir(out)
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"--out {out}: cannot create it ({e.strerror}); choose a folder you can write to") from None
     try:
-        yield out
+        fd = _lock(out)
     except BaseException:
-        if existed:  # it was empty before: empty it again
-            for child in out.iterdir():
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
-        else:
+        if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    run = RunDir(out, created)
+    try:
+        if not resume:
+            check_new_run_dir(out)  # another process may have filled it between the first check and the lock
+        yield run
+    except BaseException:
+        if not run.committed:
+            run.discard_setup(resume)
+        raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def read_config(run: str | Path) -> dict[str, Any]:

@@ -224,18 +224,29 @@ def test_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path):
         Trainer(classifier(0), Classify(), class_data(16), None, cfg(max_steps=3), tmp_path).fit()
 
 
-def test_ctrl_c_during_an_update_is_held_until_the_snapshot():
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("at_start_up", ["default", "ignored"])
+def test_a_stop_signal_during_an_update_is_held_until_the_snapshot(signum, at_start_up):
+    """Whatever handler the process started with (background jobs start with SIGINT ignored), a stop signal inside
+    the block is held to its end, then raised; the earlier handler is back afterwards."""
     import os
     import signal
 
-    from imagen.train.trainer import sigint_deferred
+    from imagen.train.trainer import StopRequested, stop_signals_deferred
 
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with sigint_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("the block ran to its end")
-    assert done and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    sig = getattr(signal, signum)
+    before = signal.getsignal(sig)
+    signal.signal(sig, signal.SIG_IGN if at_start_up == "ignored" else before)
+    started_with = signal.getsignal(sig)
+    try:
+        done = []
+        with pytest.raises(StopRequested, match=signum):
+            with stop_signals_deferred():
+                os.kill(os.getpid(), sig)
+                done.append("the block ran to its end")
+        assert done and signal.getsignal(sig) == started_with
+    finally:
+        signal.signal(sig, before)
 
 
 def test_ctrl_c_during_validation_reruns_it_on_resume(tmp_path):

@@ -74,6 +74,22 @@ def _emoji(split: str, seed: int, label: str | None, n: int | None, size: int | 
         class_names=None, has_text=True, has_labels=False)
 
 
+def builtin_key(spec) -> str | None:
+    """The built-in dataset a spec names ("Fashion_MNIST" -> "fashion-mnist"), or None for a path."""
+    key = str(spec).lower().replace("_", "-")
+    key = "fashion-mnist" if key == "fashionmnist" else key
+    return key if key in BUILTINS else None
+
+
+def is_builtin(spec) -> bool:
+    return builtin_key(spec) is not None
+
+
+def recorded_spec(spec) -> str:
+    """The data as a run records it: a built-in name, or an absolute path (so the run works from any folder)."""
+    return str(spec) if is_builtin(spec) else str(Path(spec).resolve())
+
+
 def load_dataset(spec: str, split: str = "train", *, seed: int = 0, label: str | None = None,
                  n: int | None = None, size: int | None = None, lang: str = "en",
                  on_bad_sample: str = "skip") -> ImageTextDataset:
@@ -85,10 +101,10 @@ def load_dataset(spec: str, split: str = "train", *, seed: int = 0, label: str |
     if size is not None and size < 1:
         raise DataError(f"image size must be positive, got {size}")
     spec = str(spec)
-    key = spec.lower().replace("_", "-")
+    key = builtin_key(spec)
     if key == "shapes":
         return _shapes(split, seed, label, n, size, lang)
-    if key in ("fashion-mnist", "fashionmnist"):
+    if key == "fashion-mnist":
         return _fashion_mnist(split, label, n, size)
     if key == "emoji":
         return _emoji(split, seed, label, n, size)

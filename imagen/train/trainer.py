@@ -50,6 +50,7 @@ class TrainResult:
     best_step: int | None
     metrics: dict[str, float]  # the last validation metrics ({} when no validation ran)
     peak_mem_mb: float = 0.0
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal interrupted the run
 
 
 @dataclass
@@ -114,11 +115,13 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.cfg.progress,
                    dynamic_ncols=True)
         self.model.train()
-        status = "interrupted"
+        status, stopped_by = "interrupted", None
         try:
-            status = self._loop(state, logger, bar)
-        except KeyboardInterrupt:
+            with stop_signals_handled():
+                status = self._loop(state, logger, bar)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGINT / SIGTERM (StopRequested)
             # Weights, optimiser and schedule are still those of the last finished step; the snapshot matches them.
+            stopped_by = e.signal_name if isinstance(e, StopRequested) else "SIGINT"
             self._save_snapshot()
         finally:
             bar.close()
@@ -128,7 +131,7 @@ class Trainer:
         else:
             self._write_final_model(state)
         return TrainResult(status, state.step, state.best_metric, state.best_step, dict(state.val_metrics),
-                           peak_memory_mb(self.device))
+                           peak_memory_mb(self.device), stopped_by)
 
     @torch.no_grad()
     def evaluate(self, data) -> dict[str, float]:
@@ -189,7 +192,7 @@ class Trainer:
             for batch in loader:
                 if not self._micro_step(batch, state):
                     continue  # the accumulation group is not complete yet
-                with sigint_deferred():  # so a Ctrl-C never lands between an update and its snapshot
+                with stop_signals_deferred():  # so a Ctrl-C or SIGTERM never lands between an update and its snapshot
                     self._optimizer_step(state)
                     if self._step_hook is not None:  # e.g. EMA weights, sample grids
                         self._step_hook(self.model, state.step)
@@ -345,24 +348,72 @@ class Trainer:
         """Write RUN/model.safetensors: the best validated weights when validation ran, else the last weights."""
         if state.best_step is not None:
             load_weights(best_weights_path(self.run_dir), self.model)  # the model in memory matches the file
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # never save a "finished" model that predicts NaN
+            raise TrainingError(f"the trained weights hold NaN or inf ({bad[0]} and {len(bad) - 1} more); the run is not "
+                                "saved as finished: lower the learning rate or enable grad clipping, and train again")
         save_weights(self.run_dir / "model.safetensors", self.model)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGINT or SIGTERM asked the process to stop: training checkpoints and returns "interrupted"."""
+
+    def __init__(self, signum: int):
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)
+
+
+_held: list[int] = []  # stop signals that arrived inside a deferred block
+_deferring = 0
+
+
+def _on_stop_signal(signum, frame):
+    if _deferring:
+        _held.append(signum)
+        return
+    raise StopRequested(signum)
+
+
 @contextlib.contextmanager
-def sigint_deferred():
-    """Hold a Ctrl-C back until the block ends, then raise it (only where Python's default handler is active)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+def stop_signals_handled():
+    """SIGINT and SIGTERM raise StopRequested inside the block (main thread only), whatever handlers were there before.
+
+    Ours replace them even where SIGINT was ignored at start-up (background jobs, some CI runners) and where
+    SIGTERM would kill the process outright (docker stop, Kubernetes, Slurm, systemd); both come back after.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
-    signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if received:
-        raise KeyboardInterrupt
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred():
+    """Hold SIGINT / SIGTERM back until the block ends, then raise StopRequested (a KeyboardInterrupt)."""
+    global _deferring
+    with stop_signals_handled():
+        _deferring += 1
+        try:
+            yield
+        except BaseException:
+            _held.clear()  # the block failed on its own; that error is the one to report
+            raise
+        finally:
+            _deferring -= 1
+        if _held and not _deferring:
+            signum = _held[0]
+            _held.clear()
+            raise StopRequested(signum)
 
 
 def _scalar(value) -> float | None:

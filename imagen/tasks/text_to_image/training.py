@@ -21,10 +21,11 @@ from imagen.errors import ConfigError, DataError, RunError
 from imagen.models.text_encoders import text_encoder_from_arg
 from imagen.models.text_to_image import StageConfig, TextToImageStage, stage_config_to_json
 from imagen.models.unet import unet_preset
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, run_setup
+from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, open_run
 from imagen.tasks.text_to_image.cascade_run import STAGE_TASK, TASK, read_t2i_config, text_encoder_for
 from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
-from imagen.train import Trainer, TrainResult, latest_checkpoint, seed_everything
+from imagen.data.registry import recorded_spec
+from imagen.train import Trainer, TrainResult, latest_checkpoint, resolve_device, seed_everything
 
 log = logging.getLogger("imagen")
 
@@ -83,7 +84,7 @@ def _new_run(out: Path, data: str, sizes: Sequence[int], text_encoder: str, n: i
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_NAME)
     config = {"task": TASK, "stages": [c.name for c in stage_cfgs], "text_encoder": encoder.spec(),
-              "data": {"spec": str(data), "seed": seed, "n": n, "captions": captions}, "sizes": list(sizes),
+              "data": {"spec": recorded_spec(data), "seed": seed, "n": n, "captions": captions}, "sizes": list(sizes),
               "stage_configs": {c.name: stage_config_to_json(c) for c in stage_cfgs}}
     write_json(out / CONFIG_NAME, config)
     return config, train_ds, encoder, texts
@@ -117,7 +118,8 @@ def train_t2i(
     if exists and not (resume or stage is not None):
         read_t2i_config(out)  # another kind of run: say that first
         raise RunError(f"--out {out} already holds a text-to-image run; pass --resume to continue it or --stage NAME to train one stage")
-    with run_setup(out, resume=exists) as out:
+    resolve_device(train_kwargs.get("device") or "auto")  # a missing device fails before anything is created
+    with open_run(out, resume=exists) as run:
         if not exists:
             seed = train_kwargs.get("seed") or 0
             config, train_ds, encoder, texts = _new_run(out, data, sizes, text_encoder, n, seed, on_bad_sample, captions, sets)
@@ -127,23 +129,27 @@ def train_t2i(
             train_ds = load_dataset(d["spec"], "train", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
             encoder = text_encoder_for(out, config["text_encoder"])
             texts = _caption_sets(train_ds, d.get("captions", "first"))  # runs made before the option used "first"
-    if stage is not None and stage not in config["stages"]:
-        raise RunError(f"{out} has no stage {stage!r}; its stages are {', '.join(config['stages'])}")
-
-    d = config["data"]
-    val_ds = load_dataset(d["spec"], "val", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
-    val_ds = val_ds.subset(range(min(8, len(val_ds))))  # the fixed prompts of the sample grids, and their images
-    results = {}
-    for name in config["stages"] if stage is None else [stage]:
-        if (out / name / WEIGHTS_NAME).is_file():
-            if stage is None:
+        if stage is not None and stage not in config["stages"]:
+            raise RunError(f"{out} has no stage {stage!r}; its stages are {', '.join(config['stages'])}")
+        d = config["data"]
+        val_ds = load_dataset(d["spec"], "val", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
+        val_ds = val_ds.subset(range(min(8, len(val_ds))))  # the fixed prompts of the sample grids, and their images
+        names = config["stages"] if stage is None else [stage]
+        if stage is not None and (out / stage / WEIGHTS_NAME).is_file():
+            raise RunError(f"stage {stage!r} of {out} is already trained; train into a new --out to start over")
+        if exists and all((out / name / WEIGHTS_NAME).is_file() for name in names):
+            raise RunError(f"{out} is already finished (every stage is trained); generate with it, or train a new run "
+                           "into another --out")
+        run.commit()
+        results = {}
+        for name in names:
+            if (out / name / WEIGHTS_NAME).is_file():
                 log.info("stage %s is already trained; skipping it", name)
                 continue
-            raise RunError(f"stage {name!r} of {out} is already trained; train into a new --out to start over")
-        results[name] = _train_stage(out / name, StageConfig(**config["stage_configs"][name]), out, encoder, train_ds,
-                                     texts, val_ds, resume, max_steps, sr_max_steps, sample_every, train_kwargs)
-        if results[name].status == "interrupted":
-            break
+            results[name] = _train_stage(out / name, StageConfig(**config["stage_configs"][name]), out, encoder, train_ds,
+                                         texts, val_ds, resume, max_steps, sr_max_steps, sample_every, train_kwargs)
+            if results[name].status == "interrupted":
+                break
     return results
 
 
