@@ -23,7 +23,8 @@ from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image, wr
 from imagen.data.registry import recorded_spec
 from imagen.errors import ConfigError, DataError, RunError
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, load_tokenizer, open_run, read_config
+from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, load_tokenizer,
+                         open_run, read_config)
 from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
@@ -39,10 +40,6 @@ MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 # BPE vocabulary of a tokenizer trained for a run that does not start from one.
 DEFAULT_VOCAB_SIZE = 1024
-# Training options that --resume may change (recorded in the run's config.json): how long to train and how to
-# watch it, not what is trained. Any other change would make the run differ from what its config says.
-RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "early_stopping_patience", "checkpoint_every",
-                     "keep_checkpoints", "log_every", "progress", "report_to", "device", "num_workers"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,11 +143,7 @@ def _resume_changes(rc: RunConfig, task_cls, out: Path, options: dict, sets: Seq
                for k, v in old.items() if k in new and new[k] != v]
     if n is not None and n != rc.data.get("n"):
         changed.append(("n", rc.data.get("n"), n))
-    refused = [c for c in changed if not (c[0].startswith("train.") and c[0][6:] in RESUMABLE_CHANGES)]
-    if refused:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)
-        raise RunError(f"--resume continues {out} as it was configured, but these differ: {listed}; drop them to "
-                       f"resume, or start a new run (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    check_resume_changes(changed, out)
     for k, old, new in changed:
         log.info("resuming with %s %r (was %r)", k, new, old)
     rc.train = train

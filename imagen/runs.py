@@ -27,6 +27,11 @@ TOKENIZER_NAME = "tokenizer.json"
 
 
 
+# Training options that --resume may change (the run records the new value): how long to train and how to watch
+# it, not what is trained. Any other change would make the run differ from what its config says it is.
+RESUMABLE_TRAIN_OPTIONS = frozenset({"max_steps", "epochs", "eval_every", "early_stopping_patience", "checkpoint_every",
+                                     "keep_checkpoints", "log_every", "progress", "report_to", "device", "num_workers"})
+
 LOCK_NAME = ".lock"  # held (flock) by the process writing the run; the kernel releases it if the process dies
 
 
@@ -127,6 +132,15 @@ def open_run(out: str | Path, resume: bool) -> Iterator[RunDir]:
         raise
     finally:
         os.close(fd)  # releases the lock
+
+
+def check_resume_changes(changes: list[tuple[str, Any, Any]], where: Path) -> None:
+    """Refuse --resume when settings other than RESUMABLE_TRAIN_OPTIONS differ from the run's ("train.lr", old, new)."""
+    refused = [c for c in changes if not (c[0].startswith("train.") and c[0][len("train."):] in RESUMABLE_TRAIN_OPTIONS)]
+    if refused:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)
+        raise RunError(f"--resume continues {where} as it was configured, but these differ: {listed}; drop them to "
+                       f"resume, or start a new run (only {', '.join(sorted(RESUMABLE_TRAIN_OPTIONS))} may change)")
 
 
 def read_config(run: str | Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from imagen.errors import ConfigError, DataError, RunError
 from imagen.models.text_encoders import text_encoder_from_arg
 from imagen.models.text_to_image import StageConfig, TextToImageStage, stage_config_to_json
 from imagen.models.unet import unet_preset
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, open_run
+from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_resume_changes, open_run
 from imagen.tasks.text_to_image.cascade_run import STAGE_TASK, TASK, read_t2i_config, text_encoder_for
 from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
 from imagen.data.registry import recorded_spec
@@ -160,8 +160,17 @@ def _train_stage(stage_dir: Path, stage_cfg: StageConfig, run: Path, encoder, tr
     if steps is None and train_kwargs.get("epochs") is None:
         steps = DEFAULT_T2I_STEPS["sr" if stage_cfg.is_sr else "base"]
     tcfg = stage_train_config({**train_kwargs, "max_steps": steps})
-    if (stage_dir / CONFIG_NAME).is_file():  # continuing: the stage's own saved train config wins
-        tcfg = from_dict(TrainConfig, json.loads((stage_dir / CONFIG_NAME).read_text())["train"])
+    if (stage_dir / CONFIG_NAME).is_file():  # continuing: the stage's saved train config, with the changes allowed
+        saved = json.loads((stage_dir / CONFIG_NAME).read_text())
+        given = {k: v for k, v in train_kwargs.items() if v is not None}
+        if max_steps is not None or (stage_cfg.is_sr and sr_max_steps):
+            given["max_steps"] = steps
+        old = from_dict(TrainConfig, saved["train"])
+        tcfg = dataclasses.replace(old, **given)
+        changes = [(f"train.{k}", v, to_dict(tcfg)[k]) for k, v in to_dict(old).items() if to_dict(tcfg)[k] != v]
+        check_resume_changes(changes, stage_dir)
+        if changes:
+            write_json(stage_dir / CONFIG_NAME, {**saved, "train": to_dict(tcfg)})
     else:
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json(stage_dir / CONFIG_NAME, {"task": STAGE_TASK, "stage": stage_config_to_json(stage_cfg), "train": to_dict(tcfg)})
