@@ -38,13 +38,16 @@ def _writing(path: Path) -> Iterator[None]:
     except OutputError:
         raise
     except OSError as exc:
-        raise OutputError(exc.errno, f"cannot write {path}: {exc.strerror or exc}; {_hint(exc)}") from None
-    except RuntimeError as exc:  # torch.save reports a failed write (disk full) as "PytorchStreamWriter failed ..."
-        if "PytorchStreamWriter" not in str(exc) and "file write failed" not in str(exc):
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; {_hint(exc)}") from None
+    except Exception as exc:
+        # torch.save and safetensors report a full disk as their own errors ("PytorchStreamWriter failed writing
+        # file", "SafetensorError: ... No space left on device (os error 28)").
+        text = str(exc)
+        if not any(s in text for s in ("No space left", "os error 28", "PytorchStreamWriter", "file write failed")):
             raise
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        raise OutputError(errno.EIO, f"cannot write {path}: the write failed with {free / 2**20:.0f} MiB free on its "
-                                     "disk; free some space or write elsewhere") from None
+        raise OutputError(f"cannot write {path}: the write failed with {free / 2**20:.0f} MiB free on its disk; "
+                          "free some space or write elsewhere") from None
 
 
 @contextmanager

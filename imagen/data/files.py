@@ -120,14 +120,22 @@ def _rows_source(path: Path, label_key: str, bad: list[str]) -> list[dict]:
     have it) become one record, so an image never lands in two splits and is decoded once.
     """
     records: dict[Path, dict] = {}
+    label_line: dict[Path, int] = {}
     for n, row in _read_rows(path):
         try:
             rec = _row_to_record(row, f"{path}:{n}", path.parent, label_key)
         except _Bad as exc:
             bad.append(str(exc))
             continue
-        if rec["path"] in records:
-            _merge(records[rec["path"]], rec)
+        first = records.get(rec["path"])
+        if first is not None and None not in (first.get("label"), rec["label"]) and first["label"] != rec["label"]:
+            bad.append(f"{path}:{n} (image {rec['path'].name} is labelled {first['label']!r} on line "
+                       f"{label_line[rec['path']]} but {rec['label']!r} here; kept the first, give one label per image)")
+            continue
+        if rec["label"] is not None:
+            label_line.setdefault(rec["path"], n)
+        if first is not None:
+            _merge(first, rec)
         else:
             records[rec["path"]] = rec
     return list(records.values())
@@ -231,6 +239,9 @@ def load_files(spec: str, split: str = "train", *, seed: int = 0, label: str | N
     if not root.exists():
         raise DataError(f"data path not found: {root}; pass a built-in name (shapes, fashion-mnist, emoji), "
                         "a folder, or a .jsonl/.csv file")
+    if not root.is_dir() and not root.is_file():
+        raise DataError(f"data path {root} is neither a folder nor a regular file (a device, pipe or socket?); "
+                        "pass a folder or a .jsonl/.csv/.json file")
     label_key = label or "label"
     bad: list[str] = []
     records, everything = _all_records(root, split, seed, label_key, bad)
@@ -280,5 +291,5 @@ def _validate(records: list[dict], bad: list[str], on_bad_sample: str) -> tuple[
         elif on_bad_sample == "error":
             raise DataError(f"{error} (or pass on_bad_sample='skip' to drop bad samples)")
         else:
-            bad.append(str(rec["path"]))
+            bad.append(error)  # names the file and why it is unusable
     return good, sizes
