@@ -255,9 +255,10 @@ def load_files(spec: str, split: str = "train", *, seed: int = 0, label: str | N
                         "an annotations.jsonl, or a .jsonl/.csv file")
     if n is not None:
         records = records[:n]
-    records, sizes = _validate(records, bad, on_bad_sample)
+    reasons: dict[str, str] = {}
+    records, sizes = _validate(records, bad, on_bad_sample, reasons)
     if bad:
-        log.warning("skipped %d bad sample(s) in %s, e.g. %s", len(bad), root, "; ".join(bad[:3]))
+        log.warning("skipped %d bad sample(s) in %s, e.g. %s", len(bad), root, "; ".join(reasons.get(b, b) for b in bad[:3]))
     if not records:
         raise DataError(f"no usable {split} samples in {root} ({len(bad)} bad); check the files listed above")
     labels = sorted({r["label"] for r in everything if r.get("label") is not None})
@@ -275,7 +276,7 @@ def _check(rec: dict) -> tuple[int | None, str | None]:
         return None, str(exc)
 
 
-def _validate(records: list[dict], bad: list[str], on_bad_sample: str) -> tuple[list[dict], list[int]]:
+def _validate(records: list[dict], bad: list[str], on_bad_sample: str, reasons: dict[str, str]) -> tuple[list[dict], list[int]]:
     """Decode every image now so broken files surface before training; returns good records and their sizes."""
     if bad and on_bad_sample == "error":
         raise DataError(f"bad sample: {bad[0]}; fix it or pass on_bad_sample='skip'")
@@ -291,5 +292,6 @@ def _validate(records: list[dict], bad: list[str], on_bad_sample: str) -> tuple[
         elif on_bad_sample == "error":
             raise DataError(f"{error} (or pass on_bad_sample='skip' to drop bad samples)")
         else:
-            bad.append(error)  # names the file and why it is unusable
+            bad.append(str(rec["path"]))
+            reasons[str(rec["path"])] = error  # the warning says why
     return good, sizes
