@@ -156,7 +156,7 @@ def test_user_mistakes_in_finetune_are_one_line(capsys, shapes_dir, tmp_path):
     cases = [
         ([base, "--data", shapes_dir, "--label", "shape", "--device", "cuda:7"], "device 'cuda:7' was asked for but"),
         ([base, "--data", shapes_dir, "--label", "shape", "--device", "gpu"], "unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"),
-        ([base, "--data", shapes_dir, "--label", "shape", "--freeze", "sometimes"], "unknown --freeze 'sometimes'; use none, encoder or all-but-last-N"),
+        ([base, "--data", shapes_dir, "--label", "shape", "--freeze", "sometimes"], "unknown freeze mode 'sometimes' (--freeze); use none, encoder or all-but-last-N"),
         ([base, "--data", shapes_dir], "or name its label field with --label (a folder from `imagen data shapes`: --label shape, color"),
         ([base, "--data", tmp_path / "one"], "has one class only ('red'); classification needs at least two"),
         ([base, "--data", part], "training samples of"),

@@ -179,4 +179,4 @@ class MultimodalEncoder(nn.Module):
                 for p in self.norm.parameters():
                     p.requires_grad_(True)
             return
-        raise ConfigError(f"unknown --freeze {mode!r}; use none, encoder or all-but-last-N (N a number of blocks, e.g. all-but-last-1)")
+        raise ConfigError(f"unknown freeze mode {mode!r} (--freeze); use none, encoder or all-but-last-N (N a number of blocks, e.g. all-but-last-1)")
