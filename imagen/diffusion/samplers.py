@@ -180,7 +180,7 @@ class SamplingConfig:
     def __post_init__(self):
         check_sampler(self.sampler, self.eta)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 0 < self.steps <= MAX_SAMPLING_STEPS:
-            raise GenerationError(f"steps must be an integer in [1, {MAX_SAMPLING_STEPS}], got {self.steps!r}")
+            raise GenerationError(f"steps must be a positive integer, at most {MAX_SAMPLING_STEPS}, got {self.steps!r}")
         if self.guidance < 0:
             raise GenerationError(f"guidance must be >= 0, got {self.guidance}")
         if self.threshold not in THRESHOLDS:
@@ -192,7 +192,7 @@ class SamplingConfig:
         if not 0.0 < self.strength <= 1.0:
             raise GenerationError(f"strength must be in (0, 1], got {self.strength}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 0 < self.n <= MAX_SAMPLES_PER_PROMPT:
-            raise GenerationError(f"n (samples per prompt) must be an integer in [1, {MAX_SAMPLES_PER_PROMPT}], got {self.n!r}")
+            raise GenerationError(f"n (samples per prompt) must be a positive integer, at most {MAX_SAMPLES_PER_PROMPT}, got {self.n!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise GenerationError(f"batch size must be a positive integer, got {self.batch_size!r}")
 
