@@ -44,7 +44,6 @@ DEFAULT_AUG_LEVEL = 0.1  # noise-augmentation level of the low-res image at each
 DEFAULT_STRENGTH = 0.6  # image-to-image: share of the steps to run from the noised init image
 # Samples denoised together (one chunk through the whole cascade); memory grows with it, never with --n.
 DEFAULT_SAMPLING_BATCH_SIZE = 16
-MAX_SAMPLING_STEPS = 1000  # the schedules' T: a respacing has at most T steps
 MAX_SAMPLES_PER_PROMPT = 10_000
 
 

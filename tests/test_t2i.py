@@ -274,7 +274,7 @@ def test_generate_bounds_and_outputs(capsys, t2i_run, tmp_path):
     a_file.write_text("x")
     cases = [
         (["--n", "100000", "--out-dir", tmp_path / "many"], "n (samples per prompt) must be a positive integer, at most 10000, got 100000"),
-        (["--steps", "5000", "--out", tmp_path / "x.png"], "steps must be a positive integer, at most 1000, got 5000"),
+        (["--steps", "5000", "--out", tmp_path / "x.png"], "steps must be in [1, 1000] for stage base (1000 timesteps), got 5000"),
         (["--n", "2000", "--out", tmp_path / "x.png"], "use --out-dir"),
         (["--out", folder], "is a folder"),
         (["--out", a_file / "x.png"], "is a file, not a folder"),

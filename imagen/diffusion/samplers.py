@@ -21,7 +21,6 @@ from imagen.config import (
     DEFAULT_STRENGTH,
     DEFAULT_THRESHOLD,
     MAX_SAMPLES_PER_PROMPT,
-    MAX_SAMPLING_STEPS,
     SAMPLER_NAMES,
 )
 
@@ -179,8 +178,8 @@ class SamplingConfig:
 
     def __post_init__(self):
         check_sampler(self.sampler, self.eta)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 0 < self.steps <= MAX_SAMPLING_STEPS:
-            raise GenerationError(f"steps must be a positive integer, at most {MAX_SAMPLING_STEPS}, got {self.steps!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise GenerationError(f"steps must be a positive integer, got {self.steps!r}")
         if self.guidance < 0:
             raise GenerationError(f"guidance must be >= 0, got {self.guidance}")
         if self.threshold not in THRESHOLDS:

@@ -95,6 +95,10 @@ class TextToImagePipeline:
         config = config if config is not None else SamplingConfig()
         if stop_at is not None and stop_at not in self.stage_names:
             raise RunError(f"{self.path} has no trained stage {stop_at!r}; trained: {', '.join(self.stage_names)}")
+        too_few = [s.config for s in self.stages if s.config.timesteps < config.steps]
+        if too_few:
+            raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
+                                  f"({too_few[0].timesteps} timesteps), got {config.steps}")
         if inpaint_mask is not None:
             config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
         pairs = [(p, k) for p in prompts for k in range(config.n)]  # prompt-major
