@@ -16,6 +16,7 @@ from imagen.config import (
     DEFAULT_GUIDANCE,
     DEFAULT_PERCENTILE,
     DEFAULT_SAMPLER,
+    DEFAULT_SAMPLING_BATCH_SIZE,
     DEFAULT_SAMPLING_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_T2I_CAPTIONS,
@@ -124,6 +125,7 @@ def _add_sampling_args(p):
     g.add_argument("--threshold", choices=THRESHOLD_NAMES, default=DEFAULT_THRESHOLD, help=f"clipping of the predicted image at each step (default: {DEFAULT_THRESHOLD})")
     g.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help=f"dynamic thresholding's percentile of |pred_x0| (default: {DEFAULT_PERCENTILE:g})")
     g.add_argument("--aug-level", type=float, default=DEFAULT_AUG_LEVEL, help=f"noise-augmentation level of the low-res image at each SR stage (default: {DEFAULT_AUG_LEVEL:g})")
+    g.add_argument("--batch-size", type=_positive_int, default=DEFAULT_SAMPLING_BATCH_SIZE, help=f"samples denoised at once; bounds memory, the images do not depend on it (default: {DEFAULT_SAMPLING_BATCH_SIZE})")
 
 
 def _sampling_config(args):

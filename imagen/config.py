@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +42,26 @@ DEFAULT_THRESHOLD = "dynamic"
 DEFAULT_PERCENTILE = 0.995  # dynamic thresholding's percentile of |pred_x0| (Imagen sec. 2.3)
 DEFAULT_AUG_LEVEL = 0.1  # noise-augmentation level of the low-res image at each super-resolution stage
 DEFAULT_STRENGTH = 0.6  # image-to-image: share of the steps to run from the noised init image
+# Samples denoised together (one chunk through the whole cascade); memory grows with it, never with --n.
+DEFAULT_SAMPLING_BATCH_SIZE = 16
+MAX_SAMPLES_PER_PROMPT = 10_000
 
 
+
+def check_range(name: str, value: Any, lo: float, hi: float, integer: bool = True) -> None:
+    """ConfigError naming `name` unless `value` is an integer (or, with integer=False, a number) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not lo <= value <= hi:  # NaN fails here too
+        raise ConfigError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
+
+
+# Sane upper bounds of model sizes: far above any preset, far below what would exhaust a machine's memory by a typo.
+MAX_IMAGE_SIZE = 1024
+MAX_DIM = 8192
+MAX_LAYERS = 256
+MAX_HEADS = 256
+MAX_TOKENS = 16384  # image patches + text tokens one attention sees
 
 
 @dataclass
@@ -64,13 +82,21 @@ class EncoderConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        bounds = dict(image_size=MAX_IMAGE_SIZE, patch_size=self.image_size, in_channels=16, vocab_size=10**6,
+                      max_text_len=MAX_TOKENS, dim=MAX_DIM, num_layers=MAX_LAYERS, num_heads=MAX_HEADS)
+        for name, hi in bounds.items():
+            check_range(f"model.{name}", getattr(self, name), 1, hi)
+        check_range("model.stem_channels", self.stem_channels, 0, MAX_DIM)
+        check_range("model.pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
+        check_range("model.mlp_ratio", self.mlp_ratio, 0.001, 64, integer=False)
+        check_range("model.dropout", self.dropout, 0, 1, integer=False)
         if self.image_size % self.patch_size:
             raise ConfigError(f"image size {self.image_size} is not a multiple of patch size {self.patch_size}")
         if self.dim % self.num_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        for name in ("image_size", "patch_size", "dim", "num_layers", "num_heads", "max_text_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_patches + self.max_text_len > MAX_TOKENS:
+            raise ConfigError(f"{self.num_patches} patches + {self.max_text_len} text tokens exceed {MAX_TOKENS} tokens; "
+                              "use a larger model.patch_size or a smaller model.image_size")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -131,27 +157,22 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for name, hi in dict(batch_size=65536, epochs=10**6, grad_accum=4096, warmup_steps=10**9, keep_checkpoints=10**6,
+                             log_every=10**9, num_workers=256, seed=2**63 - 1).items():
+            check_range(f"train.{name}", getattr(self, name), 1 if name in ("batch_size", "epochs", "grad_accum") else 0, hi)
+        for name in ("max_steps", "eval_every", "early_stopping_patience", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                check_range(f"train.{name}", getattr(self, name), 1, 10**9)
+        for name, hi in dict(lr=10.0, weight_decay=10.0, momentum=1.0, warmup_ratio=1.0, min_lr_ratio=1.0, grad_clip=1e6).items():
+            check_range(f"train.{name}", getattr(self, name), 0, hi, integer=False)
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose adamw or sgd")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch size must be positive, got {self.batch_size}")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs must be positive, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"max steps must be positive, got {self.max_steps}")
-        if self.grad_accum <= 0:
-            raise ConfigError(f"gradient accumulation must be positive, got {self.grad_accum}")
-        if not 0 < self.lr < math.inf:  # also refuses nan
-            raise ConfigError(f"learning rate must be a positive finite number, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "momentum", "warmup_ratio", "min_lr_ratio"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ConfigError(f"{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "eval_every", "early_stopping_patience"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {value}")
+        if self.lr == 0:
+            raise ConfigError("learning rate must be positive, got 0")
         self.betas = tuple(self.betas)
         self.report_to = tuple(self.report_to)
 

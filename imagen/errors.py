@@ -41,5 +41,9 @@ class EvalError(ValueError):
     """An evaluation cannot run (e.g. the evaluator network is missing or damaged)."""
 
 
+class OutputError(Exception):
+    """An output path cannot be written: under a file, a folder where a file goes, read-only, or the disk is full."""
+
+
 USER_ERRORS = (ConfigError, DataError, RunError, UnknownTaskError, CheckpointError, TrainingError, GenerationError,
-               TextEncoderError, EvalError)
+               TextEncoderError, EvalError, OutputError)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from safetensors.torch import load_file
 
 from cli_helpers import one_line_error as _one_line_error
@@ -137,3 +139,74 @@ def test_jsonl_with_broken_line(capsys, shapes_dir, tmp_path):
     finally:
         bad.unlink()
     assert not (tmp_path / "r").exists()
+
+
+def test_user_mistakes_in_finetune_are_one_line(capsys, shapes_dir, tmp_path):
+    import shutil
+
+    one = tmp_path / "one" / "red"
+    one.mkdir(parents=True)
+    for p in sorted((shapes_dir / "images").iterdir())[:6]:
+        shutil.copy(p, one / p.name)
+    rows = [json.loads(l) for l in (shapes_dir / "annotations.jsonl").read_text().splitlines()][:30]
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(json.dumps({"image": str(shapes_dir / r["image"]), **({"label": r["labels"]["shape"]} if i % 3 else {})}) + "\n"
+                            for i, r in enumerate(rows)))
+    base = ["finetune", "--task", "classify", "--max-steps", "1", *TINY]
+    cases = [
+        ([base, "--data", shapes_dir, "--label", "shape", "--device", "cuda:7"], "device 'cuda:7' was asked for but"),
+        ([base, "--data", shapes_dir, "--label", "shape", "--device", "gpu"], "unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"),
+        ([base, "--data", shapes_dir, "--label", "shape", "--freeze", "sometimes"], "unknown freeze mode 'sometimes' (--freeze); use none, encoder or all-but-last-N"),
+        ([base, "--data", shapes_dir], "or name its label field with --label (a folder from `imagen data shapes`: --label shape, color"),
+        ([base, "--data", tmp_path / "one"], "has one class only ('red'); classification needs at least two"),
+        ([base, "--data", part], "training samples of"),
+        ([base, "--data", "/dev/zero"], "data path /dev/zero is neither a folder nor a regular file"),
+        ([base, "--data", shapes_dir, "--label", "shape", "--set", "model.num_layers=1000000000"], "model.num_layers must be in [1, 256], got 1000000000"),
+    ]
+    for argv, needle in cases:
+        argv = [a for part_ in argv for a in (part_ if isinstance(part_, list) else [part_])]
+        line = _one_line_error(*run(capsys, *argv, "--out", tmp_path / "run")[::2], ignore_logs=True)
+        assert line.startswith("imagen finetune: error: ") and needle in line, (argv, line)
+    code, _, err = run(capsys, "data", "shapes", "--out", tmp_path / "big", "--size", "100000")
+    assert _one_line_error(code, err) == "imagen data: error: Shapes canvas size 100000 is out of range; use 8 to 1024 pixels"
+
+
+def test_failed_writes_are_one_line(capsys, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from PIL import Image
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:  # what a read-only folder gives even to root (chmod 555 does not stop root)
+        m.setattr(tempfile, "mkdtemp", read_only)
+        code, _, err = run(capsys, "data", "shapes", "--out", tmp_path / "ro", "--n", "4")
+    assert _one_line_error(code, err) == f"imagen data: error: cannot write {tmp_path / 'ro'}: Read-only file system; choose a folder you can write to"
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", disk_full)
+        code, _, err = run(capsys, "data", "shapes", "--out", tmp_path / "full", "--n", "4")
+    assert _one_line_error(code, err).endswith(": No space left on device; free some space or write elsewhere")
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, "data", "shapes", "--out", tmp_path / "afile" / "x", "--n", "4")
+    assert "a file is in the way of a folder on that path" in _one_line_error(code, err)
+    assert not (tmp_path / "full").exists() and not (tmp_path / "ro").exists()
+
+
+def test_predict_on_a_folder_and_token_ids_outside_the_vocabulary(capsys, shapes_dir):
+    import torch
+
+    from imagen.config import EncoderConfig
+    from imagen.errors import DataError
+    from imagen.models.encoder import MultimodalEncoder
+
+    code, _, err = run(capsys, "predict", "--run", "tests/fixtures/runs/classify", shapes_dir)
+    assert f"{shapes_dir} is a folder, not an image file; give the image files in it" in _one_line_error(code, err)
+    encoder = MultimodalEncoder(EncoderConfig(dim=16, num_layers=1, num_heads=2, vocab_size=10))
+    with pytest.raises(DataError, match="token id 12 is outside the model's vocabulary of 10"):
+        encoder(input_ids=torch.tensor([[1, 12]]))

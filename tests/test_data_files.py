@@ -258,3 +258,35 @@ def test_caption_sets_gather_every_caption_of_an_image(tmp_path):
     for sample, captions in zip(ds, ds.caption_sets()):
         k = sample["id"].split(".")[0]
         assert captions == [f"picture {k}", f"photo {k}"]
+
+
+def test_skip_warning_says_why_and_huge_images_are_refused(tmp_path, caplog, monkeypatch):
+    import imagen.data.images as images
+
+    root = _image_folder(tmp_path / "data")
+    (root / "cat" / "empty.png").write_bytes(b"")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)  # 12 x 10 = 120 pixels: over the limit, refused before decoding
+    with pytest.raises(DataError, match=r"is 12 x 10, over the limit of 0 million pixels; downscale it or remove it"):
+        open_image(root / "cat" / "0.png")
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="imagen.data"):
+        _all_splits(root)
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert any("image file is empty" in w and "empty.png" in w for w in warnings), warnings
+
+
+def test_an_image_with_two_labels_is_reported(tmp_path, caplog):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png", color=(0, 200, 0))
+    rows = [{"image": "a.png", "label": "red"}, {"image": "b.png", "label": "green"}, {"image": "a.png", "label": "green"}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="imagen.data"):
+        load_dataset(str(tmp_path / "data.jsonl"), "train")
+    assert any("is labelled 'red' on line 1 but 'green' here; kept the first" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match="data.jsonl:3 .image a.png is labelled 'red' on line 1 but 'green' here"):
+        load_dataset(str(tmp_path / "data.jsonl"), "train", on_bad_sample="error")
+
+
+def test_a_device_file_is_not_data():
+    with pytest.raises(DataError, match="data path /dev/zero is neither a folder nor a regular file"):
+        load_dataset("/dev/zero", "train")

@@ -249,3 +249,58 @@ def test_pipeline_batched_equals_unbatched(t2i_run):
     # The first prompt's noise is the generator's first draw either way; padding to the longer prompt changes nothing.
     torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-4)
     assert pipe.generate(["a red circle"], SamplingConfig(steps=3, seed=5, n=2)).shape == (2, 3, 8, 8)
+
+
+def test_generate_chunked_equals_unchunked(t2i_run):
+    from imagen.pipelines import SamplingConfig, TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_run(t2i_run)
+    prompts = ["a red circle", "a blue square to the left of a green triangle"]
+    for sampler in ("dpmpp2m", "ddpm"):  # ddpm also draws fresh noise at every step
+        config = SamplingConfig(steps=3, seed=5, n=3, sampler=sampler, batch_size=64)
+        whole = pipe.generate(prompts, config)
+        assert whole.shape == (6, 3, 16, 16)
+        for batch_size in (1, 4):
+            chunked = pipe.generate(prompts, SamplingConfig(steps=3, seed=5, n=3, sampler=sampler, batch_size=batch_size))
+            torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-4)
+        # A sample's picture depends on its prompt, seed and sample number only, not on the other prompts.
+        torch.testing.assert_close(pipe.generate(prompts[1:], config), whole[3:], rtol=0, atol=1e-4)
+
+
+def test_generate_bounds_and_outputs(capsys, t2i_run, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = [
+        (["--n", "100000", "--out-dir", tmp_path / "many"], "n (samples per prompt) must be a positive integer, at most 10000, got 100000"),
+        (["--steps", "5000", "--out", tmp_path / "x.png"], "steps must be in [1, 1000] for stage base (1000 timesteps), got 5000"),
+        (["--n", "2000", "--out", tmp_path / "x.png"], "use --out-dir"),
+        (["--out", folder], "is a folder"),
+        (["--out", a_file / "x.png"], "is a file, not a folder"),
+        (["--out-dir", a_file], "is a file"),
+    ]
+    for extra, needle in cases:
+        line = _one_line_error(*run(capsys, "generate", "--run", t2i_run, "a red circle", *extra)[::2])
+        assert needle in line, (extra, line)
+    assert list(folder.iterdir()) == [] and not (tmp_path / "x.png").exists()
+
+
+def test_generate_out_dir_reused_keeps_only_listed_files(capsys, t2i_run, tmp_path):
+    out = tmp_path / "samples"
+    (out).mkdir()
+    (out / "mine.png").write_bytes(b"not ours")
+    assert run(capsys, "generate", "--run", t2i_run, "a red circle", "--n", "3", "--steps", "1", "--out-dir", out)[0] == 0
+    assert run(capsys, "generate", "--run", t2i_run, "a red circle", "--n", "1", "--steps", "1", "--out-dir", out)[0] == 0
+    listed = [json.loads(l)["file"] for l in (out / "index.jsonl").read_text().splitlines()]
+    assert listed == ["0000-00.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["0000-00.png", "index.jsonl", "mine.png"]
+
+
+def test_generate_mask_of_another_size(capsys, t2i_run, tmp_path):
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "init.png")
+    Image.new("RGB", (10, 20), "white").save(tmp_path / "mask.png")
+    line = _one_line_error(*run(capsys, "generate", "--run", t2i_run, "a red circle", "--init-image", tmp_path / "init.png",
+                                "--mask", tmp_path / "mask.png", "--out", tmp_path / "x.png")[::2])
+    assert line.endswith("--mask %s is 10x20 but --init-image %s is 20x20; give a mask of the image's size"
+                         % (tmp_path / "mask.png", tmp_path / "init.png")), line

@@ -120,14 +120,22 @@ def _rows_source(path: Path, label_key: str, bad: list[str]) -> list[dict]:
     have it) become one record, so an image never lands in two splits and is decoded once.
     """
     records: dict[Path, dict] = {}
+    label_line: dict[Path, int] = {}
     for n, row in _read_rows(path):
         try:
             rec = _row_to_record(row, f"{path}:{n}", path.parent, label_key)
         except _Bad as exc:
             bad.append(str(exc))
             continue
-        if rec["path"] in records:
-            _merge(records[rec["path"]], rec)
+        first = records.get(rec["path"])
+        if first is not None and None not in (first.get("label"), rec["label"]) and first["label"] != rec["label"]:
+            bad.append(f"{path}:{n} (image {rec['path'].name} is labelled {first['label']!r} on line "
+                       f"{label_line[rec['path']]} but {rec['label']!r} here; kept the first, give one label per image)")
+            continue
+        if rec["label"] is not None:
+            label_line.setdefault(rec["path"], n)
+        if first is not None:
+            _merge(first, rec)
         else:
             records[rec["path"]] = rec
     return list(records.values())
@@ -231,6 +239,9 @@ def load_files(spec: str, split: str = "train", *, seed: int = 0, label: str | N
     if not root.exists():
         raise DataError(f"data path not found: {root}; pass a built-in name (shapes, fashion-mnist, emoji), "
                         "a folder, or a .jsonl/.csv file")
+    if not root.is_dir() and not root.is_file():
+        raise DataError(f"data path {root} is neither a folder nor a regular file (a device, pipe or socket?); "
+                        "pass a folder or a .jsonl/.csv/.json file")
     label_key = label or "label"
     bad: list[str] = []
     records, everything = _all_records(root, split, seed, label_key, bad)
@@ -244,9 +255,10 @@ def load_files(spec: str, split: str = "train", *, seed: int = 0, label: str | N
                         "an annotations.jsonl, or a .jsonl/.csv file")
     if n is not None:
         records = records[:n]
-    records, sizes = _validate(records, bad, on_bad_sample)
+    reasons: dict[str, str] = {}
+    records, sizes = _validate(records, bad, on_bad_sample, reasons)
     if bad:
-        log.warning("skipped %d bad sample(s) in %s, e.g. %s", len(bad), root, "; ".join(bad[:3]))
+        log.warning("skipped %d bad sample(s) in %s, e.g. %s", len(bad), root, "; ".join(reasons.get(b, b) for b in bad[:3]))
     if not records:
         raise DataError(f"no usable {split} samples in {root} ({len(bad)} bad); check the files listed above")
     labels = sorted({r["label"] for r in everything if r.get("label") is not None})
@@ -264,7 +276,7 @@ def _check(rec: dict) -> tuple[int | None, str | None]:
         return None, str(exc)
 
 
-def _validate(records: list[dict], bad: list[str], on_bad_sample: str) -> tuple[list[dict], list[int]]:
+def _validate(records: list[dict], bad: list[str], on_bad_sample: str, reasons: dict[str, str]) -> tuple[list[dict], list[int]]:
     """Decode every image now so broken files surface before training; returns good records and their sizes."""
     if bad and on_bad_sample == "error":
         raise DataError(f"bad sample: {bad[0]}; fix it or pass on_bad_sample='skip'")
@@ -281,4 +293,5 @@ def _validate(records: list[dict], bad: list[str], on_bad_sample: str) -> tuple[
             raise DataError(f"{error} (or pass on_bad_sample='skip' to drop bad samples)")
         else:
             bad.append(str(rec["path"]))
+            reasons[str(rec["path"])] = error  # the warning says why
     return good, sizes

@@ -69,15 +69,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, YCbCr, LAB, HSV and anything else Pillow knows
 
 
+# Largest image decoded: a 48-megapixel photo fits; a decompression bomb under Pillow's own limit does not.
+MAX_IMAGE_PIXELS = 64 * 10**6
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file as RGB; DataError if missing, empty, truncated or not an image."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an image file; give the image files in it, e.g. {path / '*.png'}")
     if not path.is_file():
         raise DataError(f"image file not found: {path}; check the path (relative paths are resolved against the annotation file)")
     if path.stat().st_size == 0:
         raise DataError(f"image file is empty: {path}; remove it or replace it with a valid image")
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:  # checked before decoding: a 13000 x 13000 PNG takes 1.8 GB
+                raise DataError(f"image {path} is {img.width} x {img.height}, over the limit of {MAX_IMAGE_PIXELS // 10**6} "
+                                "million pixels; downscale it or remove it")
             img.load()  # force a full decode now, so truncated data fails here and not mid-training
             return to_rgb(img).copy()
     except DataError:

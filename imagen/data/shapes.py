@@ -44,6 +44,9 @@ def _labels(objects: list[dict]) -> dict[str, str]:
             "color-shape": f"{big['color']} {big['shape']}", "count": str(len(objects))}
 
 
+MAX_SIZE = 1024  # a canvas is drawn in memory; 100000 pixels a side would take 30 GB
+
+
 class ShapesWorld:
     """Deterministic Shapes generator: sample(index) depends only on (seed, index)."""
 
@@ -53,8 +56,8 @@ class ShapesWorld:
         if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
             raise DataError(f"Shapes object counts must satisfy 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, "
                             f"got {min_objects}..{max_objects}")
-        if size < 8:
-            raise DataError(f"Shapes canvas size {size} is too small; use at least 8 pixels")
+        if not 8 <= size <= MAX_SIZE:
+            raise DataError(f"Shapes canvas size {size} is out of range; use 8 to {MAX_SIZE} pixels")
         self.seed, self.size, self.lang = int(seed), int(size), lang
         self.min_objects, self.max_objects = min_objects, max_objects
 

@@ -13,6 +13,8 @@ from imagen.diffusion.process import (
     predict_x0_from_eps,
     predict_x0_from_v,
     q_sample,
+    randn,
+    sample_generators,
     training_loss,
     uniform_timesteps,
     v_target,

@@ -56,6 +56,26 @@ def predict_eps_from_v(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tens
     return sigma * x_t + alpha * v
 
 
+# Seeds of per-sample noise streams: sample k of a request draws from seed + k * this odd 64-bit constant (the
+# golden ratio's, as in splitmix64), so sample 0 keeps the plain seed and two seeds' streams never meet in practice.
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def sample_generators(seed: int, indices, device=None) -> list[torch.Generator]:
+    """One generator per sample index, seeded from (seed, index): a sample's noise is then its own, whatever batch
+    it is drawn in (sample 0 draws exactly what a single generator seeded with `seed` would)."""
+    return [torch.Generator(device=device).manual_seed((seed + int(k) * _SEED_STRIDE) % 2**64) for k in indices]
+
+
+def randn(shape, generator=None, *, device=None, dtype=None) -> torch.Tensor:
+    """Standard normal noise of `shape`; `generator` is one generator, None, or a list of one per row of dim 0."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
 def uniform_timesteps(batch: int, T: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Draw integer timesteps uniformly from {0, ..., T-1} (Ho et al. 2020, Algorithm 1)."""
     return torch.randint(0, T, (batch,), generator=generator, device=device)

@@ -16,9 +16,11 @@ from imagen.config import (
     DEFAULT_GUIDANCE,
     DEFAULT_PERCENTILE,
     DEFAULT_SAMPLER,
+    DEFAULT_SAMPLING_BATCH_SIZE,
     DEFAULT_SAMPLING_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_THRESHOLD,
+    MAX_SAMPLES_PER_PROMPT,
     SAMPLER_NAMES,
 )
 
@@ -29,6 +31,7 @@ from imagen.diffusion.process import (
     predict_x0_from_eps,
     predict_x0_from_v,
     q_sample,
+    randn,
 )
 from imagen.diffusion.schedules import NoiseSchedule, spaced_timesteps
 from imagen.diffusion.thresholding import THRESHOLDS, apply_threshold
@@ -40,8 +43,8 @@ from imagen.errors import GenerationError
 # Per-step scalars are Python floats (float64), so x keeps its own dtype.
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    return randn(x.shape, generator, dtype=x.dtype, device=x.device)  # generator: one, or one per sample
 
 
 class Sampler:
@@ -157,7 +160,7 @@ class SamplingConfig:
     """Every option of text-to-image sampling, validated once; it travels as one object from the CLI to `sample`.
 
     `sample` reads sampler, steps, threshold, percentile, eta and strength; the pipeline reads guidance,
-    negative, aug_level, seed and n (samples per prompt).
+    negative, aug_level, seed, n (samples per prompt) and batch_size.
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -171,6 +174,7 @@ class SamplingConfig:
     strength: float = DEFAULT_STRENGTH  # image-to-image: share of the steps run from the noised init image
     seed: int = 0  # same seed, same images
     n: int = 1  # samples per prompt
+    batch_size: int = DEFAULT_SAMPLING_BATCH_SIZE  # samples denoised at once; the images do not depend on it
 
     def __post_init__(self):
         check_sampler(self.sampler, self.eta)
@@ -186,8 +190,10 @@ class SamplingConfig:
             raise GenerationError(f"aug_level must be in [0, 1], got {self.aug_level}")
         if not 0.0 < self.strength <= 1.0:
             raise GenerationError(f"strength must be in (0, 1], got {self.strength}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n <= 0:
-            raise GenerationError(f"n (samples per prompt) must be a positive integer, got {self.n!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 0 < self.n <= MAX_SAMPLES_PER_PROMPT:
+            raise GenerationError(f"n (samples per prompt) must be a positive integer, at most {MAX_SAMPLES_PER_PROMPT}, got {self.n!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise GenerationError(f"batch size must be a positive integer, got {self.batch_size!r}")
 
 
 def model_output_to_x0_eps(
@@ -250,7 +256,8 @@ def sample(
     first (1 - strength) of the steps, and sampling runs the rest. Inpainting (RePaint, Lugmayr et al. 2022):
     `inpaint_mask` is 1 where pixels are generated and 0 where `known_x0` is kept; after every step the known
     region is replaced by `known_x0` noised to the new timestep, so the result equals `known_x0` there.
-    `x_T` fixes the starting noise; `callback(i, t, x_t, pred_x0)` sees every step.
+    `x_T` fixes the starting noise; `callback(i, t, x_t, pred_x0)` sees every step. `generator` is one
+    torch.Generator or a list of one per sample (`sample_generators`), so a sample's noise is its own.
     """
     config = config if config is not None else SamplingConfig()
     if objective not in OBJECTIVES:
@@ -262,7 +269,7 @@ def sample(
     timesteps = solver.set_timesteps(steps)
     cond = cond or {}
 
-    x = x_T if x_T is not None else torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    x = x_T if x_T is not None else randn(shape, generator, device=device, dtype=dtype)
     if init_x0 is not None:
         timesteps = timesteps[steps - max(1, round(strength * steps)) :]
         t_start = torch.full((x.shape[0],), timesteps[0], dtype=torch.long, device=x.device)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from imagen.config import EncoderConfig
+from imagen.errors import ConfigError, DataError
 from imagen.models.layers import Block
 
 
@@ -108,6 +109,11 @@ class MultimodalEncoder(nn.Module):
     def embed_text(self, input_ids):
         """(B, T) token ids -> (B, T, dim)."""
         T = input_ids.shape[1]
+        V = self.config.vocab_size
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
+            bad = int(input_ids.max()) if int(input_ids.max()) >= V else int(input_ids.min())
+            raise DataError(f"token id {bad} is outside the model's vocabulary of {V} (model.vocab_size); the "
+                            "tokenizer does not match the model: use the run's own tokenizer.json")
         if T > self.config.max_text_len:
             raise ValueError(f"text length {T} exceeds the model's max_text_len {self.config.max_text_len}")
         return self.token_embed(input_ids) + self.text_pos_embed[:, :T] + self.modality_embed.weight[1]
@@ -162,7 +168,8 @@ class MultimodalEncoder(nn.Module):
         if mode.startswith(prefix) and mode[len(prefix):].isdigit():
             n = int(mode[len(prefix):])
             if n > len(self.blocks):
-                raise ValueError(f"--freeze {mode}: the encoder has only {len(self.blocks)} blocks")
+                raise ConfigError(f"--freeze {mode}: the encoder has only {len(self.blocks)} blocks; use all-but-last-0 "
+                                  f"to all-but-last-{len(self.blocks)}")
             for p in self.parameters():
                 p.requires_grad_(False)
             for block in list(self.blocks)[len(self.blocks) - n:]:
@@ -172,4 +179,4 @@ class MultimodalEncoder(nn.Module):
                 for p in self.norm.parameters():
                     p.requires_grad_(True)
             return
-        raise ValueError(f"unknown freeze mode {mode!r}; use none, encoder or all-but-last-N")
+        raise ConfigError(f"unknown freeze mode {mode!r} (--freeze); use none, encoder or all-but-last-N (N a number of blocks, e.g. all-but-last-1)")

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from imagen.data.image_files import resize_images
-from imagen.diffusion import BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, q_sample
+from imagen.diffusion import BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, q_sample, randn
+from imagen.config import check_range
 from imagen.errors import ConfigError
 from imagen.models.unet import EfficientUNet, UNetConfig
 
@@ -44,6 +45,9 @@ class StageConfig:
     def __post_init__(self):
         if isinstance(self.unet, dict):
             self.unet = UNetConfig(**self.unet)
+        check_range(f"{self.name}.timesteps", self.timesteps, 2, 100_000)
+        for name in ("cond_drop_prob", "ema_decay", "aug_level_max"):
+            check_range(f"{self.name}.{name}", getattr(self, name), 0, 1, integer=False)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         if self.schedule not in BETA_SCHEDULES:
@@ -108,7 +112,7 @@ class TextToImageStage(nn.Module):
     def augment_lowres(self, lowres: torch.Tensor, level: torch.Tensor, generator=None) -> torch.Tensor:
         """Noise-conditioning augmentation (Imagen sec. 2.5): diffuse the low-res image to `level` in [0, 1]."""
         t = (level * (self.config.timesteps - 1)).round().long()
-        noise = torch.randn(lowres.shape, generator=generator, device=lowres.device, dtype=lowres.dtype)
+        noise = randn(lowres.shape, generator, device=lowres.device, dtype=lowres.dtype)  # one generator, or one per sample
         return q_sample(self.schedule, lowres, t, noise)
 
     def lowres_input(self, lowres: torch.Tensor, level: torch.Tensor, generator=None) -> torch.Tensor:

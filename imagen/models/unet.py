@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagen.config import ConfigError
+from imagen.config import MAX_DIM, MAX_HEADS, MAX_IMAGE_SIZE, ConfigError, check_range
 from imagen.models.layers import Attention
 
 # Imagen scales skip connections by 1/sqrt(2): a sum of two unit-variance branches stays unit-variance.
@@ -59,6 +59,17 @@ class UNetConfig:
         self.attn_levels = tuple(bool(a) for a in self.attn_levels)
         if self.cross_attn_levels is not None:
             self.cross_attn_levels = tuple(bool(a) for a in self.cross_attn_levels)
+        for name, hi in dict(image_size=MAX_IMAGE_SIZE, in_channels=16, out_channels=16, dim=MAX_DIM, num_heads=MAX_HEADS,
+                             text_dim=MAX_DIM, groups=MAX_DIM).items():
+            check_range(f"unet.{name}", getattr(self, name), 1, hi)
+        for name in ("cond_dim", "time_dim"):
+            if getattr(self, name) is not None:
+                check_range(f"unet.{name}", getattr(self, name), 1, 4 * MAX_DIM)
+        check_range("unet.dropout", self.dropout, 0, 1, integer=False)
+        check_range("unet.levels (entries of dim_mults)", len(self.dim_mults), 1, 8)
+        for name in ("dim_mults", "num_res_blocks"):
+            for value in getattr(self, name):
+                check_range(f"each of unet.{name}", value, 1, 64)
         self.cond_dim = self.cond_dim or self.text_dim
         self.time_dim = self.time_dim or 4 * self.dim
         levels = len(self.dim_mults)

@@ -11,10 +11,12 @@ output the next one's low-res input. `generate_to_files` is what `imagen generat
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +24,8 @@ import torch.nn.functional as F
 from imagen.atomic import write_json_lines
 from imagen.data import image_to_tensor, open_image
 from imagen.data.images import normalize_images
-from imagen.data.image_files import resize_images, save_grid, save_image
-from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample
+from imagen.data.image_files import resize_images, save_grid, save_image, to_uint8
+from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample, sample_generators
 from imagen.errors import GenerationError, RunError
 from imagen.models.text_to_image import TextToImageStage
 from imagen.runs import WEIGHTS_NAME
@@ -69,7 +71,6 @@ class TextToImagePipeline:
     def stage_names(self) -> list[str]:
         return [s.config.name for s in self.stages]
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], config: SamplingConfig | None = None, *,
                  init_images: torch.Tensor | None = None, inpaint_mask: torch.Tensor | None = None,
                  stop_at: str | None = None) -> torch.Tensor:
@@ -79,24 +80,46 @@ class TextToImagePipeline:
         the steps. Inpainting: with `inpaint_mask` (1 or B, 1, H, W), 1 where pixels are generated, every step
         runs and the rest of `init_images` is kept. `stop_at` names the last stage to run.
         """
+        chunks = self.generate_chunks(prompts, config, init_images=init_images, inpaint_mask=inpaint_mask, stop_at=stop_at)
+        return torch.cat([images for _, images in chunks])
+
+    @torch.no_grad()
+    def generate_chunks(self, prompts: Sequence[str], config: SamplingConfig | None = None, *,
+                        init_images: torch.Tensor | None = None, inpaint_mask: torch.Tensor | None = None,
+                        stop_at: str | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """`generate`, `config.batch_size` samples at a time through the whole cascade: yields (first index, images).
+
+        Sample k of a prompt draws its noise from its own generator, seeded from (config.seed, k), so a picture
+        depends on its prompt, seed and sample number only, never on the chunking or the other prompts.
+        """
         config = config if config is not None else SamplingConfig()
         if stop_at is not None and stop_at not in self.stage_names:
             raise RunError(f"{self.path} has no trained stage {stop_at!r}; trained: {', '.join(self.stage_names)}")
+        too_few = [s.config for s in self.stages if s.config.timesteps < config.steps]
+        if too_few:
+            raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
+                                  f"({too_few[0].timesteps} timesteps), got {config.steps}")
         if inpaint_mask is not None:
             config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
-        prompts = [p for p in prompts for _ in range(config.n)]
-        images = None
-        for stage in self.stages:
-            images = self._sample_stage(stage, prompts, config, images, init_images, inpaint_mask)
-            if stage.config.name == stop_at:
-                break
-        return images
+        pairs = [(p, k) for p in prompts for k in range(config.n)]  # prompt-major
+        for start in range(0, len(pairs), config.batch_size):
+            chunk = pairs[start:start + config.batch_size]
+            rows = slice(start, start + len(chunk))
+            init = _rows(init_images, rows)
+            mask = _rows(inpaint_mask, rows)
+            images = None
+            for stage in self.stages:
+                images = self._sample_stage(stage, [p for p, _ in chunk], [k for _, k in chunk], config, images,
+                                            init, mask)
+                if stage.config.name == stop_at:
+                    break
+            yield start, images
 
-    def _sample_stage(self, stage: TextToImageStage, prompts: list[str], config: SamplingConfig, lowres, init_images,
-                      inpaint_mask) -> torch.Tensor:
+    def _sample_stage(self, stage: TextToImageStage, prompts: list[str], samples: list[int], config: SamplingConfig,
+                      lowres, init_images, inpaint_mask) -> torch.Tensor:
         """One stage: encode the prompts, guide the stage's denoiser, and sample at the stage's size."""
         device = next(stage.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(config.seed)  # each stage draws from the seed anew
+        generator = sample_generators(config.seed, samples, device)  # each stage draws from the seed anew
         B, c = len(prompts), stage.config
         negative = config.negative
         texts = prompts + ([negative] * B if negative is not None else [])
@@ -116,6 +139,11 @@ class TextToImagePipeline:
         return sample(denoiser, (B, c.unet.in_channels, size, size), schedule=stage.schedule, config=config,
                       objective=c.objective, cond=cond, generator=generator, init_x0=init, inpaint_mask=mask,
                       known_x0=init if mask is not None else None, device=device)
+
+
+def _rows(images: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """A chunk's rows of per-sample images; one image (a batch of 1) is shared by every chunk."""
+    return images if images is None or images.shape[0] == 1 else images[rows]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,38 +174,87 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
     return [prompt.strip()]
 
 
-def _load_rgb(path, size: int) -> torch.Tensor:
-    """An image file as (1, 3, size, size) in [-1, 1]."""
-    return normalize_images(image_to_tensor(open_image(path), size)[None])
+def _load_rgb(path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file as (1, 3, size, size) in [-1, 1], and its original (width, height)."""
+    img = open_image(path)
+    return normalize_images(image_to_tensor(img, size)[None]), img.size
+
+
+def _indexed_files(out_dir: Path) -> set[str]:
+    """The sample files an earlier `generate --out-dir` listed in this folder's index.jsonl (only those are ours)."""
+    try:
+        rows = [json.loads(line) for line in (out_dir / "index.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return set()
+    return {Path(r["file"]).name for r in rows if isinstance(r, dict) and isinstance(r.get("file"), str)}
+
+
+# A grid is built in memory (uint8) and written as one PNG; more samples than this go to --out-dir.
+MAX_GRID_IMAGES = 1024
+
+
+def _check_outputs(out, out_dir, total: int) -> None:
+    """Fail before sampling, not after, when the outputs cannot be written."""
+    if (out is None) == (out_dir is None):
+        raise GenerationError("give exactly one of --out FILE.png (a grid) or --out-dir DIR (one PNG per sample)")
+    if out is not None:
+        out = Path(out)
+        if out.is_dir():
+            raise GenerationError(f"--out {out} is a folder; name a .png file in it, or use --out-dir {out}")
+        if out.suffix.lower() != ".png":
+            raise GenerationError(f"--out {out} must be a .png file")
+        if total > MAX_GRID_IMAGES:
+            raise GenerationError(f"a grid of {total} images is too large (at most {MAX_GRID_IMAGES}); "
+                                  "use --out-dir DIR for one PNG per sample")
+        where = out.parent
+    else:
+        where = Path(out_dir)
+        if where.exists() and not where.is_dir():
+            raise GenerationError(f"--out-dir {where} is a file; name a folder")
+    parent = next((p for p in [where, *where.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise GenerationError(f"cannot write under {where}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK):
+        raise GenerationError(f"cannot write under {where}: {parent} is not writable; choose another path")
 
 
 def generate_to_files(run, prompts: Sequence[str], config: SamplingConfig | None = None, *, out=None, out_dir=None,
                       stage: str | None = None, init_image=None, mask=None, device: str = "auto") -> list[Path]:
     """Sample `config.n` images per prompt and write a grid (`out`) or one PNG per sample plus index.jsonl (`out_dir`).
 
-    `init_image` (a file) starts image-to-image from it; with `mask` (a file, white where pixels are
-    regenerated) it is inpainted. `stage` names the last stage to run.
+    `init_image` (a file) starts image-to-image from it; with `mask` (a file of the same size, white where pixels
+    are regenerated) it is inpainted. `stage` names the last stage to run. Samples are made `config.batch_size`
+    at a time, and with `out_dir` each is written as soon as it is made.
     """
     config = config if config is not None else SamplingConfig()
-    if (out is None) == (out_dir is None):
-        raise GenerationError("give exactly one of --out FILE.png (a grid) or --out-dir DIR (one PNG per sample)")
-    if out is not None and not str(out).lower().endswith(".png"):
-        raise GenerationError(f"--out {out} must be a .png file")
+    _check_outputs(out, out_dir, len(prompts) * config.n)
     if mask is not None and init_image is None:
         raise GenerationError("inpainting (--mask) needs the image to complete (--init-image)")
     pipe = TextToImagePipeline.from_run(run, device=device)
     size = pipe.image_size
-    init = _load_rgb(init_image, size) if init_image is not None else None
-    inpaint = (_load_rgb(mask, size).mean(1, keepdim=True) > 0).float() if mask is not None else None
-    images = pipe.generate(prompts, config, init_images=init, inpaint_mask=inpaint, stop_at=stage)
+    init = inpaint = None
+    if init_image is not None:
+        init, init_size = _load_rgb(init_image, size)
+    if mask is not None:
+        mask_rgb, mask_size = _load_rgb(mask, size)
+        if mask_size != init_size:
+            raise GenerationError(f"--mask {mask} is {mask_size[0]}x{mask_size[1]} but --init-image {init_image} is "
+                                  f"{init_size[0]}x{init_size[1]}; give a mask of the image's size")
+        inpaint = (mask_rgb.mean(1, keepdim=True) > 0).float()
+    chunks = pipe.generate_chunks(prompts, config, init_images=init, inpaint_mask=inpaint, stop_at=stage)
     if out is not None:
-        return [save_grid(images, Path(out), nrow=config.n)]
+        grid = torch.cat([to_uint8(images) for _, images in chunks])  # uint8: a quarter of float32
+        return [save_grid(grid, Path(out), nrow=config.n)]
     out_dir = Path(out_dir)
+    stale = _indexed_files(out_dir)
     written, rows = [], []
-    for i, image in enumerate(images):
-        p, k = divmod(i, config.n)
-        name = f"{p:04d}-{k:02d}.png"
-        written.append(save_image(image, out_dir / name))
-        rows.append({"prompt": prompts[p], "seed": config.seed, "sample": k, "file": name})
+    for start, images in chunks:
+        for i, image in enumerate(images, start=start):
+            p, k = divmod(i, config.n)
+            name = f"{p:04d}-{k:02d}.png"
+            written.append(save_image(image, out_dir / name))
+            rows.append({"prompt": prompts[p], "seed": config.seed, "sample": k, "file": name})
+    for name in stale - {p.name for p in written}:  # an earlier request's samples, which index.jsonl would not list
+        (out_dir / name).unlink(missing_ok=True)
     write_json_lines(out_dir / "index.jsonl", rows)
     return written

@@ -16,6 +16,7 @@ from sklearn.metrics import f1_score
 from imagen.config import ConfigError
 from imagen.data.augment import AUGMENTATIONS, augment
 from imagen.data.images import normalize_images
+from imagen.data.shapes import LABEL_KINDS as SHAPES_LABEL_KINDS
 from imagen.data.splits import TensorSplit
 from imagen.errors import DataError, RunError
 from imagen.eval.classification import classification_metrics, predict_logits, save_confusion_matrix, text_report
@@ -23,6 +24,7 @@ from imagen.models.heads import EncoderForClassification
 from imagen.tasks.base import EvalData, RunScore, Task
 
 SHAPES_DEFAULT_LABEL = "color-shape"
+
 
 
 @dataclass
@@ -99,7 +101,16 @@ class ClassifyTask(Task):
     @classmethod
     def check_data(cls, dataset, spec):
         if not dataset.has_labels or not dataset.class_names:
-            raise DataError(f"data {spec!r} has no labels to classify; give a labelled dataset (class folders or a 'label' field)")
+            raise DataError(f"data {spec!r} has no labels to classify; give a labelled dataset (class folders or a 'label' "
+                            f"field) or name its label field with --label (a folder from `imagen data shapes`: --label "
+                            f"{', '.join(SHAPES_LABEL_KINDS)})")
+        if len(dataset.class_names) < 2:
+            raise DataError(f"data {spec!r} has one class only ({dataset.class_names[0]!r}); classification needs at "
+                            "least two, e.g. one class folder per label")
+        unlabelled = sum(label is None for label in dataset.labels())
+        if unlabelled:
+            raise DataError(f"{unlabelled} of the {len(dataset)} training samples of {spec!r} have no label; give every "
+                            "row a label (or remove those rows)")
 
     @classmethod
     def decode(cls, dataset, image_size):

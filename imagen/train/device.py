@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import torch
 
+from imagen.errors import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn "auto" | "cpu" | "cuda[:i]" | "mps" into a torch.device, preferring cuda, then mps, then cpu."""
@@ -17,11 +19,19 @@ def resolve_device(name: str = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} was asked for but there are only {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} was asked for but MPS is not available; use --device cpu or auto")
+        raise ConfigError(f"device {name!r} was asked for but MPS is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
