@@ -5,6 +5,8 @@ tests/fixtures/make_runs.py; tests/fixtures/expected.json (and expected/t2i.png)
 for the two images in tests/fixtures/inputs/. Only the command line (`imagen.cli.main`) and `imagen.load` are
 used here, so the internals may move freely; the run-directory format and the predictions may not.
 Never regenerate the fixtures to make this test pass: a failure means old runs no longer load or predict alike.
+(Once, deliberately: the text-to-image picture is the n=1 sample, drawn by ec2aa57 itself, since chunked
+generation gives every sample its own noise stream and so changed samples 1.. of a multi-sample request.)
 """
 
 from __future__ import annotations
