@@ -2,7 +2,6 @@
 
 import json
 
-
 import pytest
 
 from cli_helpers import TINY, assert_same_weights, interrupt_then_resume

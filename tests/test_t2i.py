@@ -161,6 +161,10 @@ def test_interrupted_and_resumed_t2i_equals_uninterrupted(stage, at, capsys, tmp
         assert_same_weights(tmp_path / "straight" / name / "model.safetensors", tmp_path / "resumed" / name / "model.safetensors")
 
 
+def _one_line_error(code, err):
+    return one_line_error(code, err, ignore_logs=True)
+
+
 def test_generate_bad_input(capsys, t2i_run, tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n")

@@ -24,13 +24,7 @@ from imagen.tasks.text_to_image import TextToImageTask
 TEXT_DIM, TOKENS = 16, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: on a busy machine OpenMP threads spin-wait on each other (~100x slower), so use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 
 class HashTextEncoder:
