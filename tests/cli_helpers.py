@@ -1,4 +1,6 @@
-"""Helpers shared by the command-line tests: run `imagen` in-process, check a one-line user error."""
+"""Helpers shared by the command-line tests: run `imagen` in-process, check a one-line user error, interrupt a run."""
+
+from safetensors.torch import load_file
 
 from imagen.cli import main
 
@@ -22,3 +24,34 @@ def one_line_error(code, err, ignore_logs=False):
     lines = [l for l in err.strip().splitlines() if l.strip() and not (ignore_logs and l.startswith("imagen: "))]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def interrupt_then_resume(capsys, monkeypatch, task_cls, args, out, at, unfinished="model.safetensors"):
+    """Run `imagen ARGS --out OUT` with Ctrl-C at the `at`-th training step of `task_cls`, then finish it with --resume.
+
+    `unfinished` (a path under OUT) must not exist after the interruption: the final weights are not written yet.
+    """
+    original = task_cls.training_step
+    calls = {"n": 0}
+
+    def interrupt(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    monkeypatch.setattr(task_cls, "training_step", interrupt)
+    code, _, err = run_cli(capsys, *args, "--out", out)
+    assert code == 130 and "--resume" in err, err
+    assert not (out / unfinished).exists()
+    monkeypatch.setattr(task_cls, "training_step", original)
+    code, _, err = run_cli(capsys, *args, "--out", out, "--resume")
+    assert code == 0, err
+
+
+def assert_same_weights(a_path, b_path):
+    """The two weight files hold the same tensors, bit for bit."""
+    a, b = load_file(a_path), load_file(b_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k

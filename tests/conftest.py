@@ -1,6 +1,7 @@
 """Fixtures shared by the command-line tests: a small Shapes folder and a tiny pretraining run on it."""
 
 import pytest
+import torch
 
 from cli_helpers import TINY
 from imagen.cli import main
@@ -18,3 +19,12 @@ def pretrained(shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "pre"
     assert main(["pretrain", "--data", str(shapes_dir), "--out", str(out), "--max-steps", "4", *TINY]) == 0
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: on a busy machine OpenMP threads spin-wait on each other (~100x slower), so use one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

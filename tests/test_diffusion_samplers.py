@@ -15,6 +15,10 @@ from imagen.diffusion import (
     sample,
 )
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
+
+
 T = 1000
 LINEAR = NoiseSchedule.from_name("linear", T=T)
 COSINE = NoiseSchedule.from_name("cosine", T=T)
@@ -155,6 +159,43 @@ def test_gaussian_data_is_reproduced(sampler, steps):
     assert out.std().item() == pytest.approx(std, abs=0.05)
 
 
+def _ddpm_gaussian_moments(steps, mu, std):
+    """Mean and std of DDPM's output for x0 ~ N(mu, std^2) with the optimal denoiser, propagated exactly.
+
+    Everything is linear-Gaussian: pred_x0 = A x_t + B, and each step of eq. 7 maps (m, V) to
+    (c0 (A m + B) + ct m, (c0 A + ct)^2 V + beta~). Coefficients from the hand-computed linear schedule.
+    """
+    ts = [999 - i * 1000 // steps for i in range(steps)] + [-1]  # trailing spacing, then clean data
+    m, V = 0.0, 1.0
+    for t, t_prev in zip(ts, ts[1:]):
+        a_t, a_prev = _abar(t), (_abar(t_prev) if t_prev >= 0 else 1.0)
+        k = (1 - a_t) / (a_t * std**2 + 1 - a_t)  # sigma * E[eps | x_t] / alpha = k (x_t - alpha mu) / alpha
+        A, B = (1 - k) / math.sqrt(a_t), k * mu
+        beta = 1 - a_t / a_prev
+        c0, ct = beta * math.sqrt(a_prev) / (1 - a_t), math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
+        m, V = c0 * (A * m + B) + ct * m, (c0 * A + ct) ** 2 * V + beta * (1 - a_prev) / (1 - a_t)
+    return m, math.sqrt(V)
+
+
+def test_ddpm_output_has_the_exact_gaussian_moments():
+    # 100 coarse DDPM steps do not quite reproduce std 0.5 (beta~ ignores the uncertainty of pred_x0): the exact
+    # propagation gives 0.4682. 100 000 draws pin the std to about +-0.0015, so 10 % excess noise per step
+    # (std 0.514) or a missing noise term fails, while the true sampler passes.
+    mu, std = 0.3, 0.5
+    exp_mean, exp_std = _ddpm_gaussian_moments(100, mu, std)
+    assert exp_mean == pytest.approx(mu, abs=1e-5) and exp_std == pytest.approx(0.4682, abs=1e-4)
+
+    def den(x_t, t):
+        a = LINEAR.sqrt_alphas_cumprod[t].reshape(-1, 1).to(x_t)
+        s = LINEAR.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1).to(x_t)
+        return s * (x_t - a * mu) / (a**2 * std**2 + s**2)
+
+    out = sample(den, (100_000, 1), schedule=LINEAR, config=SamplingConfig(sampler="ddpm", steps=100, threshold="none"),
+                 generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert out.mean().item() == pytest.approx(exp_mean, abs=0.006)
+    assert out.std().item() == pytest.approx(exp_std, abs=0.005)
+
+
 def test_img2img_starts_from_noised_init():
     init, x_T = _x(5).clamp(-1, 1), _x(6)
     den = Recorder(lambda x, t: torch.zeros_like(x))
@@ -196,7 +237,43 @@ def test_sample_is_seeded_and_calls_back_every_step():
                generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
     assert seen == [(0, 999), (1, 799), (2, 599), (3, 399), (4, 199)]
-    assert a.abs().max() <= 1.0  # dynamic thresholding keeps pred_x0, hence the sample, in [-1, 1]
+    assert a.abs().max() <= 1.0  # thresholding keeps pred_x0, hence the sample, in [-1, 1]
+
+
+def test_default_thresholding_is_dynamic_with_exact_scale():
+    # One step to clean data returns pred_x0 itself, so the output is the thresholded x0 prediction.
+    # |x0| sorted = [0.5, 1.5, 2, 3]: the 0.995 quantile interpolates 2 + 0.985 * (3 - 2) = 2.985 (Imagen sec. 2.3);
+    # static clipping would give [1, -1, 0.5, 1] instead.
+    x0 = torch.tensor([[3.0, -2.0, 0.5, 1.5]], dtype=torch.float64)
+    assert SamplingConfig().threshold == "dynamic" and SamplingConfig().percentile == 0.995
+    for sampler in SAMPLERS:
+        out = sample(lambda x, t: x0.expand_as(x), (1, 4), schedule=COSINE, config=SamplingConfig(sampler=sampler, steps=1),
+                     objective="x0", generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        s = 2.985
+        torch.testing.assert_close(out, torch.tensor([[s, -2.0, 0.5, 1.5]], dtype=torch.float64) / s, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
+def test_eps_is_rederived_from_the_thresholded_x0(objective):
+    # At t = 499 the network predicts an x0 far outside [-1, 1]. After static clipping, eps must be eq. 4 solved for
+    # the clipped x0, eps = (x_t - sqrt(abar) clip(x0)) / sqrt(1 - abar), so the DDIM step stays on the line through x_t.
+    x0_raw = 3.0 * _x(8)  # mostly outside [-1, 1]
+    a_t, a_prev = _abar(499), _abar(249)  # steps=4 -> timesteps [999, 749, 499, 249]
+
+    def den(x, t):
+        if t[0] != 499:
+            return torch.zeros_like(x)
+        eps_raw = (x - math.sqrt(a_t) * x0_raw) / math.sqrt(1 - a_t)
+        return {"eps": eps_raw, "x0": x0_raw, "v": math.sqrt(a_t) * eps_raw - math.sqrt(1 - a_t) * x0_raw}[objective]
+
+    xs, _ = _trajectory(den, schedule=LINEAR, config=SamplingConfig(sampler="ddim", steps=4, threshold="static"), x_T=_x(7),
+                        objective=objective)
+    x_t, x0 = xs[1], x0_raw.clamp(-1, 1)
+    eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    torch.testing.assert_close(xs[2], math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps, rtol=1e-9, atol=1e-9)
+    # Keeping the network's own eps would land elsewhere, so the check above can fail.
+    stale = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * (x_t - math.sqrt(a_t) * x0_raw) / math.sqrt(1 - a_t)
+    assert (xs[2] - stale).abs().max() > 0.5
 
 
 def test_bad_arguments_fail_with_one_line():

@@ -1,5 +1,8 @@
 """Encoder, pretraining heads and classification head: shapes, masks, gradients, freezing."""
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -151,3 +154,130 @@ def test_matmul_attention_matches_the_fused_kernel(masked):
     q16, k16, v16 = (x.detach().bfloat16() for x in (q, k, v))
     assert torch.equal(attention(q16, k16, v16, mask), matmul_attention(q16, k16, v16, mask))
     torch.testing.assert_close(attention(q, k, v, mask), fused)
+
+
+# -- ITC and ITM on hand-made cases ----------------------------------------------------------------------
+
+
+def _lse(*xs):
+    return math.log(sum(math.exp(x) for x in xs))
+
+
+# Items 0 and 2 share a caption: each is a true match of the other, so both share the target mass.
+DUP_LOGITS = [[1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0]]
+# Soft-target cross-entropy per row: logsumexp(row) - mean of the logits of its matches.
+DUP_ITC = 0.5 * ((_lse(1, 0, 2) - 1.5 + _lse(0, 1, 0) - 1 + _lse(3, 0, 0) - 1.5) / 3     # image -> text
+                 + (_lse(1, 0, 3) - 2 + _lse(0, 1, 0) - 1 + _lse(2, 0, 0) - 1) / 3)     # text -> image
+
+
+def _itc_only(monkeypatch, logits):
+    model = PretrainingModel(CFG, PretrainConfig(mim_weight=0, mlm_weight=0, itm_weight=0))
+    monkeypatch.setattr(model, "contrastive_logits", lambda *a: torch.tensor(logits))
+    return model
+
+
+def test_itc_is_symmetric_infonce_with_exact_values(monkeypatch):
+    ids, mask = _text(B=4)
+    ids, mask = ids[:2], mask[:2]
+    out = _itc_only(monkeypatch, [[2.0, 0.0], [1.0, 3.0]])(torch.zeros(2, 3, 12, 12), ids, mask)
+    # rows: -log softmax at the diagonal = log(1 + e^-2) twice; columns: log(1 + e^-1), log(1 + e^-3)
+    expected = 0.5 * (math.log1p(math.exp(-2)) + 0.5 * (math.log1p(math.exp(-1)) + math.log1p(math.exp(-3))))
+    assert set(out) == {"loss", "itc"}
+    assert out["itc"].item() == pytest.approx(expected, rel=1e-6)
+    ids, mask = _text(B=4)
+    ids, mask = ids[:3].clone(), mask[:3].clone()
+    ids[2], mask[2] = ids[0], mask[0]  # a duplicate caption
+    out = _itc_only(monkeypatch, DUP_LOGITS)(torch.zeros(3, 3, 12, 12), ids, mask)
+    assert out["itc"].item() == pytest.approx(DUP_ITC, rel=1e-6)
+
+
+def test_contrastive_logits_are_scaled_cosine_similarities(monkeypatch):
+    model = PretrainingModel(CFG, PretrainConfig(), proj_dim=CFG.dim)
+    with torch.no_grad():
+        for proj in (model.image_proj, model.text_proj):
+            proj.weight.copy_(torch.eye(CFG.dim))
+            proj.bias.zero_()
+        model.logit_scale.fill_(math.log(200.0))  # above the cap: CLIP clamps the scale at 100
+    img, txt = torch.zeros(2, CFG.dim), torch.zeros(2, CFG.dim)
+    img[0, 0], img[1, :2] = 3.0, torch.tensor([1.0, 1.0])
+    txt[0, 0], txt[1, 1] = 0.5, 2.0
+
+    model.encoder = StubEncoder(lambda *a: SimpleNamespace(image_embed=img, text_embed=txt))
+    c = 1 / math.sqrt(2)
+    torch.testing.assert_close(model.contrastive_logits(None, None, None), 100 * torch.tensor([[1.0, 0.0], [c, c]]))
+
+
+class StubEncoder(torch.nn.Module):
+    """Stands in for the encoder: forward(images, input_ids, attention_mask) -> whatever `fn` returns."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, images=None, input_ids=None, attention_mask=None):
+        return self.fn(images, input_ids, attention_mask)
+
+
+class MatchEncoder(torch.nn.Module):
+    """Stands in for the fused pass: image_embed[:, 0] = 1 where image and caption show the same class.
+
+    Image i is filled with its class; caption i's second token is 7 + its class.
+    """
+
+    def forward(self, images=None, input_ids=None, attention_mask=None):
+        match = (images.flatten(1)[:, 0] == (input_ids[:, 1] - 7).float()).float()
+        embed = torch.zeros(len(images), CFG.dim)
+        embed[:, 0] = match
+        return SimpleNamespace(image_embed=embed)
+
+
+def _itm_case(classes, logits, seed=0):
+    torch.manual_seed(seed)
+    model = PretrainingModel(CFG, PretrainConfig())
+    model.encoder = MatchEncoder()
+    with torch.no_grad():  # no-match logit 0, match logit 2 * match
+        model.itm_head.weight.zero_()
+        model.itm_head.bias.zero_()
+        model.itm_head.weight[1, 0] = 2.0
+    B = len(classes)
+    images = torch.tensor(classes, dtype=torch.float)[:, None, None, None].expand(B, 3, 12, 12)
+    ids = torch.full((B, 4), 9)
+    ids[:, 0], ids[:, 1] = 2, 7 + torch.tensor(classes)
+    same = (ids[:, None] == ids[None]).all(-1)
+    return model.itm_loss(images, ids, torch.ones(B, 4, dtype=torch.bool), torch.tensor(logits), same).item()
+
+
+def test_itm_loss_exact_values_on_positives_and_hard_negatives():
+    pos, neg = math.log1p(math.exp(-2)), math.log(2)  # a true pair scores [0, 2]; a true negative [0, 0]
+    # Distinct captions: B positives and 2B negatives (a text for each image, an image for each text).
+    assert _itm_case([0, 1, 2], torch.zeros(3, 3).tolist()) == pytest.approx((3 * pos + 6 * neg) / 9, rel=1e-6)
+    # Items 0 and 1 share a caption: neither may be drawn as the other's negative, whatever the seed.
+    for seed in range(5):
+        assert _itm_case([0, 0, 1], torch.zeros(3, 3).tolist(), seed) == pytest.approx((3 * pos + 6 * neg) / 9, rel=1e-6)
+    # Every caption the same: no negative exists; the fallback draws the other item, labelled a match.
+    assert _itm_case([0, 0], torch.zeros(2, 2).tolist()) == pytest.approx(pos, rel=1e-6)
+
+
+def test_itm_hard_negatives_follow_the_itc_softmax():
+    # Each image i scores itself 5, text i+1 log 3, text i+2 0 and the rest -1e4 (cyclically): with the positive
+    # excluded, its negative text is i+1 with probability 3 / (3 + 1) and i+2 with 1 / 4; likewise per text.
+    N = 2000
+    model = PretrainingModel(CFG, PretrainConfig())
+    seen = {}
+
+    def encoder(images, input_ids, attention_mask):
+        seen["ids"], seen["images"] = input_ids[:, 1], images[:, 0]
+        return SimpleNamespace(image_embed=torch.zeros(len(images), CFG.dim))
+
+    model.encoder = StubEncoder(encoder)
+    i = torch.arange(N)
+    logits = torch.full((N, N), -1e4)
+    logits[i, i], logits[i, (i + 1) % N], logits[i, (i + 2) % N] = 5.0, math.log(3), 0.0
+    ids = torch.stack([torch.full((N,), 2), i], 1)  # the stub reads the index off the caption, never embeds it
+    torch.manual_seed(0)
+    model.itm_loss(i.float()[:, None], ids, torch.ones(N, 2, dtype=torch.bool), logits, torch.eye(N, dtype=torch.bool))
+    neg_text = (seen["ids"][N:2 * N] - i) % N  # offset of each image's negative text
+    neg_image = (i - seen["images"][2 * N:].long()) % N  # each text's negative image sits this far before it
+    for offsets in (neg_text, neg_image):
+        assert set(offsets.tolist()) <= {1, 2}  # never the positive, never a -1e4 item
+        assert (offsets == 1).float().mean().item() == pytest.approx(0.75, abs=0.03)  # standard error 0.01

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cli_helpers import one_line_error, run_cli as run
+from cli_helpers import assert_same_weights, interrupt_then_resume, one_line_error, run_cli as run
 from imagen.cli import main
 from imagen.config import DEFAULT_T2I_CAPTIONS
 from imagen.models.text_to_image import StageConfig, TextToImageStage
@@ -145,34 +145,20 @@ def test_stage_overrides_set_loss_weighting_and_none():
     assert [stages["base"].unet.attention_kind(i) for i in range(3)] == ["cross", "full", "full"]
 
 
-def test_interrupted_and_resumed_t2i_equals_uninterrupted(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage, at", [("base", 4), ("sr1", 5 + 3)])  # each stage runs 5 steps, base first
+def test_interrupted_and_resumed_t2i_equals_uninterrupted(stage, at, capsys, tmp_path, monkeypatch, one_thread):
     # The trainable text encoder: its weights train with the U-Net, so they too must resume exactly.
     # --captions all: each visit draws one of a scene's captions, and the resumed run must draw the same ones.
+    # Inside the super-resolution stage the low-res input's noise-augmentation levels are random draws as well.
+    # Sample grids (own generator) at steps 2 and 4, on both sides of the interruption, must not shift the training draws.
     args = ["train-t2i", "--data", "shapes", "--max-steps", "5", "--checkpoint-every", "2", "--text-encoder", "trainable",
-            "--captions", "all", *TINY]
+            "--captions", "all", "--sample-every", "2", *TINY]
     assert run(capsys, *args, "--out", tmp_path / "straight")[0] == 0
     from imagen.tasks.text_to_image import TextToImageTask
 
-    original = TextToImageTask.training_step
-    calls = {"n": 0}
-
-    def interrupt(self, model, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, model, batch)
-
-    monkeypatch.setattr(TextToImageTask, "training_step", interrupt)
-    code, _, err = run(capsys, *args, "--out", tmp_path / "resumed")
-    assert code == 130 and "--resume" in err
-    monkeypatch.setattr(TextToImageTask, "training_step", original)
-    code, _, err = run(capsys, *args, "--out", tmp_path / "resumed", "--resume")
-    assert code == 0, err
-    for stage in ("base", "sr1"):
-        a = load_file(tmp_path / "straight" / stage / "model.safetensors")
-        b = load_file(tmp_path / "resumed" / stage / "model.safetensors")
-        for k in a:
-            assert (a[k] == b[k]).all(), (stage, k)
+    interrupt_then_resume(capsys, monkeypatch, TextToImageTask, args, tmp_path / "resumed", at, unfinished="sr1/model.safetensors")
+    for name in ("base", "sr1"):
+        assert_same_weights(tmp_path / "straight" / name / "model.safetensors", tmp_path / "resumed" / name / "model.safetensors")
 
 
 def _one_line_error(code, err):

@@ -1,6 +1,7 @@
 """Retrieval task: recall@k and zero-shot metrics on exact cases, init from pretraining, a learned result, predict."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ from cli_helpers import one_line_error, run_cli
 from imagen.config import ConfigError, TrainConfig, apply_overrides
 from imagen.data import load_dataset
 from imagen.data.examples import collect
-from imagen.eval.retrieval import (caption_relevance, class_embeddings, recall_at_k, retrieval_metrics,
+from imagen.eval.retrieval import (caption_relevance, class_embeddings, contrastive_loss, recall_at_k, retrieval_metrics,
                                    zero_shot_accuracy)
 from imagen.runs import RunConfig
 from imagen.tasks.loading import load
@@ -50,6 +51,27 @@ def test_duplicate_captions_are_hits_in_both_directions():
     assert m["r@5"] == m["r@10"] == m["t2i_r@10"] == 1.0  # k beyond the gallery counts the whole gallery
     assert m["r_mean"] == pytest.approx((1 / 3 + 1 + 1 + 1 / 3 + 1 + 1) / 6)
     assert retrieval_metrics(torch.eye(3), torch.eye(3), ["a", "b", "c"])["r@1"] == 1.0  # unique captions: standard
+
+
+def _lse(*xs):
+    return math.log(sum(math.exp(x) for x in xs))
+
+
+def test_contrastive_loss_exact_values():
+    # Unique captions: rows give -log softmax at the diagonal = log(1 + e^-2) twice; columns log(1 + e^-1), log(1 + e^-3).
+    loss = contrastive_loss(torch.tensor([[2.0, 0.0], [1.0, 3.0]]), torch.eye(2, dtype=torch.bool))
+    expected = 0.5 * (math.log1p(math.exp(-2)) + 0.5 * (math.log1p(math.exp(-1)) + math.log1p(math.exp(-3))))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # Items 0 and 2 share a caption: each row's target is split over its matches, so a row's loss is
+    # logsumexp(row) - the mean of its matches' logits.
+    logits = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
+    same = caption_relevance(["a red circle", "a blue square", "a red circle"])
+    i2t = (_lse(1, 0, 2) - 1.5 + _lse(0, 1, 0) - 1 + _lse(3, 0, 0) - 1.5) / 3
+    t2i = (_lse(1, 0, 3) - 2 + _lse(0, 1, 0) - 1 + _lse(2, 0, 0) - 1) / 3
+    assert contrastive_loss(logits, same).item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-6)
+    # Perfect, confident logits cost almost nothing; swapped ones cost about the logit gap.
+    assert contrastive_loss(20 * torch.eye(3), torch.eye(3, dtype=torch.bool)).item() == pytest.approx(0, abs=1e-6)
+    assert contrastive_loss(20 * (1 - torch.eye(2)), torch.eye(2, dtype=torch.bool)).item() == pytest.approx(20, rel=1e-6)
 
 
 def test_zero_shot_accuracy_on_a_constructed_case():

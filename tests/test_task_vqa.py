@@ -37,6 +37,29 @@ def test_vqa_accuracy_is_min_of_matches_over_three():
     assert answer_scores(["yes", "yes", "no", "no", "no", "maybe"]) == {"yes": pytest.approx(2 / 3), "no": 1.0, "maybe": pytest.approx(1 / 3)}
 
 
+@pytest.mark.parametrize("answers, expected", [
+    # 10 answers, official: for k matches, k subsets keep k - 1 of them and 10 - k keep all k: mean of min(./3, 1).
+    (["red"] * 1 + ["blue"] * 9, (1 * 0 + 9 * (1 / 3)) / 10),  # 0.3
+    (["red"] * 2 + ["blue"] * 8, (2 * (1 / 3) + 8 * (2 / 3)) / 10),  # 0.6
+    (["red"] * 3 + ["blue"] * 7, (3 * (2 / 3) + 7 * 1) / 10),  # 0.9
+    (["red"] * 4 + ["blue"] * 6, 1.0),  # every subset keeps 3 matches
+    (["blue"] * 10, 0.0),
+    # 3 answers: min(#matching / 3, 1), no leave-one-out (it would cap 3 of 3 at 2/3).
+    (["red", "blue", "green"], 1 / 3), (["red", "red", "blue"], 2 / 3), (["red", "Red.", "the red"], 1.0),
+    (["blue", "green", "blue"], 0.0),
+    # 2 answers: both annotators must agree for full credit.
+    (["red", "blue"], 0.5), (["red", "red"], 1.0), (["blue", "green"], 0.0),
+    # 1 answer: matching the lone annotator is right.
+    (["red"], 1.0), (["blue"], 0.0),
+    ([], 0.0),
+])
+def test_vqa_accuracy_for_1_2_3_and_10_answers(answers, expected):
+    assert vqa_accuracy("red", answers) == pytest.approx(expected, abs=1e-12)
+    if answers:  # the soft training target of the predicted answer uses the same denominator, without leave-one-out
+        k, need = sum(normalize_answer(a) == "red" for a in answers), min(3, len(answers))
+        assert answer_scores(answers).get("red", 0.0) == pytest.approx(min(k / need, 1.0))
+
+
 def test_split_targets_point_at_the_answer_vocabulary():
     meta = [{"id": "a", "questions": [{"question": "what color?", "answers": ["red", "red", "blue"], "type": "color"}]},
             {"id": "b", "questions": [{"question": "how many?", "answer": "two"}]}]

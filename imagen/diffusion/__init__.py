@@ -50,6 +50,8 @@ __all__ = [
     "spaced_timesteps",
     "OBJECTIVES",
     "q_sample",
+    "randn",
+    "sample_generators",
     "predict_x0_from_eps",
     "predict_eps_from_x0",
     "v_target",

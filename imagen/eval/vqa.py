@@ -3,8 +3,13 @@
 accuracy(a) = min(#annotators who answered a / 3, 1), on answers normalised the way the VQA evaluation
 normalises them (lower case, punctuation and articles dropped, number words as digits). With four or more
 answers (VQAv2 has ten) it is averaged over the leave-one-annotator-out subsets, as the official evaluation
-does: 1, 2, 3 matches of 10 score 0.3, 0.6, 0.9. Rows with fewer than three answers (single-annotator data
-such as the Shapes world) need every listed annotator to agree: a match with all of them scores 1.
+does: 1, 2, 3 matches of 10 score 0.3, 0.6, 0.9.
+
+A variant for rows with fewer than three answers (single-annotator data such as the Shapes world or a user's
+JSONL): the official rule could never reach 1 there (one matching annotator is 1/3, and leaving the only
+annotator out leaves none), so a correct answer would look wrong. Here "3 annotators" becomes "all of them":
+min(#matching / min(#answers, 3), 1), i.e. 1 of 1 scores 1, 1 of 2 scores 0.5, and 1, 2, 3 of 3 score
+1/3, 2/3, 1 (the official formula without leave-one-out). `answer_scores` uses the same denominator.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ def normalize_answer(answer: str) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """One question's accuracy: min(#matching annotators / 3, 1), leave-one-out averaged from 4 answers up;
-    with fewer answers min(#matching / #answers, 1). 0 without answers."""
+    """One question's accuracy: min(#matching / 3, 1) averaged over the leave-one-out subsets from 4 answers up
+    (official VQA); with n <= 3 answers min(#matching / n, 1), so a lone annotator's answer scores 1. 0 without answers."""
     if not answers:
         return 0.0
     pred = normalize_answer(prediction)
