@@ -41,7 +41,7 @@ class EvalError(ValueError):
     """An evaluation cannot run (e.g. the evaluator network is missing or damaged)."""
 
 
-class OutputError(Exception):
+class OutputError(OSError):
     """An output path cannot be written: under a file, a folder where a file goes, read-only, or the disk is full."""
 
 

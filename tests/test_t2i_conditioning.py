@@ -14,7 +14,7 @@ from torch import nn
 
 from imagen.data.image_files import resize_images
 from imagen.data.images import normalize_images
-from imagen.diffusion import SamplingConfig, sample
+from imagen.diffusion import SamplingConfig, sample, sample_generators
 from imagen.models.text_encoders import TextEncoding
 from imagen.models.text_to_image import StageConfig, TextToImageStage
 from imagen.models.unet import UNET_PRESETS, UNetConfig
@@ -186,7 +186,7 @@ def _reference(stage, prompts, config, uncond_texts=None):
         out_c, out_u = net(x_t, t, **cond), net(x_t, t, **uncond)
         return out_u + g * (out_c - out_u)
 
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = sample_generators(config.seed, [0] * len(prompts))  # the pipeline's: sample 0 of each prompt
     return sample(guided, (len(prompts), 3, 8, 8), schedule=stage.schedule, config=config, objective=stage.config.objective,
                   generator=generator)
 
