@@ -20,7 +20,7 @@ import torch
 from imagen.atomic import write_json
 from imagen.config import EncoderConfig, TrainConfig, apply_overrides, encoder_config, to_dict
 from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image, write_shapes
-from imagen.data.registry import recorded_spec
+from imagen.data.registry import builtin_key, recorded_spec
 from imagen.errors import ConfigError, DataError, RunError
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
 from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, load_tokenizer,
@@ -29,7 +29,7 @@ from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
 from imagen.tasks.text_to_image import train_t2i
-from imagen.train import Trainer, TrainResult, latest_checkpoint, seed_everything
+from imagen.train import Trainer, TrainResult, latest_checkpoint, resolve_device, seed_everything
 
 log = logging.getLogger("imagen")
 
@@ -98,9 +98,10 @@ def _new_run_config(task_cls, data, *, init_from, preset, freeze, n, on_bad_samp
     init = _load_init(init_from, model_opts)
     recipe = dict(task_cls.recipe)
     shapes_n = recipe.pop("shapes_n", None)
-    if n is None and str(data).lower() == "shapes":
+    if n is None and builtin_key(data) == "shapes":
         n = shapes_n
     task_cfg = task_cls.Config(**task_opts)
+    resolve_device(train_opts.get("device", "auto"))  # no such device: say so before reading any data
     label = task_cls.data_label(task_cfg, data)
     train_ds, val_ds = _load_splits(data, seed, label, n, on_bad_sample)
     task_cls.check_data(train_ds, data)
