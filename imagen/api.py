@@ -33,7 +33,7 @@ from imagen.train import Trainer, TrainResult, latest_checkpoint, resolve_device
 
 log = logging.getLogger("imagen")
 
-__all__ = ["pretrain", "finetune", "train_task", "evaluate", "predict", "load", "train_t2i", "generate_to_files",
+__all__ = ["pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
            "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
@@ -285,22 +285,36 @@ def evaluate(run: str | Path, data: str | None = None, *, split: str = "test", l
     return result
 
 
-def predict(run: str | Path, files: Sequence[str | Path], top_k: int = 1, **inputs) -> list[dict[str, Any]]:
-    """Answers of a fine-tuned run for image files: labels (classify), answers (vqa, with question=...),
-    captions (caption), responses (instruct, with instruction=...), boxes (detect), best texts (retrieval)."""
-    loaded = load(run)
+def _predict_task(loaded: LoadedRun, n_images: int, inputs: dict[str, Any]):
+    """The task class that answers `inputs` for a loaded run, or a one-line error naming what does not fit."""
     task_cls = get_task(loaded.task)
     accepted = task_cls.predict_inputs
+    run = loaded.path
     if accepted is None:
         raise RunError(f"{run} is a {loaded.task} run; predict needs a fine-tuned run (imagen finetune --task ...)")
-    if not files:
+    if not n_images:
         raise DataError("no input files given; pass one or more image paths")
     given = sorted(k for k, v in inputs.items() if v is not None)
     unused = [k for k in given if k not in accepted]
     if unused:
         raise DataError(f"--{unused[0].replace('_', '-')} does not apply to {run}, a {loaded.task} run; "
                         f"{loaded.task} runs take: " + (", ".join(f"--{k.replace('_', '-')}" for k in accepted) or "image files only"))
+    return task_cls
+
+
+def predict_images(loaded: LoadedRun, images: Sequence, names: Sequence[str], top_k: int = 1, **inputs) -> list[dict[str, Any]]:
+    """Answers of a loaded run for decoded PIL images (what `predict` and the server share); `names` fill "file"."""
+    task_cls = _predict_task(loaded, len(images), inputs)
     size = loaded.config.model.image_size
-    images = torch.stack([image_to_tensor(open_image(f), size) for f in files])
+    batch = torch.stack([image_to_tensor(img, size) for img in images])
     task = task_cls(loaded.config, loaded.tokenizer)
-    return task.predict(loaded.model, images, [str(f) for f in files], top_k=top_k, **inputs)
+    with torch.no_grad():
+        return task.predict(loaded.model, batch, [str(n) for n in names], top_k=top_k, **inputs)
+
+
+def predict(run: str | Path, files: Sequence[str | Path], top_k: int = 1, **inputs) -> list[dict[str, Any]]:
+    """Answers of a fine-tuned run for image files: labels (classify), answers (vqa, with question=...),
+    captions (caption), responses (instruct, with instruction=...), boxes (detect), best texts (retrieval)."""
+    loaded = load(run)
+    _predict_task(loaded, len(files), inputs)  # a wrong input fails before any file is read
+    return predict_images(loaded, [open_image(f) for f in files], [str(f) for f in files], top_k=top_k, **inputs)

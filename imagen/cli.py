@@ -18,6 +18,10 @@ from imagen.config import (
     DEFAULT_SAMPLER,
     DEFAULT_SAMPLING_BATCH_SIZE,
     DEFAULT_SAMPLING_STEPS,
+    DEFAULT_SERVE_MAX_BATCH,
+    DEFAULT_SERVE_MAX_WAIT_MS,
+    DEFAULT_SERVE_QUEUE,
+    DEFAULT_SERVE_TIMEOUT_S,
     DEFAULT_STRENGTH,
     DEFAULT_T2I_CAPTIONS,
     DEFAULT_T2I_STEPS,
@@ -230,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
+    p = sub.add_parser("serve", help="an HTTP API and web page over finished runs (needs the serve extra)")
+    p.add_argument("--run", dest="runs", action="append", required=True, metavar="RUN", help="a finished run to serve (repeat for more); requests name it by its folder name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network (default: 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_SERVE_MAX_BATCH, help=f"samples or images run together at most (default: {DEFAULT_SERVE_MAX_BATCH})")
+    p.add_argument("--max-wait-ms", type=float, default=DEFAULT_SERVE_MAX_WAIT_MS, help=f"how long a batch waits for requests to join it, 0 = no batching wait (default: {DEFAULT_SERVE_MAX_WAIT_MS:g})")
+    p.add_argument("--queue", type=_positive_int, default=DEFAULT_SERVE_QUEUE, help=f"waiting requests before new ones get 429 (default: {DEFAULT_SERVE_QUEUE})")
+    p.add_argument("--timeout-s", type=_positive_float, default=DEFAULT_SERVE_TIMEOUT_S, help=f"seconds before a request gets 504 and is dropped (default: {DEFAULT_SERVE_TIMEOUT_S:g})")
+    p.add_argument("--api-key-env", default=None, metavar="VAR", help="environment variable holding the API key that every /v1/* request must send as Authorization: Bearer KEY (default: no key)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+
     p = sub.add_parser("demo", help="the whole pipeline on built-in data, small enough for a CPU")
     p.add_argument("--out", default=None, help="directory for the demo's runs (default: runs/demo-<time>)")
     p.add_argument("--fast", action="store_true", help="a much shorter demo (a smoke test)")
@@ -248,6 +263,23 @@ def _report_fit(result, out, command):
         return _exit_code(result.stopped_by)
     print(f"{result.status} at step {result.step}; run saved to {out}" + (f" (best {result.best_metric:.4f} at step {result.best_step})" if result.best_metric is not None else ""))
     return 0
+
+
+def _serve(args) -> int:
+    key = None
+    if args.api_key_env is not None:
+        key = os.environ.get(args.api_key_env, "")
+        if not key:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    try:
+        from imagen.serve import BatchSettings, ServeSettings, serve
+    except ImportError as e:
+        raise ConfigError(f"imagen serve needs the serve extra ({e.name} is missing): pip install -e \".[serve]\"") from None
+    batch = BatchSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue, timeout_s=args.timeout_s)
+    # uvicorn handles SIGTERM itself (stop accepting, finish the requests in flight) and then raises it again under
+    # the handler it found: ignored, so a SIGTERM'd server exits 0.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return serve(args.runs, ServeSettings(batch=batch, api_key=key, device=args.device), host=args.host, port=args.port)
 
 
 def run_command(args) -> int:
@@ -314,6 +346,8 @@ def run_command(args) -> int:
         if args.json:
             print(json.dumps(result))
         return 0
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "demo":
         from imagen.demo import run_demo
 

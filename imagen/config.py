@@ -45,6 +45,12 @@ DEFAULT_STRENGTH = 0.6  # image-to-image: share of the steps to run from the noi
 # Samples denoised together (one chunk through the whole cascade); memory grows with it, never with --n.
 DEFAULT_SAMPLING_BATCH_SIZE = 16
 MAX_SAMPLES_PER_PROMPT = 10_000
+# `imagen serve`: rows (samples or images) run together, how long a batch waits to fill, waiting requests before
+# 429, and seconds from arrival to answer before 504.
+DEFAULT_SERVE_MAX_BATCH = 8
+DEFAULT_SERVE_MAX_WAIT_MS = 20.0
+DEFAULT_SERVE_QUEUE = 64
+DEFAULT_SERVE_TIMEOUT_S = 60.0
 
 
 

@@ -95,31 +95,50 @@ class TextToImagePipeline:
         config = config if config is not None else SamplingConfig()
         if stop_at is not None and stop_at not in self.stage_names:
             raise RunError(f"{self.path} has no trained stage {stop_at!r}; trained: {', '.join(self.stage_names)}")
+        self.check_steps(config)
+        if inpaint_mask is not None:
+            config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
+        rows = [(p, config.seed, k) for p in prompts for k in range(config.n)]  # prompt-major
+        yield from self._generate_rows(rows, config, init_images, inpaint_mask, stop_at)
+
+    def generate_rows(self, rows: Sequence[tuple[str, int, int]], config: SamplingConfig | None = None) -> torch.Tensor:
+        """Images (len(rows), 3, S, S) in [-1, 1] for (prompt, seed, sample) rows, `config.batch_size` at a time.
+
+        Row (p, s, k) is the picture `generate([p], SamplingConfig(seed=s, ...))` makes as its sample k, so requests
+        with their own seeds can share a batch (the server's dynamic batching); config.seed and config.n are unused.
+        """
+        config = config if config is not None else SamplingConfig()
+        self.check_steps(config)
+        return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None)])
+
+    def check_steps(self, config: SamplingConfig) -> None:
+        """GenerationError when a stage has fewer timesteps than config.steps."""
         too_few = [s.config for s in self.stages if s.config.timesteps < config.steps]
         if too_few:
             raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
                                   f"({too_few[0].timesteps} timesteps), got {config.steps}")
-        if inpaint_mask is not None:
-            config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
-        pairs = [(p, k) for p in prompts for k in range(config.n)]  # prompt-major
-        for start in range(0, len(pairs), config.batch_size):
-            chunk = pairs[start:start + config.batch_size]
-            rows = slice(start, start + len(chunk))
-            init = _rows(init_images, rows)
-            mask = _rows(inpaint_mask, rows)
+
+    def _generate_rows(self, rows, config, init_images, inpaint_mask, stop_at) -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start:start + config.batch_size]
+            span = slice(start, start + len(chunk))
+            init = _rows(init_images, span)
+            mask = _rows(inpaint_mask, span)
             images = None
             for stage in self.stages:
-                images = self._sample_stage(stage, [p for p, _ in chunk], [k for _, k in chunk], config, images,
-                                            init, mask)
+                images = self._sample_stage(stage, [p for p, _, _ in chunk], [(s, k) for _, s, k in chunk], config,
+                                            images, init, mask)
                 if stage.config.name == stop_at:
                     break
             yield start, images
 
-    def _sample_stage(self, stage: TextToImageStage, prompts: list[str], samples: list[int], config: SamplingConfig,
-                      lowres, init_images, inpaint_mask) -> torch.Tensor:
-        """One stage: encode the prompts, guide the stage's denoiser, and sample at the stage's size."""
+    def _sample_stage(self, stage: TextToImageStage, prompts: list[str], samples: list[tuple[int, int]],
+                      config: SamplingConfig, lowres, init_images, inpaint_mask) -> torch.Tensor:
+        """One stage: encode the prompts, guide the stage's denoiser, and sample at the stage's size; `samples`
+        are each row's (seed, sample number)."""
         device = next(stage.parameters()).device
-        generator = sample_generators(config.seed, samples, device)  # each stage draws from the seed anew
+        # each stage draws from the seed anew; row (s, k) draws what sample k of a request seeded s draws
+        generator = [g for s, k in samples for g in sample_generators(s, [k], device)]
         B, c = len(prompts), stage.config
         negative = config.negative
         texts = prompts + ([negative] * B if negative is not None else [])

@@ -1,0 +1,280 @@
+"""The HTTP API of `imagen serve`: a FastAPI app over finished runs, with dynamic batching, auth and limits.
+
+    GET  /            the page (static/index.html): generate from a prompt, or upload a picture to predict
+    GET  /healthz     alive;  GET /readyz  models loaded;  GET /metrics  Prometheus text
+    GET  /v1/models   the loaded runs, their tasks and options
+    POST /v1/generate JSON {prompt, negative, n, seed, steps, guidance, sampler, model} -> {images: [base64 PNG], seed}
+    POST /v1/predict  multipart image + question / instruction / texts + model -> what `imagen predict --json` prints
+
+A request names a model by its name in /v1/models, never by a path, so no request can reach a server file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+import imagen.api as api
+from imagen.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLING_STEPS, SAMPLER_NAMES
+from imagen.data import to_rgb
+from imagen.errors import USER_ERRORS
+from imagen.serve.batching import Batcher, BatchSettings, QueueFull, Timeout
+from imagen.serve.metrics import Metrics
+from imagen.serve.models import PREDICT_INPUTS, ServedModel, load_models, run_generate, run_predict
+
+log = logging.getLogger("imagen.serve")
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServeSettings:
+    """How a server batches and what it accepts; the limits bound what one request can cost."""
+
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    api_key: str | None = None  # with a key, every /v1/* request needs "Authorization: Bearer <key>"
+    device: str = "auto"
+    max_upload_bytes: int = 10 * 2**20
+    max_pixels: int = 16 * 10**6  # decoded size of an upload; more is a decompression bomb (413)
+    max_prompt_chars: int = 1000
+    max_n: int = 8  # pictures per request
+    max_top_k: int = 20
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    negative: str | None = None
+    n: int = Field(default=1, ge=1)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    steps: int = Field(default=DEFAULT_SAMPLING_STEPS, ge=1, le=1000)
+    guidance: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=100)
+    sampler: str = DEFAULT_SAMPLER
+    model: str | None = None
+
+
+class RequestError(Exception):
+    """A request refused with an HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.headers = status, reason, headers
+
+
+def _error(status: int, reason: str, headers=None) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """An uploaded file as an RGB image: 413 over `max_pixels` (checked before decoding), 415 if not an image."""
+    if not data:
+        raise RequestError(415, "the uploaded file is empty; send a PNG or JPEG picture")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > max_pixels:
+                    raise RequestError(413, f"the picture is {img.width} x {img.height}, over the limit of "
+                                            f"{max_pixels} pixels; send a smaller one")
+                img.load()
+                return to_rgb(img).copy()
+    except RequestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(413, f"the picture is too large to decode ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # PIL raises many types for data that is not a picture
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RequestError(415, f"the uploaded file is not a picture PIL can read ({reason}); send a PNG or JPEG") from None
+
+
+def create_app(runs, settings: ServeSettings | None = None, models: dict[str, ServedModel] | None = None) -> FastAPI:
+    """The app serving `runs` (finished run directories, loaded now: RunError for one that is not finished);
+    `models` (already loaded, as from `load_models`) skips the loading."""
+    settings = settings or ServeSettings()
+    models = models if models is not None else load_models(runs, settings.device)
+
+    def run_batch(key, payloads):
+        kind, name, options = key
+        if kind == "generate":
+            return run_generate(models[name], options, payloads)
+        return run_predict(models[name], dict(options), payloads)
+
+    metrics: Metrics
+
+    def on_batch(key, rows):
+        metrics.batch(key[1], rows)
+
+    batcher = Batcher(run_batch, settings.batch, on_batch=on_batch)
+    metrics = Metrics(queue_depth=lambda: batcher.waiting, running=lambda: batcher.running)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        app.state.ready = True
+        yield
+        app.state.ready = False
+        await batcher.stop()  # uvicorn has already finished the requests in flight
+
+    app = FastAPI(title="imagen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ready = False
+    app.state.batcher, app.state.metrics, app.state.models, app.state.settings = batcher, metrics, models, settings
+
+    @app.middleware("http")
+    async def guard_and_log(request: Request, call_next):
+        start = time.perf_counter()
+        path = request.url.path
+        response = None
+        try:
+            if path.startswith("/v1/"):
+                response = _check_auth(request, settings.api_key)
+                length = request.headers.get("content-length")
+                if response is None and length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
+                    metrics.reject("too_large")
+                    response = _error(413, f"the request is {int(length)} bytes, over the limit of {settings.max_upload_bytes}")
+            if response is None:
+                response = await call_next(request)
+        finally:
+            seconds = time.perf_counter() - start
+            status = response.status_code if response is not None else 500
+            endpoint = path if path in ENDPOINTS else "other"
+            metrics.request(endpoint, status, seconds)
+            log.info(json.dumps({"time": round(time.time(), 3), "method": request.method, "path": path, "status": status,
+                                 "ms": round(seconds * 1000, 1), "client": request.client.host if request.client else None}))
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, exc: RequestError):
+        return _error(exc.status, exc.reason, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request"))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not app.state.ready:
+            return _error(503, "starting: the models are not loaded yet")
+        return {"status": "ready", "models": list(models)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_text():
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"models": [m.describe() for m in models.values()]}
+
+    def pick(name: str | None, generates: bool) -> ServedModel:
+        kind = "generate" if generates else "predict"
+        fitting = [m for m in models.values() if m.generates == generates]
+        if name is None:
+            if len(fitting) == 1:
+                return fitting[0]
+            raise RequestError(422, f"model: name one of the loaded {kind} models: " + (", ".join(m.name for m in fitting) or "none"))
+        model = models.get(name)
+        if model is None or model.generates != generates:
+            raise RequestError(422 if model is not None else 404,
+                               f"model: no {kind} model named {name!r}; loaded: " + (", ".join(m.name for m in fitting) or "none"))
+        return model
+
+    async def submit(key, payload, rows):
+        try:
+            return await batcher.submit(key, payload, rows)
+        except QueueFull:
+            metrics.reject("queue_full")
+            retry = max(1, round(settings.batch.max_wait_ms / 1000 + 1))
+            raise RequestError(429, f"the queue is full ({settings.batch.queue} requests waiting); retry later",
+                               {"Retry-After": str(retry)}) from None
+        except Timeout:
+            metrics.reject("timeout")
+            raise RequestError(504, f"no answer within {settings.batch.timeout_s:g} s; the request was dropped") from None
+        except USER_ERRORS as exc:
+            raise RequestError(422, str(exc)) from None
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateRequest):
+        if len(body.prompt) > settings.max_prompt_chars or len(body.negative or "") > settings.max_prompt_chars:
+            raise RequestError(422, f"prompt: at most {settings.max_prompt_chars} characters")
+        if body.n > settings.max_n:
+            raise RequestError(422, f"n: at most {settings.max_n} pictures per request, got {body.n}")
+        if body.sampler not in SAMPLER_NAMES:
+            raise RequestError(422, f"sampler: one of {', '.join(SAMPLER_NAMES)}, got {body.sampler!r}")
+        model = pick(body.model, generates=True)
+        try:
+            config = api.SamplingConfig(sampler=body.sampler, steps=body.steps, guidance=body.guidance,
+                                        negative=body.negative or None)
+            model.pipeline.check_steps(config)
+        except USER_ERRORS as exc:
+            raise RequestError(422, str(exc)) from None
+        images = await submit(("generate", model.name, config), (body.prompt.strip(), body.seed, body.n), body.n)
+        return {"images": images, "seed": body.seed, "model": model.name}
+
+    @app.post("/v1/predict")
+    async def predict(image: UploadFile = File(...), model: str | None = Form(None), question: str | None = Form(None),
+                      instruction: str | None = Form(None), texts: list[str] | None = Form(None), top_k: int = Form(1)):
+        served = pick(model, generates=False)
+        if not 1 <= top_k <= settings.max_top_k:
+            raise RequestError(422, f"top_k: between 1 and {settings.max_top_k}, got {top_k}")
+        inputs = {k: v for k, v in dict(question=question, instruction=instruction, texts=texts).items() if v}
+        too_long = [k for k, v in inputs.items() if sum(map(len, v if isinstance(v, list) else [v])) > settings.max_prompt_chars]
+        if too_long:
+            raise RequestError(422, f"{too_long[0]}: at most {settings.max_prompt_chars} characters")
+        data = await image.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            metrics.reject("too_large")
+            raise RequestError(413, f"the upload is over the limit of {settings.max_upload_bytes} bytes")
+        try:
+            picture = decode_upload(data, settings.max_pixels)
+        except RequestError as exc:
+            if exc.status == 413:
+                metrics.reject("too_large")
+            raise
+        accepted = [k for k in PREDICT_INPUTS if k in served.describe()["options"]["inputs"]]
+        unused = [k for k in inputs if k not in accepted]
+        if unused:
+            raise RequestError(422, f"{unused[0]}: does not apply to {served.name}, a {served.task} model "
+                                    f"(it takes: {', '.join(accepted) or 'the image only'})")
+        options = {**{k: tuple(v) if isinstance(v, list) else v for k, v in inputs.items()}, "top_k": top_k}
+        key = ("predict", served.name, tuple(sorted(options.items())))  # hashable: requests that can share a batch
+        name = Path(image.filename or "upload").name  # only a label for the answer's "file"
+        return await submit(key, (picture, name), 1)
+
+    return app
+
+
+ENDPOINTS = {"/", "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/generate", "/v1/predict"}
+
+
+def _check_auth(request: Request, api_key: str | None) -> JSONResponse | None:
+    """None when the request may go on; a 401 otherwise (constant-time comparison of the key)."""
+    if api_key is None:
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        return None
+    return _error(401, "missing or wrong API key; send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})

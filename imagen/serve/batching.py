@@ -1,0 +1,155 @@
+"""Dynamic batching with a bounded queue: requests that can share a batch run together.
+
+A request joins the group of its batch key (same model, sampler, steps, guidance, size ...). One worker takes the
+group whose oldest request has waited longest, lets it fill up to `max_batch` rows for at most `max_wait_ms`, and
+runs it on one model thread. With `queue` requests waiting, `submit` refuses at once (QueueFull -> 429); a request
+not answered within `timeout_s` is dropped (Timeout -> 504) and, if it has not started, never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+from imagen.config import (DEFAULT_SERVE_MAX_BATCH, DEFAULT_SERVE_MAX_WAIT_MS, DEFAULT_SERVE_QUEUE,
+                           DEFAULT_SERVE_TIMEOUT_S)
+
+
+class QueueFull(Exception):
+    """The queue holds `queue` waiting requests; the caller should retry later."""
+
+
+class Timeout(Exception):
+    """A request was not answered within timeout_s; its work was dropped."""
+
+
+@dataclass
+class BatchSettings:
+    max_batch: int = DEFAULT_SERVE_MAX_BATCH  # rows (samples or images) run at once; a larger request runs alone
+    max_wait_ms: float = DEFAULT_SERVE_MAX_WAIT_MS  # how long the first request of a batch waits for others
+    queue: int = DEFAULT_SERVE_QUEUE  # waiting requests (not yet running) before new ones get 429
+    timeout_s: float = DEFAULT_SERVE_TIMEOUT_S  # from arrival to answer
+
+
+@dataclass
+class _Item:
+    payload: Any
+    rows: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+# run(key, payloads) -> one result per payload; it runs on the model thread, never on the event loop.
+RunFn = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+
+
+class Batcher:
+    """Groups submitted payloads by key and runs each group through `run` in batches (see the module docstring)."""
+
+    def __init__(self, run: RunFn, settings: BatchSettings, on_batch: Callable[[Hashable, int], None] | None = None):
+        self.run = run
+        self.settings = settings
+        self.on_batch = on_batch  # called with (key, rows) for each batch run: metrics
+        self.groups: dict[Hashable, list[_Item]] = {}
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagen-model")
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self.running = 0  # requests in the batch being run
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet running (the queue depth)."""
+        return sum(len(items) for items in self.groups.values())
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._worker = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Finish nothing new: cancel the worker (the batch running on the model thread completes) and refuse the rest."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        for items in self.groups.values():
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(QueueFull())
+        self.groups.clear()
+        self.executor.shutdown(wait=True)
+
+    async def submit(self, key: Hashable, payload: Any, rows: int = 1) -> Any:
+        """The result of `payload` once its batch has run; QueueFull or Timeout otherwise."""
+        if self._worker is None:
+            self.start()
+        if self.waiting >= self.settings.queue:
+            raise QueueFull()
+        item = _Item(payload, rows, asyncio.get_running_loop().create_future())
+        self.groups.setdefault(key, []).append(item)
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            item.future.cancel()  # a queued item is skipped; a running one's result is thrown away
+            self._discard(key, item)
+            raise Timeout() from None
+
+    def _discard(self, key, item) -> None:
+        items = self.groups.get(key)
+        if items and item in items:
+            items.remove(item)
+            if not items:
+                del self.groups[key]
+
+    def _take(self, key) -> list[_Item]:
+        """Up to max_batch rows of a group, oldest first (always at least one request)."""
+        items, batch, rows = self.groups[key], [], 0
+        while items and (not batch or rows + items[0].rows <= self.settings.max_batch):
+            item = items.pop(0)
+            batch.append(item)
+            rows += item.rows
+        if not items:
+            del self.groups[key]
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.groups:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            key = min(self.groups, key=lambda k: self.groups[k][0].arrived)
+            deadline = self.groups[key][0].arrived + self.settings.max_wait_ms / 1000
+            while (key in self.groups and sum(i.rows for i in self.groups[key]) < self.settings.max_batch
+                   and time.monotonic() < deadline):
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+            if key not in self.groups:  # every request of the group timed out while it waited
+                continue
+            batch = [item for item in self._take(key) if not item.future.done()]
+            if not batch:
+                continue
+            self.running = len(batch)
+            if self.on_batch is not None:
+                self.on_batch(key, sum(i.rows for i in batch))
+            try:
+                results = await loop.run_in_executor(self.executor, self.run, key, [i.payload for i in batch])
+            except Exception as exc:  # one bad batch answers its own requests with the error, the server goes on
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+            else:
+                for item, result in zip(batch, results):
+                    if not item.future.done():
+                        item.future.set_result(result)
+            finally:
+                self.running = 0
