@@ -11,7 +11,6 @@ A request names a model by its name in /v1/models, never by a path, so no reques
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import io
@@ -21,7 +20,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
