@@ -333,3 +333,14 @@ def test_hf_missing_weights_warn(tmp_path):
     save_wordpiece_tokenizer(tmp_path)
     with pytest.warns(UserWarning, match="missing from the checkpoint"):
         HFTextEncoder(tmp_path)
+
+
+def test_a_trainable_encoder_spec_out_of_bounds_is_one_clear_error():
+    from imagen.config import ConfigError
+    from imagen.data import Tokenizer
+    from imagen.models.text_encoders import build_text_encoder
+
+    tok = Tokenizer.train(["a red circle", "a blue square"], vocab_size=64)
+    spec = {"kind": "trainable", "vocab_size": tok.vocab_size, "dim": 16, "num_layers": 10**9, "num_heads": 2, "max_length": 8}
+    with pytest.raises(ConfigError, match=r"text_encoder.num_layers must be in \[1, 256\], got 1000000000"):
+        build_text_encoder(spec, tokenizer=tok)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from imagen.config import MAX_DIM, MAX_HEADS, MAX_LAYERS, MAX_TOKENS, check_range
 from imagen.data.tokenizer import Tokenizer
 from imagen.errors import CheckpointError, DataError, RunError, TextEncoderError
 from imagen.models.encoder import MultimodalEncoder
@@ -332,6 +333,14 @@ class TrainableTextEncoder(TextEncoder):
                  dropout: float = TrainableTextEncoderConfig.dropout):
         super().__init__()
         self.tokenizer_path = None
+        # A spec may come from an edited config.json: the same sane bounds as the encoder's own config.
+        for name, value, hi in (("vocab_size", vocab_size, 10**6), ("dim", dim, MAX_DIM), ("num_layers", num_layers, MAX_LAYERS),
+                                ("num_heads", num_heads, MAX_HEADS), ("max_length", max_length, MAX_TOKENS)):
+            check_range(f"text_encoder.{name}", value, 1, hi)
+        check_range("text_encoder.mlp_ratio", mlp_ratio, 0.25, 64, integer=False)
+        check_range("text_encoder.dropout", dropout, 0, 0.99, integer=False)
+        if dim % num_heads:
+            raise TextEncoderError(f"text_encoder.dim {dim} is not divisible by num_heads {num_heads}")
         if isinstance(tokenizer, (str, Path)):
             self.tokenizer_path = str(Path(tokenizer).resolve())
             tokenizer = _load_tokenizer(tokenizer)
