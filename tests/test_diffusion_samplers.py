@@ -314,3 +314,11 @@ def test_sampling_config_percentile_reaches_the_threshold(monkeypatch):
     monkeypatch.setattr(samplers, "apply_threshold", lambda x0, mode, p: seen.append((mode, p)) or original(x0, mode, p))
     sample(lambda x, t: x, (2, 3), schedule=COSINE, config=SamplingConfig(steps=2, percentile=0.9))
     assert seen == [("dynamic", 0.9)] * 2
+
+
+@pytest.mark.parametrize("field, value", [("guidance", "3"), ("guidance", float("nan")), ("eta", None), ("percentile", float("inf"))])
+def test_sampling_config_refuses_what_is_not_a_finite_number(field, value):
+    from imagen.errors import GenerationError
+
+    with pytest.raises(GenerationError, match=f"{field} must be a finite number"):
+        SamplingConfig(**{field: value})

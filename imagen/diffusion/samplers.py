@@ -177,6 +177,10 @@ class SamplingConfig:
     batch_size: int = DEFAULT_SAMPLING_BATCH_SIZE  # samples denoised at once; the images do not depend on it
 
     def __post_init__(self):
+        for name in ("guidance", "percentile", "aug_level", "strength", "eta"):
+            value = getattr(self, name)  # the Python API can pass anything; the CLI has parsed numbers already
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise GenerationError(f"{name} must be a finite number, got {value!r}")
         check_sampler(self.sampler, self.eta)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
             raise GenerationError(f"steps must be a positive integer, got {self.steps!r}")
