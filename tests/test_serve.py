@@ -7,13 +7,8 @@ import asyncio
 import base64
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +23,7 @@ from imagen.cli import main  # noqa: E402
 from imagen.errors import RunError  # noqa: E402
 from imagen.serve import BatchSettings, ServeSettings, create_app  # noqa: E402
 from imagen.serve.models import load_models  # noqa: E402
+from serve_helpers import serve_subprocess, train_tiny_t2i  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
@@ -40,9 +36,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models on a busy machine: one thread is the fastest
     root = tmp_path_factory.mktemp("serve-runs")
     t2i, cls = root / "t2i", root / "cls"
-    api.train_t2i("shapes", t2i, sizes=(8, 16), n=32, max_steps=2, sr_max_steps=2, text_encoder="trainable",
-                  sets=("base.unet.dim=16", "base.unet.num_heads=2", "sr1.unet.dim=16", "sr1.unet.num_heads=2"),
-                  progress=False, batch_size=8)
+    train_tiny_t2i(t2i)
     api.finetune("classify", "shapes", cls, preset="tiny", label="color-shape", n=64, max_steps=2, batch_size=8,
                  progress=False, report_to=("jsonl",))
     return {"t2i": t2i, "cls": cls, "vqa": FIXTURES / "vqa"}
@@ -302,29 +296,8 @@ def test_unfinished_run_refused_at_start(runs, tmp_path, capsys):
     assert "IMAGEN_TEST_UNSET_KEY" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_in_a_subprocess(runs):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "IMAGEN_KEY": "k3y", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "imagen", "serve", "--run", str(runs["t2i"]), "--port", str(port),
-                             "--api-key-env", "IMAGEN_KEY", "--device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no answer"
-            time.sleep(0.2)
+    with serve_subprocess(runs["t2i"], "--api-key-env", "IMAGEN_KEY", env={"IMAGEN_KEY": "k3y"}) as (proc, base):
         r = httpx.post(base + "/v1/generate", json={"prompt": "a red circle", "n": 2, "steps": 2},
                        headers={"Authorization": "Bearer k3y"}, timeout=60)
         assert r.status_code == 200, r.text
@@ -334,7 +307,3 @@ def test_real_server_in_a_subprocess(runs):
         assert proc.returncode == 0, err
         logged = [json.loads(line) for line in err.splitlines() if '"path"' in line]  # one JSON object a line
         assert {"path": "/v1/generate", "status": 200}.items() <= logged[-1].items()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
