@@ -113,6 +113,67 @@ def test_generate_equals_imagen_generate(models, runs, tmp_path):
     assert len({*answer["images"]}) == 3  # each sample its own noise
 
 
+def sse(text: str) -> list[tuple[str, dict]]:
+    """The (event, data) pairs of a server-sent event stream."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def test_generate_streams_progress_then_the_result(models):
+    body = {"prompt": "a red circle", "n": 2, "seed": 3, "steps": 3, "guidance": 2.0, "model": "t2i"}
+
+    async def check(client, app):
+        plain = (await client.post("/v1/generate", json=body)).json()
+        async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            streamed = "".join([chunk async for chunk in r.aiter_text()])
+        by_accept = await client.post("/v1/generate", json=body, headers={"Accept": "text/event-stream"})
+        return plain, streamed, by_accept
+
+    plain, streamed, by_accept = serve(models, check)
+    events = sse(streamed)
+    stages = models["t2i"].pipeline.stage_names
+    assert len(stages) == 2
+    expected = [{"step": i, "steps": 3, "stage": stage} for stage in stages for i in range(1, 4)]
+    assert [data for kind, data in events[:-1]] == expected and all(kind == "progress" for kind, _ in events[:-1])
+    assert events[-1] == ("result", plain)
+    assert by_accept.headers["content-type"].startswith("text/event-stream") and sse(by_accept.text)[-1] == ("result", plain)
+
+
+def test_streamed_requests_in_one_batch_each_get_its_progress(models):
+    bodies = [{"prompt": p, "seed": i, "steps": 2, "model": "t2i", "stream": True} for i, p in enumerate(PROMPTS[:3])]
+
+    async def check(client, app):
+        batcher, sizes = app.state.batcher, []
+        real = batcher.run
+
+        def counted(key, payloads, progress):
+            sizes.append(len(payloads))
+            return real(key, payloads, progress)
+
+        batcher.run = counted
+        answers = await asyncio.gather(*(client.post("/v1/generate", json=b) for b in bodies))
+        return [sse(a.text) for a in answers], sizes
+
+    answers, sizes = serve(models, check, max_wait_ms=300)
+    assert sizes == [3]  # one batch, and each of its requests hears all its steps
+    for events in answers:
+        assert [kind for kind, _ in events] == ["progress"] * 4 + ["result"]
+        assert [d["step"] for _, d in events[:-1]] == [1, 2, 1, 2]
+        assert len(events[-1][1]["images"]) == 1
+
+
+def test_stream_refused_at_once_is_a_plain_429(models):
+    async def check(client, app):
+        return await client.post("/v1/generate", json={"prompt": "x", "model": "t2i", "stream": True, "steps": 2})
+
+    r = serve(models, check, queue=0)  # every request finds the queue full
+    assert r.status_code == 429 and "Retry-After" in r.headers and "queue is full" in r.json()["error"]
+
+
 def test_concurrent_requests_are_batched_and_equal_one_at_a_time(models):
     requests = [{"prompt": p, "seed": s, "n": 2, "steps": 3, "model": "t2i"} for p, s in zip(PROMPTS, (0, 1, 2, 3))]
 
@@ -253,10 +314,10 @@ def test_full_queue_is_429_and_late_requests_504(models):
         batcher = app.state.batcher
         real = batcher.run
 
-        def blocked(key, payloads):
+        def blocked(key, payloads, progress):
             calls.append(len(payloads))
             release.wait(10)
-            return real(key, payloads)
+            return real(key, payloads, progress)
 
         batcher.run = blocked
         body = {"model": "t2i", "prompt": "a red circle", "steps": 2}
