@@ -45,6 +45,11 @@ def test_page_generates_a_picture_in_chromium(tmp_path):
             page.fill("#prompt", "a blue square")
             page.fill("#n", "2")
             page.fill("#steps", "3")
+            page.evaluate("""() => {  // every text the progress label shows, however briefly
+                window.labels = [];
+                new MutationObserver(() => window.labels.push(document.getElementById("progress-label").textContent))
+                    .observe(document.getElementById("progress-label"), {childList: true, characterData: true, subtree: true});
+            }""")
             page.click("#generate")
             page.wait_for_selector("#images img[src^='data:image/png;base64,']", timeout=20_000)
             page.wait_for_function("() => [...document.querySelectorAll('#images img')].every(i => i.complete)",
@@ -52,8 +57,13 @@ def test_page_generates_a_picture_in_chromium(tmp_path):
             widths = page.eval_on_selector_all("#images img", "imgs => imgs.map(i => i.naturalWidth)")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             status = page.text_content("#status")
+            labels = page.evaluate("() => window.labels")
+            bar_hidden = page.is_hidden("#progress-box")
         finally:
             browser.close()
     assert len(widths) == 2 and all(w == 16 for w in widths), (widths, status)
     assert "2 picture(s)" in status and not errors
+    # the progress bar went through the sampling steps of both stages (server-sent events), then hid itself
+    assert [label for label in labels if label][-1].startswith("stage 2 (") and labels[-1].endswith("step 3 / 3")
+    assert "stage 1 (base): step 1 / 3" in labels and bar_hidden
     assert (tmp_path / "page.png").stat().st_size > 0
