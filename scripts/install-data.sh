@@ -2,8 +2,12 @@
 # Install the Debian packages that carry Imagen's real datasets (see README, "Data"):
 #   dataset-fashion-mnist   Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist/
 #   fonts-noto-color-emoji  the Noto Color Emoji font that the emoji dataset is rendered from
+# and one that is not data but is only a Debian package too:
+#   chromium                the headless browser that tests/test_serve_page.py drives (through Playwright's Python
+#                           package and /usr/bin/chromium: Playwright's own browser download is not reachable), so
+#                           `make test` in CI (.ci/run) checks the `imagen serve` page in a real browser
 set -euo pipefail
-packages=(dataset-fashion-mnist fonts-noto-color-emoji)
+packages=(dataset-fashion-mnist fonts-noto-color-emoji chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -7,13 +7,8 @@ import asyncio
 import base64
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +23,7 @@ from imagen.cli import main  # noqa: E402
 from imagen.errors import RunError  # noqa: E402
 from imagen.serve import BatchSettings, ServeSettings, create_app  # noqa: E402
 from imagen.serve.models import load_models  # noqa: E402
+from serve_helpers import serve_subprocess, train_tiny_t2i  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
@@ -40,9 +36,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models on a busy machine: one thread is the fastest
     root = tmp_path_factory.mktemp("serve-runs")
     t2i, cls = root / "t2i", root / "cls"
-    api.train_t2i("shapes", t2i, sizes=(8, 16), n=32, max_steps=2, sr_max_steps=2, text_encoder="trainable",
-                  sets=("base.unet.dim=16", "base.unet.num_heads=2", "sr1.unet.dim=16", "sr1.unet.num_heads=2"),
-                  progress=False, batch_size=8)
+    train_tiny_t2i(t2i)
     api.finetune("classify", "shapes", cls, preset="tiny", label="color-shape", n=64, max_steps=2, batch_size=8,
                  progress=False, report_to=("jsonl",))
     return {"t2i": t2i, "cls": cls, "vqa": FIXTURES / "vqa"}
@@ -117,6 +111,67 @@ def test_generate_equals_imagen_generate(models, runs, tmp_path):
         assert pixels(b64).shape == (16, 16, 3)
         assert np.abs(pixels(b64) - expected).max() <= 1  # float sums in another order may round one level apart
     assert len({*answer["images"]}) == 3  # each sample its own noise
+
+
+def sse(text: str) -> list[tuple[str, dict]]:
+    """The (event, data) pairs of a server-sent event stream."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def test_generate_streams_progress_then_the_result(models):
+    body = {"prompt": "a red circle", "n": 2, "seed": 3, "steps": 3, "guidance": 2.0, "model": "t2i"}
+
+    async def check(client, app):
+        plain = (await client.post("/v1/generate", json=body)).json()
+        async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            streamed = "".join([chunk async for chunk in r.aiter_text()])
+        by_accept = await client.post("/v1/generate", json=body, headers={"Accept": "text/event-stream"})
+        return plain, streamed, by_accept
+
+    plain, streamed, by_accept = serve(models, check)
+    events = sse(streamed)
+    stages = models["t2i"].pipeline.stage_names
+    assert len(stages) == 2
+    expected = [{"step": i, "steps": 3, "stage": stage} for stage in stages for i in range(1, 4)]
+    assert [data for kind, data in events[:-1]] == expected and all(kind == "progress" for kind, _ in events[:-1])
+    assert events[-1] == ("result", plain)
+    assert by_accept.headers["content-type"].startswith("text/event-stream") and sse(by_accept.text)[-1] == ("result", plain)
+
+
+def test_streamed_requests_in_one_batch_each_get_its_progress(models):
+    bodies = [{"prompt": p, "seed": i, "steps": 2, "model": "t2i", "stream": True} for i, p in enumerate(PROMPTS[:3])]
+
+    async def check(client, app):
+        batcher, sizes = app.state.batcher, []
+        real = batcher.run
+
+        def counted(key, payloads, progress):
+            sizes.append(len(payloads))
+            return real(key, payloads, progress)
+
+        batcher.run = counted
+        answers = await asyncio.gather(*(client.post("/v1/generate", json=b) for b in bodies))
+        return [sse(a.text) for a in answers], sizes
+
+    answers, sizes = serve(models, check, max_wait_ms=300)
+    assert sizes == [3]  # one batch, and each of its requests hears all its steps
+    for events in answers:
+        assert [kind for kind, _ in events] == ["progress"] * 4 + ["result"]
+        assert [d["step"] for _, d in events[:-1]] == [1, 2, 1, 2]
+        assert len(events[-1][1]["images"]) == 1
+
+
+def test_stream_refused_at_once_is_a_plain_429(models):
+    async def check(client, app):
+        return await client.post("/v1/generate", json={"prompt": "x", "model": "t2i", "stream": True, "steps": 2})
+
+    r = serve(models, check, queue=0)  # every request finds the queue full
+    assert r.status_code == 429 and "Retry-After" in r.headers and "queue is full" in r.json()["error"]
 
 
 def test_concurrent_requests_are_batched_and_equal_one_at_a_time(models):
@@ -259,10 +314,10 @@ def test_full_queue_is_429_and_late_requests_504(models):
         batcher = app.state.batcher
         real = batcher.run
 
-        def blocked(key, payloads):
+        def blocked(key, payloads, progress):
             calls.append(len(payloads))
             release.wait(10)
-            return real(key, payloads)
+            return real(key, payloads, progress)
 
         batcher.run = blocked
         body = {"model": "t2i", "prompt": "a red circle", "steps": 2}
@@ -302,29 +357,8 @@ def test_unfinished_run_refused_at_start(runs, tmp_path, capsys):
     assert "IMAGEN_TEST_UNSET_KEY" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_in_a_subprocess(runs):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "IMAGEN_KEY": "k3y", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "imagen", "serve", "--run", str(runs["t2i"]), "--port", str(port),
-                             "--api-key-env", "IMAGEN_KEY", "--device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no answer"
-            time.sleep(0.2)
+    with serve_subprocess(runs["t2i"], "--api-key-env", "IMAGEN_KEY", env={"IMAGEN_KEY": "k3y"}) as (proc, base):
         r = httpx.post(base + "/v1/generate", json={"prompt": "a red circle", "n": 2, "steps": 2},
                        headers={"Authorization": "Bearer k3y"}, timeout=60)
         assert r.status_code == 200, r.text
@@ -334,7 +368,3 @@ def test_real_server_in_a_subprocess(runs):
         assert proc.returncode == 0, err
         logged = [json.loads(line) for line in err.splitlines() if '"path"' in line]  # one JSON object a line
         assert {"path": "/v1/generate", "status": 200}.items() <= logged[-1].items()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

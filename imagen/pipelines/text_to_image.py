@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,15 +101,17 @@ class TextToImagePipeline:
         rows = [(p, config.seed, k) for p in prompts for k in range(config.n)]  # prompt-major
         yield from self._generate_rows(rows, config, init_images, inpaint_mask, stop_at)
 
-    def generate_rows(self, rows: Sequence[tuple[str, int, int]], config: SamplingConfig | None = None) -> torch.Tensor:
+    def generate_rows(self, rows: Sequence[tuple[str, int, int]], config: SamplingConfig | None = None, *,
+                      progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
         """Images (len(rows), 3, S, S) in [-1, 1] for (prompt, seed, sample) rows, `config.batch_size` at a time.
 
         Row (p, s, k) is the picture `generate([p], SamplingConfig(seed=s, ...))` makes as its sample k, so requests
         with their own seeds can share a batch (the server's dynamic batching); config.seed and config.n are unused.
+        `progress(stage, step, steps)` is called after every sampling step of every stage (step counts from 1).
         """
         config = config if config is not None else SamplingConfig()
         self.check_steps(config)
-        return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None)])
+        return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None, progress)])
 
     def check_steps(self, config: SamplingConfig) -> None:
         """GenerationError when a stage has fewer timesteps than config.steps."""
@@ -118,7 +120,8 @@ class TextToImagePipeline:
             raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
                                   f"({too_few[0].timesteps} timesteps), got {config.steps}")
 
-    def _generate_rows(self, rows, config, init_images, inpaint_mask, stop_at) -> Iterator[tuple[int, torch.Tensor]]:
+    def _generate_rows(self, rows, config, init_images, inpaint_mask, stop_at,
+                       progress=None) -> Iterator[tuple[int, torch.Tensor]]:
         for start in range(0, len(rows), config.batch_size):
             chunk = rows[start:start + config.batch_size]
             span = slice(start, start + len(chunk))
@@ -127,13 +130,13 @@ class TextToImagePipeline:
             images = None
             for stage in self.stages:
                 images = self._sample_stage(stage, [p for p, _, _ in chunk], [(s, k) for _, s, k in chunk], config,
-                                            images, init, mask)
+                                            images, init, mask, progress)
                 if stage.config.name == stop_at:
                     break
             yield start, images
 
     def _sample_stage(self, stage: TextToImageStage, prompts: list[str], samples: list[tuple[int, int]],
-                      config: SamplingConfig, lowres, init_images, inpaint_mask) -> torch.Tensor:
+                      config: SamplingConfig, lowres, init_images, inpaint_mask, progress=None) -> torch.Tensor:
         """One stage: encode the prompts, guide the stage's denoiser, and sample at the stage's size; `samples`
         are each row's (seed, sample number)."""
         device = next(stage.parameters()).device
@@ -155,9 +158,13 @@ class TextToImagePipeline:
             init = resize_images(init_images.to(device), size).expand(B, -1, -1, -1)
         if inpaint_mask is not None:
             mask = F.interpolate(inpaint_mask.float().to(device), size=(size, size), mode="nearest").expand(B, -1, -1, -1)
+        callback = None
+        if progress is not None:
+            steps = config.steps if init is None else max(1, round(config.strength * config.steps))
+            callback = lambda i, t, x, pred_x0: progress(c.name, i + 1, steps)  # noqa: E731
         return sample(denoiser, (B, c.unet.in_channels, size, size), schedule=stage.schedule, config=config,
                       objective=c.objective, cond=cond, generator=generator, init_x0=init, inpaint_mask=mask,
-                      known_x0=init if mask is not None else None, device=device)
+                      known_x0=init if mask is not None else None, device=device, callback=callback)
 
 
 def _rows(images: torch.Tensor | None, rows: slice) -> torch.Tensor | None:

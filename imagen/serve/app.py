@@ -4,6 +4,9 @@
     GET  /healthz     alive;  GET /readyz  models loaded;  GET /metrics  Prometheus text
     GET  /v1/models   the loaded runs, their tasks and options
     POST /v1/generate JSON {prompt, negative, n, seed, steps, guidance, sampler, model} -> {images: [base64 PNG], seed}
+                      with "stream": true (or Accept: text/event-stream): server-sent events, `event: progress`
+                      {step, steps, stage} after every sampling step of the batch, then `event: result` (the same
+                      JSON) or `event: error` {error, status}
     POST /v1/predict  multipart image + question / instruction / texts + model -> what `imagen predict --json` prints
 
 A request names a model by its name in /v1/models, never by a path, so no request can reach a server file.
@@ -11,6 +14,7 @@ A request names a model by its name in /v1/models, never by a path, so no reques
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import io
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +68,7 @@ class GenerateRequest(BaseModel):
     guidance: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=100)
     sampler: str = DEFAULT_SAMPLER
     model: str | None = None
+    stream: bool = False  # answer with server-sent events: progress, then the result
 
 
 class RequestError(Exception):
@@ -106,10 +111,12 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
     settings = settings or ServeSettings()
     models = models if models is not None else load_models(runs, settings.device)
 
-    def run_batch(key, payloads):
+    def run_batch(key, payloads, progress=None):
         kind, name, options = key
         if kind == "generate":
-            return run_generate(models[name], options, payloads)
+            report = None if progress is None else (lambda stage, step, steps: progress(
+                {"step": step, "steps": steps, "stage": stage}))
+            return run_generate(models[name], options, payloads, progress=report)
         return run_predict(models[name], dict(options), payloads)
 
     metrics: Metrics
@@ -200,9 +207,9 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
                                f"model: no {kind} model named {name!r}; loaded: " + (", ".join(m.name for m in fitting) or "none"))
         return model
 
-    async def submit(key, payload, rows):
+    async def submit(key, payload, rows, progress=None):
         try:
-            return await batcher.submit(key, payload, rows)
+            return await batcher.submit(key, payload, rows, progress)
         except QueueFull:
             metrics.reject("queue_full")
             retry = max(1, round(settings.batch.max_wait_ms / 1000 + 1))
@@ -215,7 +222,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
             raise RequestError(422, str(exc)) from None
 
     @app.post("/v1/generate")
-    async def generate(body: GenerateRequest):
+    async def generate(body: GenerateRequest, request: Request):
         if len(body.prompt) > settings.max_prompt_chars or len(body.negative or "") > settings.max_prompt_chars:
             raise RequestError(422, f"prompt: at most {settings.max_prompt_chars} characters")
         if body.n > settings.max_n:
@@ -229,8 +236,45 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
             model.pipeline.check_steps(config)
         except USER_ERRORS as exc:
             raise RequestError(422, str(exc)) from None
-        images = await submit(("generate", model.name, config), (body.prompt.strip(), body.seed, body.n), body.n)
-        return {"images": images, "seed": body.seed, "model": model.name}
+        key, payload = ("generate", model.name, config), (body.prompt.strip(), body.seed, body.n)
+        if not (body.stream or "text/event-stream" in request.headers.get("accept", "")):
+            images = await submit(key, payload, body.n)
+            return {"images": images, "seed": body.seed, "model": model.name}
+        return await stream_generate(key, payload, body, model.name)
+
+    async def stream_generate(key, payload, body: GenerateRequest, name: str):
+        """Server-sent events of one generate request. A refusal that comes at once (a full queue) is still a plain
+        429; one that comes later (504, 422) is an `error` event, the 200 having gone out with the first event."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def work():
+            try:
+                images = await submit(key, payload, body.n, lambda data: events.put_nowait(("progress", data)))
+            except RequestError as exc:
+                events.put_nowait(("error", {"error": exc.reason, "status": exc.status}))
+                raise
+            events.put_nowait(("result", {"images": images, "seed": body.seed, "model": name}))
+
+        task = asyncio.ensure_future(work())
+        await asyncio.sleep(0)  # the task runs up to its first wait: a full queue refuses it by then
+        if task.done() and task.exception() is not None:
+            raise task.exception()
+
+        async def lines():
+            try:
+                while True:
+                    kind, data = await events.get()
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                    if kind != "progress":
+                        break
+            finally:
+                if not task.done():
+                    task.cancel()  # the client went away: the request's work is dropped
+                with contextlib.suppress(asyncio.CancelledError, RequestError):
+                    await task
+
+        return StreamingResponse(lines(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/predict")
     async def predict(image: UploadFile = File(...), model: str | None = Form(None), question: str | None = Form(None),

@@ -4,6 +4,8 @@ A request joins the group of its batch key (same model, sampler, steps, guidance
 group whose oldest request has waited longest, lets it fill up to `max_batch` rows for at most `max_wait_ms`, and
 runs it on one model thread. With `queue` requests waiting, `submit` refuses at once (QueueFull -> 429); a request
 not answered within `timeout_s` is dropped (Timeout -> 504) and, if it has not started, never runs.
+A request may listen to the progress of the batch it runs in: `run` reports events from the model thread and each
+listener of the batch gets them on the event loop.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ class _Item:
     payload: Any
     rows: int
     future: asyncio.Future
+    progress: Callable[..., None] | None = None  # called on the event loop with the batch's progress events
     arrived: float = field(default_factory=time.monotonic)
 
 
-# run(key, payloads) -> one result per payload; it runs on the model thread, never on the event loop.
-RunFn = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+# run(key, payloads, progress) -> one result per payload; it runs on the model thread, never on the event loop,
+# and may call progress(*event) (thread-safe) as the batch advances.
+RunFn = Callable[[Hashable, Sequence[Any], Callable[..., None]], Sequence[Any]]
 
 
 class Batcher:
@@ -83,13 +87,14 @@ class Batcher:
         self.groups.clear()
         self.executor.shutdown(wait=True)
 
-    async def submit(self, key: Hashable, payload: Any, rows: int = 1) -> Any:
-        """The result of `payload` once its batch has run; QueueFull or Timeout otherwise."""
+    async def submit(self, key: Hashable, payload: Any, rows: int = 1, progress: Callable[..., None] | None = None) -> Any:
+        """The result of `payload` once its batch has run; QueueFull or Timeout otherwise. `progress(*event)` gets,
+        on the event loop, every progress event of the batch the request runs in."""
         if self._worker is None:
             self.start()
         if self.waiting >= self.settings.queue:
             raise QueueFull()
-        item = _Item(payload, rows, asyncio.get_running_loop().create_future())
+        item = _Item(payload, rows, asyncio.get_running_loop().create_future(), progress)
         self.groups.setdefault(key, []).append(item)
         self._wake.set()
         try:
@@ -98,6 +103,10 @@ class Batcher:
             item.future.cancel()  # a queued item is skipped; a running one's result is thrown away
             self._discard(key, item)
             raise Timeout() from None
+        except asyncio.CancelledError:  # the client went away: drop the work as for a timeout
+            item.future.cancel()
+            self._discard(key, item)
+            raise
 
     def _discard(self, key, item) -> None:
         items = self.groups.get(key)
@@ -141,8 +150,14 @@ class Batcher:
             self.running = len(batch)
             if self.on_batch is not None:
                 self.on_batch(key, sum(i.rows for i in batch))
+            listeners = [i.progress for i in batch if i.progress is not None]
+
+            def progress(*event, listeners=listeners):
+                for listener in listeners:
+                    loop.call_soon_threadsafe(listener, *event)
+
             try:
-                results = await loop.run_in_executor(self.executor, self.run, key, [i.payload for i in batch])
+                results = await loop.run_in_executor(self.executor, self.run, key, [i.payload for i in batch], progress)
             except Exception as exc:  # one bad batch answers its own requests with the error, the server goes on
                 for item in batch:
                     if not item.future.done():

@@ -99,12 +99,14 @@ def png_base64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def run_generate(model: ServedModel, config: api.SamplingConfig, requests: Sequence[tuple[str, int, int]]) -> list[list[str]]:
+def run_generate(model: ServedModel, config: api.SamplingConfig, requests: Sequence[tuple[str, int, int]],
+                 progress=None) -> list[list[str]]:
     """A batch of (prompt, seed, n) requests that share `config`: each one's base64 PNGs, sample k of a request
-    being the picture `imagen generate --seed SEED` makes as its sample k."""
+    being the picture `imagen generate --seed SEED` makes as its sample k. `progress(stage, step, steps)` sees
+    every sampling step of the batch."""
     rows = [(prompt, seed, k) for prompt, seed, n in requests for k in range(n)]
     config = dataclasses.replace(config, batch_size=max(len(rows), 1))
-    images = to_uint8(model.pipeline.generate_rows(rows, config))
+    images = to_uint8(model.pipeline.generate_rows(rows, config, progress=progress))
     out, start = [], 0
     for _, _, n in requests:
         out.append([png_base64(img) for img in images[start:start + n]])
