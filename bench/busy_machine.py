@@ -17,24 +17,17 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+# The step of bench/unet_throughput.py (fp32), timed for `seconds` after three warm-up steps.
 WORKER = r"""
 import json, sys, time
 import torch
-from imagen.models.unet import EfficientUNet
-threads, seconds, batch = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+threads, seconds, batch, bench_dir = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(threads)
-torch.manual_seed(0)
-model = EfficientUNet.from_preset("base16")
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-c = model.config
-x = torch.randn(batch, 3, c.image_size, c.image_size)
-t = torch.randint(0, 1000, (batch,))
-text = torch.randn(batch, 8, c.text_dim)
-mask = torch.ones(batch, 8, dtype=torch.bool)
-def step():
-    loss = (model(x, t, text_states=text, text_mask=mask).float() - x).pow(2).mean()
-    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+sys.path.insert(0, bench_dir)
+from unet_throughput import training_step
+step, _ = training_step("base16", batch)
 for _ in range(3):
     step()
 n, start = 0, time.perf_counter()
@@ -51,7 +44,8 @@ def run(threads: int, policy: str | None, busy: bool, seconds: float, batch: int
         env["OMP_WAIT_POLICY"] = policy
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        done = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(seconds), str(batch)], env=env,
+        done = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(seconds), str(batch),
+                               str(Path(__file__).resolve().parent)], env=env,
                               capture_output=True, text=True, check=True)
     finally:
         if competitor is not None:

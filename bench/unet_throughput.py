@@ -17,7 +17,8 @@ import torch
 from imagen.models.unet import EfficientUNet
 
 
-def measure(preset: str, batch_size: int, steps: int, precision: str) -> tuple[float, int]:
+def training_step(preset: str, batch_size: int, precision: str = "fp32"):
+    """(step, model): one forward + backward + AdamW step of the preset on fixed random inputs, and its U-Net."""
     torch.manual_seed(0)
     model = EfficientUNet.from_preset(preset)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -34,6 +35,11 @@ def measure(preset: str, batch_size: int, steps: int, precision: str) -> tuple[f
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, model
+
+
+def measure(preset: str, batch_size: int, steps: int, precision: str) -> tuple[float, int]:
+    step, model = training_step(preset, batch_size, precision)
     step()
     step()
     start = time.perf_counter()

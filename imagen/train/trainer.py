@@ -388,6 +388,9 @@ def stop_signals_handled():
         yield
         return
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    if all(h is _on_stop_signal for h in previous.values()):  # inside fit already: no handler swap per step
+        yield
+        return
     for s in STOP_SIGNALS:
         signal.signal(s, _on_stop_signal)
     try:
