@@ -77,16 +77,20 @@ def _load_splits(spec, seed: int, label: str | None, n: int | None, on_bad_sampl
 
 
 def _load_init(init_from, model_options: dict) -> LoadedRun | None:
-    """The finished run to start from (or None); it fixes the architecture, so only dropout may be changed."""
+    """The finished run to start from (or None); it fixes the architecture, so only dropout and the image size (its
+    position embeddings are resampled to the new patch grid) may be changed."""
     if init_from is None:
         return None
-    if model_options.keys() - {"dropout"}:
-        raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_options.keys() - {'dropout'})}")
+    if model_options.keys() - INIT_CHANGEABLE:
+        raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_options.keys() - INIT_CHANGEABLE)}")
     return load(init_from)
 
 
+INIT_CHANGEABLE = {"dropout", "image_size"}  # model options a fine-tuning run may change from the run it starts from
+
+
 def _check_init_architecture(init: LoadedRun, model_cfg: EncoderConfig, init_from) -> None:
-    changed = [k for k, v in to_dict(model_cfg).items() if k != "dropout" and to_dict(init.config.model).get(k) != v]
+    changed = [k for k, v in to_dict(model_cfg).items() if k not in INIT_CHANGEABLE and to_dict(init.config.model).get(k) != v]
     if changed:
         raise ConfigError(f"--init-from {init_from} fixes the model architecture; drop the override of model.{changed[0]}")
 
@@ -107,7 +111,8 @@ def _new_run_config(task_cls, data, *, init_from, preset, freeze, n, on_bad_samp
     task_cls.check_data(train_ds, data)
     task_cfg = task_cls.settle(task_cfg, train_ds)
     if init is not None:
-        model_cfg = dataclasses.replace(init.config.model, dropout=model_opts.get("dropout", init.config.model.dropout))
+        model_cfg = dataclasses.replace(init.config.model, **{k: model_opts.get(k, getattr(init.config.model, k))
+                                                             for k in INIT_CHANGEABLE})
     else:
         model_cfg = encoder_config(preset, **{"image_size": train_ds.image_size, **model_opts})
     train_cfg = TrainConfig(**{**recipe, **train_opts})

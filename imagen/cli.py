@@ -73,7 +73,7 @@ def _add_data_args(p):
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable samples (named in a warning) or stop (default: skip)")
 
 
-def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, steps_note=None):
+def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, steps_note=None, image_size=True):
     """Training options; a default left None is TrainConfig's (shown in the help) or, with `recipe_note`, the
     task's recipe. Nothing is filled in here, so the library sees only what the user gave."""
     d = lambda name: default_of(TrainConfig, name)  # noqa: E731
@@ -89,6 +89,10 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
     g.add_argument("--warmup-steps", type=int, default=None, help=f"linear warmup steps (default: {d('warmup_ratio') * 100:g}%% of the run)")
     g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW/SGD weight decay, never on norms, biases or embeddings (default: {d('weight_decay')})")
     g.add_argument("--dropout", type=float, default=None, help="dropout in the encoder and head (default: 0)")
+    if image_size:  # train-t2i sets its stages' sizes with --sizes
+        g.add_argument("--image-size", type=_positive_int, default=None,
+                       help="side in pixels the images are resized to (default: chosen from the data, or the --init-from "
+                            "run's; a pretrained run's position embeddings are resampled to it)")
     g.add_argument("--grad-clip", type=float, default=None, help=f"clip the gradient norm to this value, 0 = off (default: {d('grad_clip')})")
     g.add_argument("--grad-accum", type=_positive_int, default=None, help=f"micro-batches per optimiser step (default: {d('grad_accum')})")
     g.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps (default: each epoch)")
@@ -106,7 +110,8 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
 def _train_kwargs(args) -> dict:
     kw = dict(
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, dropout=args.dropout, grad_clip=args.grad_clip,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, dropout=args.dropout,
+        image_size=getattr(args, "image_size", None), grad_clip=args.grad_clip,
         grad_accum=args.grad_accum, eval_every=args.eval_every, early_stopping_patience=args.early_stopping_patience,
         checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision, device=args.device,
     )
@@ -202,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-t2i", help="train the text-to-image cascade (base + super-resolution stages)")
     _add_data_args(p)
-    _add_train_args(p, batch_size=32, steps_note=f"{DEFAULT_T2I_STEPS['base']} base, {DEFAULT_T2I_STEPS['sr']} per SR stage")
+    _add_train_args(p, batch_size=32, steps_note=f"{DEFAULT_T2I_STEPS['base']} base, {DEFAULT_T2I_STEPS['sr']} per SR stage",
+                    image_size=False)
     p.add_argument("--stage", default=None, help="train only this stage (base, sr1, ...) (default: every stage)")
     p.add_argument("--sizes", default="16,32", help="resolution of each stage, base first (default: 16,32)")
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen all-MiniLM-L6-v2), trainable (a small Transformer trained with the U-Nets), an imagen pretraining run, or a local Hugging Face model folder (default: minilm)")

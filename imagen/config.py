@@ -77,7 +77,8 @@ class EncoderConfig:
     image_size: int = 32
     patch_size: int = 4
     in_channels: int = 3
-    stem_channels: int = 32  # 3x3 conv before patchify; 0 = plain ViT patch projection
+    stem_channels: int = 32  # channels of the first 3x3 conv before the patch projection; 0 = plain ViT patches
+    stem_layers: int = 1  # 3x3 convs in the stem; after the first, each halves the resolution (see PatchEmbed)
     vocab_size: int = 1024
     max_text_len: int = 32
     dim: int = 128
@@ -93,6 +94,7 @@ class EncoderConfig:
         for name, hi in bounds.items():
             check_range(f"model.{name}", getattr(self, name), 1, hi)
         check_range("model.stem_channels", self.stem_channels, 0, MAX_DIM)
+        check_range("model.stem_layers", self.stem_layers, 0, 8)
         check_range("model.pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
         check_range("model.mlp_ratio", self.mlp_ratio, 0.001, 64, integer=False)
         check_range("model.dropout", self.dropout, 0, 1, integer=False)

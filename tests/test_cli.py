@@ -47,6 +47,23 @@ def test_finetune_evaluate_predict(capsys, shapes_dir, pretrained, tmp_path):
     assert name == str(images[0]) and label in {"circle", "square", "triangle"} and 0 < float(prob) <= 1
 
 
+def test_finetune_at_another_resolution_than_pretraining(capsys, shapes_dir, pretrained, tmp_path):
+    out = tmp_path / "cls64"
+    code, _, err = run(capsys, "finetune", "--task", "classify", "--data", shapes_dir, "--label", "shape", "--init-from", pretrained,
+                       "--image-size", "64", "--out", out, "--max-steps", "2", "--no-progress", "--batch-size", "8")
+    assert code == 0, err
+    pre = json.loads((pretrained / "config.json").read_text())["model"]
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert pre["image_size"] == 32 and model["image_size"] == 64
+    assert {k: v for k, v in model.items() if k != "image_size"} == {k: v for k, v in pre.items() if k != "image_size"}
+    code, stdout, err = run(capsys, "predict", "--run", out, sorted((shapes_dir / "images").glob("*.png"))[0])
+    assert code == 0, err
+    # The architecture is still fixed by the run fine-tuned from.
+    code, _, err = run(capsys, "finetune", "--task", "classify", "--data", shapes_dir, "--label", "shape", "--init-from",
+                       pretrained, "--set", "model.dim=48", "--out", tmp_path / "bad", "--max-steps", "1")
+    assert code != 0 and "fixes the model architecture" in err and not (tmp_path / "bad").exists()
+
+
 # Each case draws random numbers its own way: dropout; MIM / MLM masks and ITM's sampled negatives; a partly frozen
 # encoder (its optimiser holds only some parameters); batch augmentation.
 RESUME_CASES = {

@@ -8,6 +8,7 @@ import torch
 
 from imagen.config import EncoderConfig, PretrainConfig
 from imagen.models import EncoderForClassification, MultimodalEncoder, PretrainingModel, patchify
+from imagen.models.encoder import resample_pos_embed
 from imagen.models.pretraining import mask_tokens, random_patch_mask
 
 # Oddly sized on purpose so a transposed dimension fails loudly.
@@ -39,6 +40,41 @@ def test_encoder_shapes_for_every_modality():
     assert joint.image_embed.shape == joint.text_embed.shape == (5, 24)
     # Fusion: the joint image embedding sees the text, so it differs from the image-only one.
     assert not torch.allclose(joint.image_embed, img.image_embed)
+
+
+@pytest.mark.parametrize("patch_size, stem_layers, grid", [(4, 1, 4), (4, 3, 4), (8, 3, 2), (8, 4, 2), (2, 0, 8)])
+def test_conv_stem_reaches_the_patch_grid(patch_size, stem_layers, grid):
+    cfg = EncoderConfig(image_size=16, patch_size=patch_size, stem_channels=4, stem_layers=stem_layers, vocab_size=37,
+                        max_text_len=9, dim=24, num_layers=1, num_heads=3)
+    enc = MultimodalEncoder(cfg)
+    assert enc(images=torch.randn(2, 3, 16, 16)).image_states.shape == (2, 1 + grid * grid, 24)
+    convs = [m for m in enc.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == stem_layers + 1  # the stem's 3x3 convs, then the projection
+
+
+def test_position_embeddings_resample_to_a_new_grid():
+    grid = torch.arange(16, dtype=torch.float32).reshape(1, 4, 4)
+    pos = torch.cat([torch.full((1, 1, 2), -7.0), torch.stack([grid, -grid], -1).reshape(1, 16, 2)], dim=1)  # (1, 17, 2)
+    up = resample_pos_embed(pos, 8)
+    assert up.shape == (1, 65, 2) and up[0, 0].tolist() == [-7.0, -7.0]  # [CLS] row kept
+    rows = up[0, 1:, 0].reshape(8, 8)
+    # Bicubic upsampling of a linear ramp: monotone along rows and columns, the mean kept, the corners near the old ones.
+    assert (rows[:, 1:] > rows[:, :-1]).all() and (rows[1:] > rows[:-1]).all()
+    assert torch.isclose(rows.mean(), grid.mean(), atol=1e-4) and abs(float(rows[0, 0])) < 0.6
+    assert torch.equal(resample_pos_embed(pos, 4), pos)
+    back = resample_pos_embed(up, 4)
+    assert torch.allclose(back, pos, atol=0.3)
+
+
+def test_an_encoder_loads_weights_trained_at_another_resolution():
+    torch.manual_seed(0)
+    small = MultimodalEncoder(CFG)
+    large = MultimodalEncoder(EncoderConfig(**{**CFG.__dict__, "image_size": 24}))
+    large.load_encoder_weights(small.state_dict())
+    assert large.image_pos_embed.shape == (1, 1 + 64, 24)
+    assert torch.equal(large.blocks[0].attn.to_q.weight, small.blocks[0].attn.to_q.weight)
+    assert torch.allclose(large.image_pos_embed, resample_pos_embed(small.image_pos_embed, 8))
+    assert large(images=torch.randn(2, 3, 24, 24)).image_states.shape == (2, 65, 24)
 
 
 def test_padding_tokens_do_not_change_real_states():

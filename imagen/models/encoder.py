@@ -18,21 +18,31 @@ from imagen.models.layers import Block
 
 
 class PatchEmbed(nn.Module):
-    """Split an image into non-overlapping patches and project each to `dim` (a strided convolution).
+    """Turn an image into patch tokens: an optional convolutional stem, then a strided projection to `dim`.
 
-    With `stem_channels` > 0 a 3x3 convolution runs first, so patch tokens carry local edge features:
-    early convolutions make small ViTs learn shape far faster from little data (Xiao et al. 2021).
+    `stem_layers` 3x3 convolutions with `stem_channels` run first (0 channels: the plain ViT patch projection).
+    The first keeps the resolution; each later one halves it and doubles the channels while the patch size allows,
+    and the projection covers the rest of the patch (a 1x1 convolution once the stem has reached it). Early
+    convolutions make small ViTs learn shape far faster from little data (Xiao et al. 2021; the tokenizer of CCT,
+    Hassani et al. 2021).
     """
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, stem_channels: int = 0):
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, stem_channels: int = 0,
+                 stem_layers: int = 1):
         super().__init__()
         self.image_size = image_size
         self.patch_size = patch_size
         self.stem = None
-        if stem_channels > 0:
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU())
-            in_channels = stem_channels
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        stride_left = patch_size
+        if stem_channels > 0 and stem_layers > 0:
+            layers, c = [], stem_channels
+            for i in range(stem_layers):
+                stride = 2 if i > 0 and stride_left % 2 == 0 else 1
+                stride_left //= stride
+                layers += [nn.Conv2d(in_channels, c, 3, stride=stride, padding=1), nn.GELU()]
+                in_channels, c = c, c * stride
+            self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=stride_left, stride=stride_left)
 
     def forward(self, images):
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
@@ -47,6 +57,22 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     p = patch_size
     x = images.reshape(B, C, H // p, p, W // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1 + g*g, dim) position embeddings -> (1, 1 + grid*grid, dim): the [CLS] row kept, the g x g patch grid
+    resized bicubically (align_corners=False) to grid x grid."""
+    cls_row, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    old = round(patches.shape[1] ** 0.5)
+    if old * old != patches.shape[1]:
+        raise ValueError(f"position embeddings of {patches.shape[1]} patches do not form a square grid")
+    if old == grid:
+        return pos_embed
+    dim = patches.shape[-1]
+    x = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()  # (1, dim, g, g)
+    x = torch.nn.functional.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([cls_row, x], dim=1)
 
 
 @dataclass
@@ -71,7 +97,7 @@ class MultimodalEncoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = c = config
-        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim, c.stem_channels)
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim, c.stem_channels, c.stem_layers)
         self.image_cls = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + c.num_patches, c.dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dim))  # replaces masked patches (MIM)
@@ -149,6 +175,14 @@ class MultimodalEncoder(nn.Module):
             out.text_states = x[:, n_img:]
             out.text_embed = x[:, n_img]
         return out
+
+    def load_encoder_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load another encoder's weights, resampling its image position embeddings when its patch grid differs
+        (a run pretrained at 32 px fine-tuned at 64 px), as timm does when a ViT changes resolution."""
+        key = "image_pos_embed"
+        if key in state and state[key].shape != self.image_pos_embed.shape:
+            state = {**state, key: resample_pos_embed(state[key], self.config.image_size // self.config.patch_size)}
+        self.load_state_dict(state)
 
     # timm-style interface
     def forward_features(self, images=None, input_ids=None, attention_mask=None) -> EncoderOutput:

@@ -143,7 +143,7 @@ class Task:
 
     def init_from(self, model, init) -> str:
         """Copy a finished run's weights into a fresh model; by default its encoder only."""
-        model.encoder.load_state_dict(init.model.encoder.state_dict())
+        model.encoder.load_encoder_weights(init.model.encoder.state_dict())
         return "encoder"
 
     def encode_texts(self, texts: list[str], what: str, pad_to_max: bool = True):

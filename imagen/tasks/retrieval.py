@@ -160,7 +160,7 @@ class RetrievalTask(Task):
 
     def init_from(self, model, init) -> str:
         """The encoder, plus the ITC projections and temperature when the run has them (pretrain / retrieval)."""
-        model.encoder.load_state_dict(init.model.encoder.state_dict())
+        model.encoder.load_encoder_weights(init.model.encoder.state_dict())
         source, target = init.model.state_dict(), model.state_dict()
         heads = [k for k in HEAD_KEYS if k in source and source[k].shape == target[k].shape]
         if len(heads) != len(HEAD_KEYS):
