@@ -69,8 +69,11 @@ VARIANTS: dict[str, dict] = {
     "stem3-lr5e-4": dict(stem_layers=3, lr=5e-4),
     "stem3-lr1e-3": dict(stem_layers=3, lr=1e-3),
     "beta2-0.95": dict(betas=(0.9, 0.95)),
+    "qknorm": dict(qk_norm=True),
+    "qknorm-lr1e-3": dict(qk_norm=True, lr=1e-3),
+    "stem3-qknorm": dict(stem_layers=3, qk_norm=True),
 }
-MODEL_KEYS = ("patch_size", "stem_channels", "stem_layers", "num_layers", "dim", "num_heads", "mlp_ratio", "dropout")
+MODEL_KEYS = ("patch_size", "stem_channels", "stem_layers", "qk_norm", "num_layers", "dim", "num_heads", "mlp_ratio", "dropout")
 
 
 def build(v: dict, num_classes: int) -> nn.Module:

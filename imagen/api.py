@@ -40,6 +40,8 @@ MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 # BPE vocabulary of a tokenizer trained for a run that does not start from one.
 DEFAULT_VOCAB_SIZE = 1024
+# Encoder size when neither the user nor the task's recipe for the data names one.
+DEFAULT_PRESET = "tiny"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,12 +106,21 @@ def _new_run_config(task_cls, data, *, init_from, preset, freeze, n, on_bad_samp
     shapes_n = recipe.pop("shapes_n", None)
     if n is None and builtin_key(data) == "shapes":
         n = shapes_n
-    task_cfg = task_cls.Config(**task_opts)
+    label = task_cls.data_label(task_cls.Config(**task_opts), data)
     resolve_device(train_opts.get("device", "auto"))  # no such device: say so before reading any data
-    label = task_cls.data_label(task_cfg, data)
     train_ds, val_ds = _load_splits(data, seed, label, n, on_bad_sample)
     task_cls.check_data(train_ds, data)
-    task_cfg = task_cls.settle(task_cfg, train_ds)
+    # The recipe fitted to this data fills what the user left unset; a run started from another fixes its model.
+    given = {**model_opts, **train_opts, **task_opts, **({"preset": preset} if preset is not None else {})}
+    if init is not None:  # its architecture and resolution hold unless the user changes what may change
+        given = {**to_dict(init.config.model), **given}
+    fitted, notes = task_cls.fit_recipe(train_ds, data, given)
+    preset = preset or fitted.pop("preset", None) or DEFAULT_PRESET
+    fit_model, fit_train, fit_task = _split_options(fitted, task_cls)
+    model_opts, train_opts = {**fit_model, **model_opts}, {**fit_train, **train_opts}
+    for note in notes:
+        log.info("recipe: %s", note)
+    task_cfg = task_cls.settle(task_cls.Config(**{**fit_task, **task_opts}), train_ds)
     if init is not None:
         model_cfg = dataclasses.replace(init.config.model, **{k: model_opts.get(k, getattr(init.config.model, k))
                                                              for k in INIT_CHANGEABLE})
@@ -173,7 +184,7 @@ def _resumed_run_config(task_cls, out: Path, on_bad_sample: str, options: dict, 
     return rc, load_tokenizer(out), None, task_cls.decode(train_ds, size), val
 
 
-def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = True, init_from=None, preset: str = "tiny",
+def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = True, init_from=None, preset: str | None = None,
                freeze: str = "none", n: int | None = None, on_bad_sample: str = "skip", sets: Sequence[str] = (),
                vocab_size: int = DEFAULT_VOCAB_SIZE, **options) -> TrainResult:
     """Train any task into a run directory (new, or continued with `resume`); returns the trainer's TrainResult.
@@ -208,7 +219,7 @@ def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = T
         return trainer.fit(resume=resume and latest_checkpoint(out) is not None)
 
 
-def pretrain(data: str = "shapes", out: str | Path = "runs/pretrain", *, preset: str = "tiny", resume: bool = False,
+def pretrain(data: str = "shapes", out: str | Path = "runs/pretrain", *, preset: str | None = None, resume: bool = False,
              image_only: bool | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, n: int | None = None,
              on_bad_sample: str = "skip", sets: Sequence[str] = (), **options) -> TrainResult:
     """Self-supervised pretraining of the multimodal encoder (MLM, MIM, ITC, ITM); returns the TrainResult."""
@@ -217,7 +228,7 @@ def pretrain(data: str = "shapes", out: str | Path = "runs/pretrain", *, preset:
 
 
 def finetune(task: str = "classify", data: str = "shapes", out: str | Path = "runs/finetune", *, init_from=None,
-             preset: str = "tiny", freeze: str = "none", resume: bool = False, n: int | None = None,
+             preset: str | None = None, freeze: str = "none", resume: bool = False, n: int | None = None,
              on_bad_sample: str = "skip", sets: Sequence[str] = (), **options) -> TrainResult:
     """Fine-tune a task head (and, per `freeze`, the encoder) on labelled data; returns the TrainResult.
 

@@ -79,7 +79,8 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
     d = lambda name: default_of(TrainConfig, name)  # noqa: E731
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
-    g.add_argument("--preset", default="tiny", choices=tuple(ENCODER_PRESETS), help="model size (default: tiny)")
+    g.add_argument("--preset", default=None, choices=tuple(ENCODER_PRESETS),
+                   help="model size (default: the task's recipe for the data; tiny where it names none)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help=f"optimiser (default: {d('optimizer')})")
     g.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: {recipe_note or lr or d('lr')})")
     g.add_argument("--batch-size", type=_positive_int, default=None, help=f"batch size (default: {batch_size or d('batch_size')})")

@@ -79,6 +79,7 @@ class EncoderConfig:
     in_channels: int = 3
     stem_channels: int = 32  # channels of the first 3x3 conv before the patch projection; 0 = plain ViT patches
     stem_layers: int = 1  # 3x3 convs in the stem; after the first, each halves the resolution (see PatchEmbed)
+    qk_norm: bool = False  # LayerNorm of attention queries and keys (see models/layers.Attention)
     vocab_size: int = 1024
     max_text_len: int = 32
     dim: int = 128

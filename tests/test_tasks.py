@@ -1,5 +1,7 @@
 """Tasks through the trainer: classification learns, pretraining objectives decrease, augmentation is exact."""
 
+import json
+
 import torch
 
 import imagen
@@ -47,3 +49,57 @@ def test_pretraining_reduces_every_objective(tmp_path):
     first, last = train[0], train[-1]
     for key in ("mim", "itc", "mlm"):
         assert last[key] < first[key], (key, first[key], last[key])
+
+
+def _folder(root, size, n_per_class, mode="L"):
+    from PIL import Image
+    for k, name in enumerate(("dark", "light")):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.new(mode, (size, size), 40 + 150 * k + i % 7).save(root / name / f"{i}.png")
+    return root
+
+
+def test_classify_recipe_fits_the_data():
+    """The default recipe on real images: size, patch grid and epochs follow the data; the user's options win."""
+    from imagen.tasks.classify import MAX_AUTO_IMAGE_SIZE, MAX_EPOCHS, MIN_EPOCHS, TARGET_IMAGES_SEEN, ClassifyTask
+
+    def fit(size, n, **given):
+        return ClassifyTask.fit_recipe(_Data(size, n), "folder", given)
+
+    fitted, notes = fit(28, 55000)
+    assert (fitted["image_size"], fitted["patch_size"]) == (28, 4)
+    assert fitted["epochs"] == max(MIN_EPOCHS, round(TARGET_IMAGES_SEEN / 55000))
+    assert any("28 px" in line for line in notes) and any("55000 training images" in line for line in notes)
+    fitted, _ = fit(256, 1400)
+    assert fitted["image_size"] == MAX_AUTO_IMAGE_SIZE and MAX_AUTO_IMAGE_SIZE % fitted["patch_size"] == 0
+    assert fitted["epochs"] == min(MAX_EPOCHS, round(TARGET_IMAGES_SEEN / 1400)) > 10
+    fitted, _ = fit(50, 5000)
+    assert fitted["image_size"] % fitted["patch_size"] == 0 and fitted["image_size"] <= 50
+    # What the user gave is never chosen, and the rest follows from it.
+    fitted, notes = fit(64, 5000, image_size=32, epochs=2, augment="none")
+    assert not {"image_size", "epochs", "augment"} & set(fitted) and fitted["patch_size"] == 4  # 8 x 8 at 32 px
+    fitted, _ = fit(64, 5000, patch_size=16)
+    assert fitted["image_size"] == 64 and "patch_size" not in fitted
+    assert ClassifyTask.fit_recipe(_Data(32, 500), "shapes", {}) == ({}, [])  # Shapes keeps its measured recipe
+
+
+class _Data:
+    def __init__(self, size, n):
+        self.image_size, self.n = size, n
+
+    def __len__(self):
+        return self.n
+
+
+def test_bare_finetune_on_a_folder_of_large_images_says_what_it_chose(tmp_path, caplog):
+    data = _folder(tmp_path / "data", 96, 12, mode="RGB")
+    with caplog.at_level("INFO", logger="imagen"):
+        imagen.finetune("classify", str(data), tmp_path / "run", preset="tiny", max_steps=2, progress=False)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["model"]["image_size"] == 64 and cfg["model"]["patch_size"] == 8 and cfg["model"]["stem_layers"] == 3
+    assert cfg["task_config"]["augment"] == "shift" and cfg["task_config"]["label_smoothing"] > 0
+    assert cfg["model"]["dim"] == 64  # the user's preset (tiny) wins over the recipe's
+    assert any("images are 96 px: training at 64 px" in r.getMessage() for r in caplog.records)
+    report = imagen.evaluate(tmp_path / "run", str(data), split="val", echo=lambda *a, **k: None)
+    assert 0 <= report["accuracy"] <= 1

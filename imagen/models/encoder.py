@@ -43,6 +43,21 @@ class PatchEmbed(nn.Module):
                 in_channels, c = c, c * stride
             self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=stride_left, stride=stride_left)
+        self._init_weights()
+
+    def _init_weights(self):
+        """He initialisation of the stem, a unit-gain projection, zero biases: each layer keeps the variance of its
+        input, so patch tokens differ from image to image from the first step. (PyTorch's default convolution
+        init scales the variance by 1/3 per layer: behind three stem layers the tokens of all images were nearly
+        the same vector, and training stalled; bench/RESULTS.md, issue 12.)"""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if m is self.proj:
+                    fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+                    nn.init.trunc_normal_(m.weight, std=fan_in ** -0.5)
+                else:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def forward(self, images):
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
@@ -105,7 +120,8 @@ class MultimodalEncoder(nn.Module):
         self.text_pos_embed = nn.Parameter(torch.zeros(1, c.max_text_len, c.dim))
         self.modality_embed = nn.Embedding(2, c.dim)  # 0 = image, 1 = text
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio, c.dropout) for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_ratio, c.dropout, qk_norm=c.qk_norm)
+                                    for _ in range(c.num_layers))
         self.norm = nn.LayerNorm(c.dim)
         self._init_weights()
 

@@ -43,12 +43,17 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 class Attention(nn.Module):
     """Multi-head self- or cross-attention (see `attention` for the kernel)."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, context_dim: int | None = None):
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, context_dim: int | None = None,
+                 qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.dim_head = dim // num_heads
+        # QK-norm (Dehghani et al. 2023; Wortsman et al. 2023): LayerNorm of each head's queries and keys bounds the
+        # attention logits, whose growth makes small Transformers diverge or stall at high learning rates.
+        self.q_norm = nn.LayerNorm(self.dim_head) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.dim_head) if qk_norm else None
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(context_dim, 2 * dim)
@@ -62,6 +67,8 @@ class Attention(nn.Module):
         S = context.shape[1]
         q = self.to_q(x).view(B, T, self.num_heads, self.dim_head).transpose(1, 2)  # (B, heads, T, dim_head)
         k, v = self.to_kv(context).view(B, S, 2, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4)  # (B, heads, S, dim_head)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         mask = key_padding_to_attn_mask(key_mask)
         if causal:
             causal_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
@@ -87,10 +94,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), [x + cross_attn(norm(x), context)], x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross_attention: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross_attention: bool = False,
+                 qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, dropout)
+        self.attn = Attention(dim, num_heads, dropout, qk_norm=qk_norm)
         self.cross_norm = nn.LayerNorm(dim) if cross_attention else None
         self.cross_attn = Attention(dim, num_heads, dropout) if cross_attention else None
         self.norm2 = nn.LayerNorm(dim)

@@ -77,6 +77,14 @@ class Task:
     # so more data costs only decoding time). The user's options override every one of them.
     recipe: dict[str, Any] = {"epochs": 3}
 
+    @classmethod
+    def fit_recipe(cls, dataset, spec, given: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The defaults this task's recipe picks for the training data `dataset` (of `spec`): option name -> value
+        (TrainConfig, EncoderConfig or task option names, or "preset"), and lines that say what was chosen and why.
+        `given` holds the options the user set (name -> value); they are never chosen. By default nothing depends on
+        the data."""
+        return {}, []
+
     def __init__(self, run_config, tokenizer=None):
         self.rc = run_config
         self.tokenizer = tokenizer

@@ -25,6 +25,14 @@ from imagen.tasks.base import EvalData, RunScore, Task
 
 SHAPES_DEFAULT_LABEL = "color-shape"
 
+# The recipe for real images (ClassifyTask.fit_recipe); each value measured on Fashion-MNIST, bench/RESULTS.md.
+MAX_AUTO_IMAGE_SIZE = 64  # larger pictures are downscaled to this unless --image-size says otherwise
+PATCH_GRID = 8  # about 8 x 8 patches
+TARGET_IMAGES_SEEN = 300_000
+MIN_EPOCHS, MAX_EPOCHS = 5, 100
+RECIPE_MODEL = {"preset": "small", "stem_layers": 3}
+RECIPE_OPTIONS = {"lr": 1e-3, "batch_size": 128, "augment": "shift", "label_smoothing": 0.1}
+
 
 
 @dataclass
@@ -90,7 +98,48 @@ class ClassifyTask(Task):
     headline = ("accuracy", "macro_f1")
     needs_tokenizer = False
     comparable_with = ("pretrain",)  # a pretraining run scores on the same labels through a linear probe
-    recipe = {"epochs": 3}
+    recipe = {"epochs": 3}  # on Shapes; other data gets the recipe `fit_recipe` fits to it
+
+    @classmethod
+    def fit_recipe(cls, dataset, spec, given):
+        """Real images: a model, resolution and schedule fitted to the data (Shapes keeps `recipe`, measured there).
+
+        The image size is the data's own up to MAX_AUTO_IMAGE_SIZE, the patch grid about 8 x 8 behind a three-layer
+        convolutional stem, and the schedule a number of images seen (TARGET_IMAGES_SEEN) spread over between
+        MIN_EPOCHS and MAX_EPOCHS epochs, so 1,000 images get many epochs and 50,000 a few; the best validated weights
+        are kept and patience stops a run that no longer improves. Figures: bench/RESULTS.md (issue 12)."""
+        if is_shapes(spec):
+            return {}, []
+        fitted, notes = {}, []
+
+        def choose(name, value, why=None):  # the user's value wins; a chosen one is said
+            if name in given:
+                return given[name]
+            fitted[name] = value
+            if why:
+                notes.append(why)
+            return value
+
+        if "image_size" in given:  # the patch that divides it into the grid nearest PATCH_GRID x PATCH_GRID
+            size = given["image_size"]
+            choose("patch_size", min((p for p in range(1, size + 1) if size % p == 0), key=lambda p: abs(size / p - PATCH_GRID)))
+        else:
+            size = min(dataset.image_size, MAX_AUTO_IMAGE_SIZE)
+            patch = choose("patch_size", max(2, round(size / PATCH_GRID)))
+            size = max(patch, size - size % patch)
+            choose("image_size", size, f"images are {dataset.image_size} px: training at {size} px with "
+                                       f"{patch} px patches ({size // patch} x {size // patch}); --image-size to change")
+        for name, value in RECIPE_MODEL.items():
+            choose(name, value)
+        for name, value in RECIPE_OPTIONS.items():
+            choose(name, value)
+        n = len(dataset)
+        if not {"epochs", "max_steps"} & set(given):
+            epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(TARGET_IMAGES_SEEN / max(1, n))))
+            choose("epochs", epochs, f"{n} training images: {epochs} epochs (--epochs to change), keeping the best "
+                                     "validated weights")
+            choose("early_stopping_patience", max(3, epochs // 5))
+        return fitted, notes
 
     # -- data -----------------------------------------------------------------------------------------
 
