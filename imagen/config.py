@@ -117,6 +117,7 @@ class EncoderConfig:
 # Named presets: one table. Sizes follow ViT's naming (Ti/S/B) scaled down for CPU work.
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, num_layers=2, num_heads=2, mlp_ratio=2.0),
+    "mini": dict(dim=128, num_layers=4, num_heads=4, mlp_ratio=2.0),  # the classify recipe's, on real images
     "small": dict(dim=192, num_layers=6, num_heads=3, mlp_ratio=4.0),
     "base": dict(dim=384, num_layers=8, num_heads=6, mlp_ratio=4.0),
 }
