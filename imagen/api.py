@@ -23,6 +23,7 @@ from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image, wr
 from imagen.data.registry import builtin_key, recorded_spec
 from imagen.errors import ConfigError, DataError, RunError
 from imagen.export import ImagenModel, export_run
+from imagen.reports import write_report
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
 from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, load_tokenizer,
                          open_run, read_config)
@@ -35,7 +36,7 @@ from imagen.train import Trainer, TrainResult, latest_checkpoint, resolve_device
 log = logging.getLogger("imagen")
 
 __all__ = ["pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
-           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes", "export_run", "ImagenModel"]
+           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes", "export_run", "ImagenModel", "write_report"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -245,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default=None, metavar="VAR", help="environment variable holding the API key that every /v1/* request must send as Authorization: Bearer KEY (default: no key)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
 
+    p = sub.add_parser("report", help="one self-contained HTML page: config, curves, evaluations, samples; runs side by side")
+    p.add_argument("run", metavar="RUN", help="a run directory (any task, text-to-image included)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="other runs shown beside it, on the same plots")
+    p.add_argument("--out", default=None, help="the HTML file to write (default: RUN/report.html)")
+
     p = sub.add_parser("export", help="a finished run as ONNX graphs (checked with onnxruntime) or a Hugging Face style folder")
     p.add_argument("run", metavar="RUN", help="a finished run directory (classify, retrieval or text-to-image for onnx; any for hf)")
     p.add_argument("--format", required=True, metavar="{onnx,hf}", help="onnx: the model with its task head (text-to-image: one U-Net step per stage), dynamic batch; hf: config.json + model.safetensors + model card, for ImagenModel.from_pretrained / imagen.load")
@@ -353,6 +358,9 @@ def run_command(args) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "report":
+        print(f"wrote {api.write_report(args.run, args.compare, args.out)}")
+        return 0
     if args.command == "export":
         api.export_run(args.run, args.format, args.out)
         return 0
