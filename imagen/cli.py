@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     p = sub.add_parser("serve", help="an HTTP API and web page over finished runs (needs the serve extra)")
-    p.add_argument("--run", dest="runs", action="append", required=True, metavar="RUN", help="a finished run to serve (repeat for more); requests name it by its folder name")
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN", help="a finished run to serve (repeat for more); requests name it by its folder name")
+    p.add_argument("--registry", dest="registries", action="append", default=[], metavar="models/NAME", help="a model registry to serve under its folder name, following its current version as refreshes promote new ones (repeat for more)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network (default: 127.0.0.1)")
     p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_SERVE_MAX_BATCH, help=f"samples or images run together at most (default: {DEFAULT_SERVE_MAX_BATCH})")
@@ -317,7 +318,8 @@ def _serve(args) -> int:
     # uvicorn handles SIGTERM itself (stop accepting, finish the requests in flight) and then raises it again under
     # the handler it found: ignored, so a SIGTERM'd server exits 0.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return serve(args.runs, ServeSettings(batch=batch, api_key=key, device=args.device), host=args.host, port=args.port)
+    return serve(args.runs, ServeSettings(batch=batch, api_key=key, device=args.device), host=args.host, port=args.port,
+                 registries=args.registries)
 
 
 def run_command(args) -> int:
@@ -387,12 +389,10 @@ def run_command(args) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "registry":
-        from imagen.registry import Registry, init_registry
-
         if args.registry_command == "init":
-            init_registry(args.path, args.run)
+            api.init_registry(args.path, args.run)
             return 0
-        reg = Registry.open(args.path)
+        reg = api.Registry.open(args.path)
         current = reg.current()
         for version in reg.versions():
             print(f"{version}{'  (current)' if version == current else ''}")
@@ -400,13 +400,11 @@ def run_command(args) -> int:
             print(f"{entry['time']}  {entry['event']:8s} {entry['version']}  {entry.get('decision', '')}: {entry.get('reason', '')}")
         return 0
     if args.command == "refresh":
-        from imagen.registry import refresh
-
         options = {k: v for k, v in dict(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                          seed=args.seed, device=args.device).items() if v is not None}
         if args.no_progress:
             options["progress"] = False
-        entry = refresh(args.registry, args.data, holdout=args.holdout, replay=args.replay, metric=args.metric,
+        entry = api.refresh(args.registry, args.data, holdout=args.holdout, replay=args.replay, metric=args.metric,
                         tolerance=args.tolerance, on_bad_sample=args.on_bad_sample, **options)
         if args.json:
             print(json.dumps(entry))

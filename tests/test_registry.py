@@ -177,3 +177,36 @@ def test_bad_input_is_one_line(world, tmp_path, capsys):
     code, _, err = run_cli(capsys, "refresh", "--registry", models, "--data", shapes_only, "--holdout", world["holdout"], *REFRESH)
     assert "not among the run's" in one_line_error(code, err, ignore_logs=True)
     assert Registry.open(models).versions() == ["0001"]
+
+
+def test_serve_follows_the_registrys_current_version(tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import asyncio
+    import shutil
+
+    from imagen.serve import BatchSettings, ServeSettings, create_app
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "runs" / "classify"
+    models = tmp_path / "models" / "cls"
+    assert main(["registry", "init", str(models), "--run", str(fixture)]) == 0
+    reg = Registry.open(models)
+    picture = (Path(__file__).resolve().parent / "fixtures" / "inputs" / "a.png").read_bytes()
+    app = create_app(None, ServeSettings(batch=BatchSettings(max_wait_ms=1.0), device="cpu"), registries=[models])
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                before = (await client.get("/v1/models")).json()["models"][0]
+                first = await client.post("/v1/predict", data={"model": "cls"}, files={"image": ("a.png", picture, "image/png")})
+                shutil.copytree(models / "versions" / "0001", models / "versions" / "0002")  # as a refresh would
+                reg.point_current("0002")
+                second = await client.post("/v1/predict", data={"model": "cls"}, files={"image": ("a.png", picture, "image/png")})
+                after = (await client.get("/v1/models")).json()["models"][0]
+                return before, first, second, after
+
+    before, first, second, after = asyncio.run(go())
+    assert before["name"] == "cls" and before["version"] == "0001"
+    assert first.status_code == 200 and second.status_code == 200 and first.json() == second.json()
+    assert after["version"] == "0002"
