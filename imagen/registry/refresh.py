@@ -57,6 +57,8 @@ def _replayed(old: dict[str, Any], n_new: int, replay: float, task_cls, image_si
     ds = load_dataset(old["spec"], "train", seed=old.get("seed", 0), label=old.get("label"), n=old.get("n"),
                       on_bad_sample=on_bad_sample)
     images, meta = task_cls.decode(ds, image_size)
+    if want > len(meta):
+        log.warning("replay %.2f asks for %d examples of the old data, which has %d; replaying all of them", replay, want, len(meta))
     pick = torch.randperm(len(meta), generator=torch.Generator().manual_seed(seed))[:want]
     return images[pick], [meta[int(i)] for i in pick], len(pick)
 
