@@ -85,6 +85,8 @@ def refresh(registry: str | Path, data: str, *, holdout: str | None = None, repl
         metric = metric or task_cls.headline[0]
         if metric not in task_cls.headline:
             raise ConfigError(f"--metric {metric!r} is not a metric of the {rc.task} task; choose one of: {', '.join(task_cls.headline)}")
+        if "epochs" in train_options and "max_steps" not in train_options:
+            train_options = {**train_options, "max_steps": None}  # the epochs asked for, not the version's step count
         train_cfg = dataclasses.replace(rc.train, **train_options)
         task_cfg = task_cls.config_from(rc.task_config)
         label = task_cls.data_label(task_cfg, data) or rc.data.get("label")

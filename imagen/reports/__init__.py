@@ -155,7 +155,6 @@ def build_report(runs: Sequence[str | Path], title: str | None = None) -> str:
             "confusion": [(f, _b64(png)) for f, png in r.eval_images if "confusion" in f],
             "eval_grids": [(f, _b64(png)) for f, png in r.eval_images if "confusion" not in f],
             "samples": [{"stage": s.name, "grids": [(step, _b64(png)) for step, png in s.grids]} for s in r.stages if s.grids],
-            "prompts": r.config.get("sample_prompts"),
         })
     template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True) \
         .from_string(resources.files("imagen.reports").joinpath("templates/report.html").read_text(encoding="utf-8"))
