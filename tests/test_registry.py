@@ -16,7 +16,7 @@ from imagen.cli import main
 from imagen.registry import Registry
 
 LABEL = "color"  # learnt by a tiny encoder in a few seconds, so the tests see clear differences
-TINY_CLS = ["--set", "model.dim=32", "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--batch-size", "32",
+TINY_CLS = ["--preset", "tiny", "--set", "model.dim=32", "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--batch-size", "32",
             "--lr", "3e-3", "--no-progress"]
 REFRESH = ["--max-steps", "60", "--no-progress"]
 HISTORY_KEYS = {"time", "event", "version", "previous", "data", "holdout", "replay", "examples", "holdout_examples", "metric",

@@ -62,7 +62,7 @@ def runs(shapes_dir, pretrained, tmp_path_factory):
     cls, scratch, t2i = root / "cls", root / "cls-scratch", root / "t2i"
     common = ["--task", "classify", "--data", str(shapes_dir), "--max-steps", "6", "--eval-every", "3", "--label", "shape"]
     assert main(["finetune", *common, "--init-from", str(pretrained), "--out", str(cls), "--no-progress", "--batch-size", "16"]) == 0
-    assert main(["finetune", *common, "--out", str(scratch), *TINY]) == 0
+    assert main(["finetune", *common, "--out", str(scratch), "--preset", "tiny", *TINY]) == 0
     assert main(["evaluate", "--run", str(cls), "--data", str(shapes_dir), "--compare", str(scratch)]) == 0
     assert main(["train-t2i", "--data", "shapes", "--out", str(t2i), "--max-steps", "2", "--sample-every", "1",
                  "--report-to", "jsonl,tensorboard", *T2I_TINY]) == 0
@@ -160,3 +160,23 @@ def test_report_opens_in_chromium(report, tmp_path):
             "Samples over training", "Text-to-image evaluation"} <= set(headings)
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert Image.open(tmp_path / "report.png").size[1] > 1000
+
+
+def test_image_summaries_reach_wandb(tmp_path, monkeypatch):
+    """With --report-to wandb the trainer's image summaries are logged as wandb.Image (a stand-in module here)."""
+    import sys
+    import types
+
+    import numpy as np
+
+    from imagen.train.loggers import MetricsLogger
+
+    logged = []
+    run = types.SimpleNamespace(log=lambda values, step: logged.append((step, values)), finish=lambda: None)
+    stub = types.ModuleType("wandb")
+    stub.init = lambda **kw: run
+    stub.Image = lambda array: ("image", array.shape)
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    with MetricsLogger(tmp_path, report_to=("jsonl", "wandb")) as logger:
+        logger.log_images(3, {"samples": np.zeros((8, 24, 3), dtype=np.uint8)})
+    assert logged == [(3, {"samples": ("image", (8, 24, 3))})]
