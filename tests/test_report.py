@@ -180,3 +180,25 @@ def test_image_summaries_reach_wandb(tmp_path, monkeypatch):
     with MetricsLogger(tmp_path, report_to=("jsonl", "wandb")) as logger:
         logger.log_images(3, {"samples": np.zeros((8, 24, 3), dtype=np.uint8)})
     assert logged == [(3, {"samples": ("image", (8, 24, 3))})]
+
+
+def test_text_to_image_scores_are_shown(runs, tmp_path, capsys, one_thread):
+    """What `imagen evaluate-t2i` records (compositional accuracy, FID, its sample grid) appears in the report."""
+    import shutil
+
+    run = tmp_path / "t2i"
+    shutil.copytree(runs["t2i"], run)
+    scores = {"run": str(run), "data": "shapes", "steps": 25, "sampler": "dpmpp2m", "guidance": 3.0, "image_size": 16,
+              "single_accuracy": 0.625, "relation_accuracy": 0.375, "count_accuracy": 0.5, "fid": 123.5, "fid_samples": 64}
+    (run / "eval").mkdir()
+    (run / "eval" / "t2i-shapes.json").write_text(json.dumps(scores))
+    Image.new("RGB", (64, 16), (200, 40, 40)).save(run / "eval" / "t2i-shapes-samples.png")
+    code, _, err = run_cli(capsys, "report", run)
+    assert code == 0, err
+    page = Page((run / "report.html").read_text(encoding="utf-8"))
+    assert "t2i-evaluation" in page.sections and "evaluation" in page.sections
+    cells = [c for t in page.tables for c in t["cells"]]
+    for key, shown in (("single_accuracy", "0.625"), ("relation_accuracy", "0.375"), ("fid", "123.5")):
+        i = cells.index(key)
+        assert cells[i + 1] == shown
+    assert any(img["alt"] == "t2i-shapes-samples.png" for img in page.images)
