@@ -14,6 +14,7 @@ from PIL import Image
 
 import imagen
 from cli_helpers import one_line_error, run_cli
+from imagen.cli import main
 from imagen.export import ImagenModel
 from imagen.tasks.text_to_image import load_stage
 
@@ -36,12 +37,20 @@ def _export(capsys, run, fmt, out):
     return out
 
 
+@pytest.fixture(scope="module")
+def classifier_onnx(tmp_path_factory):
+    """The fixture classifier exported once for the tests that read it."""
+    out = tmp_path_factory.mktemp("export") / "cls"
+    assert main(["export", str(RUNS / "classify"), "--format", "onnx", "--out", str(out)]) == 0
+    return out
+
+
 def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def test_onnx_classifier_matches_pytorch(tmp_path, capsys):
-    out = _export(capsys, RUNS / "classify", "onnx", tmp_path / "cls")
+def test_onnx_classifier_matches_pytorch(classifier_onnx):
+    out = classifier_onnx
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["graphs"]["model"]["inputs"]["images"]["shape"][0] == "batch"
     run = imagen.load(RUNS / "classify")
@@ -54,9 +63,9 @@ def test_onnx_classifier_matches_pytorch(tmp_path, capsys):
     assert np.abs(got - want).max() <= TOL
 
 
-def test_onnx_classifier_with_onnxruntime_alone(tmp_path, capsys):
+def test_onnx_classifier_with_onnxruntime_alone(classifier_onnx):
     """The README's recipe: Pillow + numpy preprocessing, onnxruntime, the class names from export.json."""
-    out = _export(capsys, RUNS / "classify", "onnx", tmp_path / "cls")
+    out = classifier_onnx
     manifest = json.loads((out / "export.json").read_text())
     size, names = manifest["image_size"], manifest["class_names"]
     files = sorted(INPUTS.glob("*.png"))
