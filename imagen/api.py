@@ -1,6 +1,7 @@
 """The Python API behind the CLI: pretrain, finetune, evaluate and predict, each one function and one path for
 every task (the task's class in imagen/tasks/ supplies everything that differs); and the text-to-image cascade's
-train_t2i, generate_to_files and evaluate_t2i (imagen/tasks/text_to_image/, imagen/pipelines/).
+train_t2i, generate_to_files and evaluate_t2i (imagen/tasks/text_to_image/, imagen/pipelines/); and the model's
+lifecycle: write_report (imagen/reports/), init_registry and refresh (imagen/registry/), export_run (imagen/export/).
 
     import imagen
     imagen.pretrain(data="shapes", out="runs/pre", max_steps=200)
@@ -22,6 +23,9 @@ from imagen.config import EncoderConfig, TrainConfig, apply_overrides, encoder_c
 from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image, write_shapes
 from imagen.data.registry import builtin_key, recorded_spec
 from imagen.errors import ConfigError, DataError, RunError
+from imagen.export import ImagenModel, export_run
+from imagen.registry import Registry, init_registry, refresh
+from imagen.reports import write_report
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
 from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, load_tokenizer,
                          open_run, read_config)
@@ -34,7 +38,8 @@ from imagen.train import Trainer, TrainResult, latest_checkpoint, resolve_device
 log = logging.getLogger("imagen")
 
 __all__ = ["pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
-           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes"]
+           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes", "export_run", "ImagenModel", "write_report",
+           "Registry", "init_registry", "refresh"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}

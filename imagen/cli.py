@@ -15,6 +15,8 @@ from imagen.config import (
     DEFAULT_AUG_LEVEL,
     DEFAULT_GUIDANCE,
     DEFAULT_PERCENTILE,
+    DEFAULT_REFRESH_REPLAY,
+    DEFAULT_REFRESH_TOLERANCE,
     DEFAULT_SAMPLER,
     DEFAULT_SAMPLING_BATCH_SIZE,
     DEFAULT_SAMPLING_STEPS,
@@ -242,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     p = sub.add_parser("serve", help="an HTTP API and web page over finished runs (needs the serve extra)")
-    p.add_argument("--run", dest="runs", action="append", required=True, metavar="RUN", help="a finished run to serve (repeat for more); requests name it by its folder name")
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN", help="a finished run to serve (repeat for more); requests name it by its folder name")
+    p.add_argument("--registry", dest="registries", action="append", default=[], metavar="models/NAME", help="a model registry to serve under its folder name, following its current version as refreshes promote new ones (repeat for more)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network (default: 127.0.0.1)")
     p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_SERVE_MAX_BATCH, help=f"samples or images run together at most (default: {DEFAULT_SERVE_MAX_BATCH})")
@@ -251,6 +254,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=_positive_float, default=DEFAULT_SERVE_TIMEOUT_S, help=f"seconds before a request gets 504 and is dropped (default: {DEFAULT_SERVE_TIMEOUT_S:g})")
     p.add_argument("--api-key-env", default=None, metavar="VAR", help="environment variable holding the API key that every /v1/* request must send as Authorization: Bearer KEY (default: no key)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+
+    p = sub.add_parser("registry", help="versioned models: create a registry from a finished run, or show one")
+    rsub = p.add_subparsers(dest="registry_command", required=True, parser_class=OneLineParser, metavar="ACTION")
+    r = rsub.add_parser("init", help="create models/NAME whose first version (current) is a copy of RUN")
+    r.add_argument("path", metavar="models/NAME", help="the registry folder to create (absent or empty)")
+    r.add_argument("--run", required=True, help="a finished fine-tuned run (imagen finetune --out)")
+    r = rsub.add_parser("show", help="the versions, which one is current, and the history")
+    r.add_argument("path", metavar="models/NAME", help="a registry folder")
+
+    p = sub.add_parser("refresh", help="fine-tune a registry's current version on new data; promote it only if not worse")
+    p.add_argument("--registry", required=True, metavar="models/NAME", help="a registry (imagen registry init)")
+    p.add_argument("--data", required=True, help="the new data (built-in name or path), in the current version's classes")
+    p.add_argument("--holdout", default=None, help="data whose test split scores current and candidate (default: --data's test split)")
+    p.add_argument("--replay", type=float, default=DEFAULT_REFRESH_REPLAY, help=f"share of training examples drawn back from the data the current version was trained on (default: {DEFAULT_REFRESH_REPLAY:g})")
+    p.add_argument("--metric", default=None, help="the metric that decides, higher is better (default: the task's headline, e.g. accuracy)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_REFRESH_TOLERANCE, help=f"promote when the candidate scores at least current minus this (default: {DEFAULT_REFRESH_TOLERANCE:g})")
+    g = p.add_argument_group("training (default: as the current version was trained)")
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="epochs over the mixed training data")
+    g.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help="batch size")
+    g.add_argument("--seed", type=int, default=None, help="random seed (data splits, replay draw, training)")
+    g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip")
+    p.add_argument("--json", action="store_true", help="print the history entry as one JSON object on the last line")
+
+    p = sub.add_parser("report", help="one self-contained HTML page: config, curves, evaluations, samples; runs side by side")
+    p.add_argument("run", metavar="RUN", help="a run directory (any task, text-to-image included)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="other runs shown beside it, on the same plots")
+    p.add_argument("--out", default=None, help="the HTML file to write (default: RUN/report.html)")
+
+    p = sub.add_parser("export", help="a finished run as ONNX graphs (checked with onnxruntime) or a Hugging Face style folder")
+    p.add_argument("run", metavar="RUN", help="a finished run directory (classify, retrieval or text-to-image for onnx; any for hf)")
+    p.add_argument("--format", required=True, metavar="{onnx,hf}", help="onnx: the model with its task head (text-to-image: one U-Net step per stage), dynamic batch; hf: config.json + model.safetensors + model card, for ImagenModel.from_pretrained / imagen.load")
+    p.add_argument("--out", required=True, help="folder to create (absent or empty)")
 
     p = sub.add_parser("demo", help="the whole pipeline on built-in data, small enough for a CPU")
     p.add_argument("--out", default=None, help="directory for the demo's runs (default: runs/demo-<time>)")
@@ -286,7 +325,8 @@ def _serve(args) -> int:
     # uvicorn handles SIGTERM itself (stop accepting, finish the requests in flight) and then raises it again under
     # the handler it found: ignored, so a SIGTERM'd server exits 0.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return serve(args.runs, ServeSettings(batch=batch, api_key=key, device=args.device), host=args.host, port=args.port)
+    return serve(args.runs, ServeSettings(batch=batch, api_key=key, device=args.device), host=args.host, port=args.port,
+                 registries=args.registries)
 
 
 def run_command(args) -> int:
@@ -355,6 +395,33 @@ def run_command(args) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "registry":
+        if args.registry_command == "init":
+            api.init_registry(args.path, args.run)
+            return 0
+        reg = api.Registry.open(args.path)
+        current = reg.current()
+        for version in reg.versions():
+            print(f"{version}{'  (current)' if version == current else ''}")
+        for entry in reg.history():
+            print(f"{entry['time']}  {entry['event']:8s} {entry['version']}  {entry.get('decision', '')}: {entry.get('reason', '')}")
+        return 0
+    if args.command == "refresh":
+        options = {k: v for k, v in dict(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                         seed=args.seed, device=args.device).items() if v is not None}
+        if args.no_progress:
+            options["progress"] = False
+        entry = api.refresh(args.registry, args.data, holdout=args.holdout, replay=args.replay, metric=args.metric,
+                        tolerance=args.tolerance, on_bad_sample=args.on_bad_sample, **options)
+        if args.json:
+            print(json.dumps(entry))
+        return 0
+    if args.command == "report":
+        print(f"wrote {api.write_report(args.run, args.compare, args.out)}")
+        return 0
+    if args.command == "export":
+        api.export_run(args.run, args.format, args.out)
+        return 0
     if args.command == "demo":
         from imagen.demo import run_demo
 

@@ -52,6 +52,12 @@ DEFAULT_SERVE_MAX_WAIT_MS = 20.0
 DEFAULT_SERVE_QUEUE = 64
 DEFAULT_SERVE_TIMEOUT_S = 60.0
 
+# `imagen refresh`: the share of each refresh's training examples drawn back from the data the current version was
+# trained on (so old classes are not forgotten), and how much worse than the current version a candidate may score
+# on the holdout and still be promoted.
+DEFAULT_REFRESH_REPLAY = 0.3
+DEFAULT_REFRESH_TOLERANCE = 0.005
+
 
 
 def check_range(name: str, value: Any, lo: float, hi: float, integer: bool = True) -> None:

@@ -2,7 +2,8 @@
 
 Shapes captions -> self-supervised pretraining -> colour-shape classification fine-tuning (from the
 pretrained encoder and, for comparison, from scratch) -> an evaluation report with a before/after table ->
-a short text-to-image cascade (16x16 base + 32x32 super-resolution) and a grid of generated samples.
+a short text-to-image cascade (16x16 base + 32x32 super-resolution) and a grid of generated samples -> one HTML
+report of all of it (RUN/report.html, `imagen report`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def run_demo(out: str | Path | None = None, fast: bool = False, progress: bool =
               batch_size=32, progress=progress, sets=budget["t2i_sets"])
     grid = api.generate_to_files(t2i, PROMPTS, api.SamplingConfig(n=4, steps=20), out=t2i / "demo-samples.png")[0]
 
+    report = api.write_report(fine, [scratch, pre, t2i], out / "report.html")
     minutes = (time.time() - start) / 60
     echo(f"\ndemo finished in {minutes:.1f} min. Test accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}.")
     echo(f"outputs under {out}/:")
@@ -50,4 +52,5 @@ def run_demo(out: str | Path | None = None, fast: bool = False, progress: bool =
     echo("  (a short run: the full recipe is `imagen train-t2i --data shapes --out RUN`, about 27 CPU-minutes)")
     echo(f"next: imagen predict --run {fine} IMAGE.png   |   imagen generate --run {t2i} \"a red circle\" --out grid.png")
     echo(f"      tensorboard --logdir {out}")
+    echo(f"report (open it in a browser): {report}")
     return 0

@@ -96,6 +96,8 @@ def test_demo_fast_runs_end_to_end(capsys, tmp_path):
     assert "demo finished" in out
     for sub in ("pretrain", "classify", "classify-scratch"):
         assert (tmp_path / "demo" / sub / "model.safetensors").is_file()
+    report = tmp_path / "demo" / "report.html"  # the demo ends with its report, and says where it is
+    assert report.is_file() and out.strip().splitlines()[-1].endswith(str(report))
 
 
 # ---- bad input: one line, non-zero exit, nothing half-written ----------------------------------------

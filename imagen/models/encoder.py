@@ -152,7 +152,8 @@ class MultimodalEncoder(nn.Module):
         """(B, T) token ids -> (B, T, dim)."""
         T = input_ids.shape[1]
         V = self.config.vocab_size
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
+        # (Skipped while exporting a graph: a check on the values cannot be part of it.)
+        if not torch.compiler.is_exporting() and input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
             bad = int(input_ids.max()) if int(input_ids.max()) >= V else int(input_ids.min())
             raise DataError(f"token id {bad} is outside the model's vocabulary of {V} (model.vocab_size); the "
                             "tokenizer does not match the model: use the run's own tokenizer.json")
@@ -176,8 +177,10 @@ class MultimodalEncoder(nn.Module):
             masks.append(attention_mask.bool())
         x = self.drop(torch.cat(parts, dim=1))  # (B, S, dim)
         key_mask = torch.cat(masks, dim=1)
-        # Without padding the mask is all True; dropping it lets SDPA use its fastest kernel.
-        key_mask = None if bool(key_mask.all()) else key_mask
+        # Without padding the mask is all True; dropping it lets SDPA use its fastest kernel. An exported graph keeps
+        # it (a branch on the values cannot be exported), which gives the same numbers.
+        if input_ids is None or (not torch.compiler.is_exporting() and bool(key_mask.all())):
+            key_mask = None
         for block in self.blocks:
             x = block(x, key_mask=key_mask)
         x = self.norm(x)

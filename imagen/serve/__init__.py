@@ -9,7 +9,7 @@ from imagen.serve.batching import BatchSettings
 __all__ = ["ServeSettings", "BatchSettings", "create_app", "serve"]
 
 
-def serve(runs, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> int:
+def serve(runs, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, registries=()) -> int:
     """Load `runs` and answer on host:port until SIGINT / SIGTERM (uvicorn finishes the requests in flight)."""
     import logging
     import sys
@@ -23,7 +23,7 @@ def serve(runs, settings: ServeSettings, host: str = "127.0.0.1", port: int = 80
     request_log.addHandler(handler)
     request_log.setLevel(logging.INFO)
     request_log.propagate = False
-    app = create_app(runs, settings)  # a run that is not finished fails here, before the port is opened
+    app = create_app(runs, settings, registries=registries)  # a run that is not finished fails here, before the port is opened
     # uvicorn's own access log is off: the app writes one JSON line per request instead.
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=settings.batch.timeout_s)
     return 0

@@ -37,7 +37,7 @@ from imagen.data import to_rgb
 from imagen.errors import USER_ERRORS
 from imagen.serve.batching import Batcher, BatchSettings, QueueFull, Timeout
 from imagen.serve.metrics import Metrics
-from imagen.serve.models import PREDICT_INPUTS, ServedModel, load_models, run_generate, run_predict
+from imagen.serve.models import PREDICT_INPUTS, ServedModel, follow_current, load_models, run_generate, run_predict
 
 log = logging.getLogger("imagen.serve")
 STATIC = Path(__file__).parent / "static"
@@ -105,14 +105,17 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         raise RequestError(415, f"the uploaded file is not a picture PIL can read ({reason}); send a PNG or JPEG") from None
 
 
-def create_app(runs, settings: ServeSettings | None = None, models: dict[str, ServedModel] | None = None) -> FastAPI:
-    """The app serving `runs` (finished run directories, loaded now: RunError for one that is not finished);
-    `models` (already loaded, as from `load_models`) skips the loading."""
+def create_app(runs, settings: ServeSettings | None = None, models: dict[str, ServedModel] | None = None,
+               registries=()) -> FastAPI:
+    """The app serving `runs` (finished run directories, loaded now: RunError for one that is not finished) and the
+    current versions of `registries`; `models` (already loaded, as from `load_models`) skips the loading."""
     settings = settings or ServeSettings()
-    models = models if models is not None else load_models(runs, settings.device)
+    models = models if models is not None else load_models(runs, settings.device, registries)
 
     def run_batch(key, payloads, progress=None):
         kind, name, options = key
+        # A registry's model follows its `current` link: a promoted version answers from the next batch on.
+        models[name] = follow_current(models[name], settings.device)
         if kind == "generate":
             report = None if progress is None else (lambda stage, step, steps: progress(
                 {"step": step, "steps": steps, "stage": stage}))

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,11 +15,13 @@ from PIL import Image
 
 import imagen.api as api
 from imagen.data.image_files import to_uint8
-from imagen.errors import RunError
+from imagen.registry import Registry
+from imagen.errors import USER_ERRORS, RunError
 from imagen.tasks.registry import get_task
 from imagen.train import resolve_device
 
 T2I_TASK = "text-to-image"
+log = logging.getLogger("imagen")
 
 
 @dataclass
@@ -30,6 +33,8 @@ class ServedModel:
     task: str
     pipeline: api.TextToImagePipeline | None = None
     loaded: api.LoadedRun | None = None
+    registry: Path | None = None  # served from a registry: the version is whatever its `current` link names
+    version: str | None = None
 
     @property
     def generates(self) -> bool:
@@ -40,11 +45,14 @@ class ServedModel:
         if self.pipeline is not None:
             options = {"image_size": self.pipeline.image_size, "stages": self.pipeline.stage_names,
                        "max_steps": min(s.config.timesteps for s in self.pipeline.stages)}
-            return {"name": self.name, "task": self.task, "kind": "generate", "options": options}
+            return {"name": self.name, "task": self.task, "kind": "generate", "options": options, **self._version()}
         inputs = [k for k in (get_task(self.task).predict_inputs or ()) if k in PREDICT_INPUTS]
         return {"name": self.name, "task": self.task, "kind": "predict",
                 "options": {"inputs": inputs, "image_size": self.loaded.config.model.image_size,
-                            "classes": self.loaded.config.class_names}}
+                            "classes": self.loaded.config.class_names}, **self._version()}
+
+    def _version(self) -> dict[str, Any]:
+        return {"registry": str(self.registry), "version": self.version} if self.registry is not None else {}
 
 
 # The predict inputs a request may carry (detect's out_dir names a server path, so it is never accepted).
@@ -80,16 +88,42 @@ def load_model(run: str | Path, name: str, device: str = "auto") -> ServedModel:
     return ServedModel(name, run, loaded.task, loaded=loaded)
 
 
-def load_models(runs: Sequence[str | Path], device: str = "auto") -> dict[str, ServedModel]:
-    """Each run under its folder's name (parent/name when two folders share a name)."""
-    if not runs:
-        raise RunError("no run to serve; pass --run RUN (a finished run directory)")
-    paths = [Path(r) for r in runs]
+def load_registry_model(registry: str | Path, name: str, device: str = "auto") -> ServedModel:
+    """The current version of a model registry, served under `name`."""
+    reg = Registry.open(registry)
+    version = reg.current()
+    model = load_model(reg.versions_dir / version, name, device)
+    return dataclasses.replace(model, registry=reg.path, version=version)
+
+
+def follow_current(model: ServedModel, device: str = "auto") -> ServedModel:
+    """`model`, or the registry's new current version when a refresh has promoted one since it was loaded."""
+    if model.registry is None or Registry(model.registry).current() == model.version:
+        return model
+    try:
+        new = load_registry_model(model.registry, model.name, device)
+    except (*USER_ERRORS, OSError) as e:  # a version that does not load: keep answering with the one that does
+        log.warning("%s: cannot load the new current version of %s (%s); still serving version %s",
+                    model.name, model.registry, e, model.version)
+        return model
+    log.info("%s: now serving version %s of %s (was %s)", model.name, new.version, model.registry, model.version)
+    return new
+
+
+def load_models(runs: Sequence[str | Path], device: str = "auto", registries: Sequence[str | Path] = ()) -> dict[str, ServedModel]:
+    """Each run under its folder's name (parent/name when two folders share a name), each registry under its own
+    name, serving its current version."""
+    runs, registries = list(runs or ()), list(registries or ())
+    if not runs and not registries:
+        raise RunError("no run to serve; pass --run RUN (a finished run directory) or --registry models/NAME")
+    paths = [Path(r) for r in runs + registries]
     names = [p.resolve().name for p in paths]
     names = [n if names.count(n) == 1 else f"{p.resolve().parent.name}/{n}" for n, p in zip(names, paths)]
     if len(set(names)) != len(names):
         raise RunError(f"two runs share the name {next(n for n in names if names.count(n) > 1)!r}; pass each run once")
-    return {name: load_model(p, name, device) for name, p in zip(names, paths)}
+    models = {name: load_model(p, name, device) for name, p in zip(names[:len(runs)], paths[:len(runs)])}
+    models.update({name: load_registry_model(p, name, device) for name, p in zip(names[len(runs):], paths[len(runs):])})
+    return models
 
 
 def png_base64(image) -> str:

@@ -89,6 +89,17 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def log_images(self, step: int, images: dict) -> None:
+        """Image summaries {tag: (H, W, 3) uint8 array} (sample grids) to TensorBoard and wandb; metrics.jsonl
+        holds scalars only (the task keeps its own image files)."""
+        if self._tensorboard is not None:
+            for tag, image in images.items():
+                self._tensorboard.add_image(tag, image, step, dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(image) for tag, image in images.items()}, step=step)
+
     def close(self) -> None:
         """Flush and close every backend."""
         if not self._file.closed:

@@ -3,7 +3,8 @@
 The trainer knows nothing about models or tasks. A task is any object with
 `training_step(model, batch) -> {"loss": tensor, ...scalars}`, `validation_step(model, batch) -> {...tensors}`,
 `compute_metrics(outputs) -> {name: float}`, `monitor = (metric name, "max" | "min")` and optionally `collate`
-and `on_optimizer_step(model, step)` (called after every update, e.g. for EMA weights).
+and `on_optimizer_step(model, step)` (called after every update, e.g. for EMA weights; it may return
+{tag: (H, W, 3) uint8 array}, logged as image summaries).
 """
 
 from __future__ import annotations
@@ -195,7 +196,9 @@ class Trainer:
                 with stop_signals_deferred():  # so a Ctrl-C or SIGTERM never lands between an update and its snapshot
                     self._optimizer_step(state)
                     if self._step_hook is not None:  # e.g. EMA weights, sample grids
-                        self._step_hook(self.model, state.step)
+                        images = self._step_hook(self.model, state.step)
+                        if images:  # {tag: (H, W, 3) uint8}: image summaries (TensorBoard, wandb)
+                            logger.log_images(state.step, images)
                     bar.update(1)
                     if state.step % max(1, self.cfg.log_every) == 0 or state.step >= self.total_steps:
                         self._log_train(state, logger, bar)

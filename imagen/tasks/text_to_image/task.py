@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from imagen.data.image_files import resize_images, save_grid
 from imagen.data.images import normalize_images
@@ -139,10 +141,13 @@ class TextToImageTask:
         return {"loss": float(torch.stack([o["loss"] for o in outputs]).mean())}
 
     def on_optimizer_step(self, model, step: int) -> None:
-        """After every update: move the EMA weights; every `sample_every` steps, write a sample grid."""
+        """After every update: move the EMA weights; every `sample_every` steps, write a sample grid (returned to
+        the trainer as the image summary "samples")."""
         model.update_ema(step)
         if self.sample_every and self.run_dir is not None and self.sample_prompts and step % self.sample_every == 0:
-            self.write_grid(model, step)
+            with Image.open(self.write_grid(model, step)) as grid:
+                return {"samples": np.asarray(grid.convert("RGB"))}
+        return None
 
     def write_grid(self, model, step: int) -> Path:
         """Samples for the fixed validation prompts (own generator: the training RNG stream is untouched)."""
