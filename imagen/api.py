@@ -29,11 +29,12 @@ from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
 from imagen.tasks.text_to_image import train_t2i
-from imagen.train import Trainer, TrainResult, latest_checkpoint, resolve_device, seed_everything
+from imagen.train import (Trainer, TrainResult, broadcast_object, init_distributed, latest_checkpoint, launch_local,
+                          resolve_device, seed_everything)
 
 log = logging.getLogger("imagen")
 
-__all__ = ["pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
+__all__ = ["launch_processes", "pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
            "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
@@ -44,6 +45,11 @@ DEFAULT_VOCAB_SIZE = 1024
 
 # ---------------------------------------------------------------------------------------------------
 # Training: one path for every task
+
+
+def launch_processes(nproc: int, argv: Sequence[str]) -> int:
+    """Run the command `imagen ARGV` as `nproc` processes on this machine (torchrun --standalone); its exit status."""
+    return launch_local(nproc, list(argv))
 
 
 def _split_options(options: dict[str, Any], task_cls) -> tuple[dict, dict, dict]:
@@ -151,8 +157,8 @@ def _resume_changes(rc: RunConfig, task_cls, out: Path, options: dict, sets: Seq
     return bool(changed)
 
 
-def _resumed_run_config(task_cls, out: Path, on_bad_sample: str, options: dict, sets: Sequence[str], n):
-    """The same pieces for a run being resumed, read back from its directory (with the changes --resume allows)."""
+def _resumed_run_config(task_cls, out: Path, options: dict, sets: Sequence[str], n):
+    """(run config, tokenizer) of a run being resumed, read back from its directory (with the changes --resume allows)."""
     rc = RunConfig.from_json(read_config(out))
     if rc.task != task_cls.name:
         raise RunError(f"{out} is a {rc.task} run; resume it with " + ("`imagen pretrain`" if rc.task == "pretrain" else f"--task {rc.task}"))
@@ -161,30 +167,44 @@ def _resumed_run_config(task_cls, out: Path, on_bad_sample: str, options: dict, 
                        "or train a new run into another --out")
     if _resume_changes(rc, task_cls, out, options, sets, n):
         write_json(out / CONFIG_NAME, rc.to_json())  # the run's record says what it was trained with
+    return rc, load_tokenizer(out)
+
+
+def _resumed_splits(task_cls, rc: RunConfig, on_bad_sample: str):
+    """The decoded (train, val or None) splits a resumed run trains on."""
     d = rc.data
     train_ds, val_ds = _load_splits(d["spec"], d.get("seed", 0), d.get("label"), d.get("n"), on_bad_sample)
     size = rc.model.image_size
-    val = task_cls.decode(val_ds, size) if val_ds is not None else None
-    return rc, load_tokenizer(out), None, task_cls.decode(train_ds, size), val
+    return task_cls.decode(train_ds, size), (task_cls.decode(val_ds, size) if val_ds is not None else None)
+
+
+def task_option_names(task: str, finetune: bool = True) -> set[str]:
+    """Every keyword `train_task` takes for `task`: TrainConfig and EncoderConfig fields and the task's own options."""
+    return TRAIN_KEYS | MODEL_KEYS | get_task(task, finetune=finetune).options()
 
 
 def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = True, init_from=None, preset: str = "tiny",
                freeze: str = "none", n: int | None = None, on_bad_sample: str = "skip", sets: Sequence[str] = (),
-               vocab_size: int = DEFAULT_VOCAB_SIZE, **options) -> TrainResult:
+               vocab_size: int = DEFAULT_VOCAB_SIZE, on_evaluate=None, **options) -> TrainResult:
     """Train any task into a run directory (new, or continued with `resume`); returns the trainer's TrainResult.
 
     `options` are TrainConfig fields (lr, epochs, ...), EncoderConfig fields (dropout, ...) or the task's own
     options (its Config fields, e.g. label= for classify); `sets` are dotted overrides ("model.dim=96").
+    `on_evaluate(step, metrics)` is called after every validation (what a hyperparameter search reports).
+    Launched by torchrun, every rank calls this; rank 0 alone writes `out`, and hands the others the run's config.
     """
     task_cls = get_task(task, finetune=finetune)  # unknown task names fail before anything is created
-    with open_run(out, resume) as run:
+    proc = init_distributed(resolve_device(options.get("device") or "auto"))
+    with open_run(out, resume, writer=proc.is_main) as run:
         out = run.path
         if resume:
-            rc, tokenizer, init, train, val = _resumed_run_config(task_cls, out, on_bad_sample, options, sets, n)
+            rc, tokenizer = broadcast_object(_resumed_run_config(task_cls, out, options, sets, n) if proc.is_main else None)
+            init, (train, val) = None, _resumed_splits(task_cls, rc, on_bad_sample)
         else:
             rc, tokenizer, init, train, val = _new_run_config(
                 task_cls, data, init_from=init_from, preset=preset, freeze=freeze, n=n, on_bad_sample=on_bad_sample,
                 sets=sets, vocab_size=vocab_size, options=options)
+            rc, tokenizer = broadcast_object((rc, tokenizer))  # every rank trains what rank 0 records
         task_obj = task_cls(rc, tokenizer)
         train_split = task_obj.build_split(*train, train=True)
         val_split = task_obj.build_split(*val, train=False) if val is not None else None
@@ -193,14 +213,16 @@ def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = T
         if init is not None:
             log.info("initialised the %s from %s", task_obj.init_from(model, init), init_from)
         model.encoder.freeze(rc.freeze)
-        trainer = Trainer(model, task_obj, train_split, val_split, rc.train, out, collate_fn=task_obj.collate)
-        if not resume:
+        trainer = Trainer(model, task_obj, train_split, val_split, rc.train, out, collate_fn=task_obj.collate,
+                          on_evaluate=on_evaluate)
+        if not resume and proc.is_main:
             if tokenizer is not None:
                 tokenizer.save(out / TOKENIZER_NAME)
             write_json(out / CONFIG_NAME, rc.to_json())
         run.commit()
         # A run stopped before its first checkpoint starts again from its config (the same seed, the same run).
-        return trainer.fit(resume=resume and latest_checkpoint(out) is not None)
+        checkpointed = broadcast_object(resume and latest_checkpoint(out) is not None if proc.is_main else None)
+        return trainer.fit(resume=checkpointed)
 
 
 def pretrain(data: str = "shapes", out: str | Path = "runs/pretrain", *, preset: str = "tiny", resume: bool = False,

@@ -100,6 +100,7 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
     g.add_argument("--report-to", default=None, help="comma list of loggers: jsonl, tensorboard, wandb (offline) (default: jsonl,tensorboard)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--nproc", type=_positive_int, default=None, help="train with N processes on this machine (what `torchrun --standalone --nproc-per-node N` launches); --batch-size is then the global batch (default: 1)")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
 
 
@@ -355,20 +356,68 @@ def run_command(args) -> int:
     raise AssertionError(args.command)
 
 
+def _launch(args, argv) -> int:
+    """`--nproc N`: the same command as N processes (torchrun's launcher), each without --nproc."""
+    if args.batch_size is not None and args.batch_size % args.nproc:
+        raise ConfigError(f"--batch-size {args.batch_size} is the global batch and must split evenly over --nproc "
+                          f"{args.nproc}; use a multiple of {args.nproc}")
+    import imagen.api as api
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return api.launch_processes(args.nproc, rest)
+
+
+def _rank_prefix() -> str:
+    """"rank R: " inside a multi-process job (launched by torchrun or --nproc), else nothing."""
+    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another process of the job died (its own error is the one to read)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not isinstance(e, RuntimeError):
+        return False
+    return type(e).__module__.startswith("torch") or any(w in str(e) for w in ("Gloo", "gloo", "NCCL", "closed by peer", "Connection reset"))
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="imagen: %(message)s", stream=sys.stderr)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors and --help: argparse has printed its line already
         return int(e.code or 0)
+    if (getattr(args, "nproc", None) or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        try:
+            return _launch(args, argv)
+        except USER_ERRORS as e:
+            print(f"imagen {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    if _rank_prefix() and os.environ.get("RANK") != "0":
+        # One job, one report: ranks other than 0 print only their errors.
+        logging.getLogger().setLevel(logging.WARNING)
+        sys.stdout = open(os.devnull, "w")
     # SIGTERM (docker stop, Kubernetes, Slurm, systemd) stops a command the way Ctrl-C does: a run being set up is
     # removed, a run training checkpoints (the trainer handles both signals itself while it trains).
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return run_command(args)
     except USER_ERRORS as e:
-        print(f"imagen {args.command}: error: {e}", file=sys.stderr)
+        print(f"imagen {args.command}: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _lost_peer(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"imagen {args.command}: error: {_rank_prefix()}stopped: another process of the job failed ({first[:200]})",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         name = "SIGTERM" if str(e) == "SIGTERM" else "SIGINT"
         print(f"imagen {args.command}: interrupted ({name})", file=sys.stderr)

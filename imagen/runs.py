@@ -94,7 +94,7 @@ class RunDir:
 
 
 @contextmanager
-def open_run(out: str | Path, resume: bool) -> Iterator[RunDir]:
+def open_run(out: str | Path, resume: bool, writer: bool = True) -> Iterator[RunDir]:
     """The one lifecycle of a run directory, for every command that trains: check, then create, lock, set up, commit.
 
     A fresh run's `out` must be absent or empty, a resumed one must hold a run's config.json; both are checked
@@ -102,8 +102,14 @@ def open_run(out: str | Path, resume: bool) -> Iterator[RunDir]:
     gets a RunError at once instead of interleaving its writes. Until `run.commit()` a failure (a bad option,
     unreadable data, no such device, Ctrl-C, SIGTERM) removes everything the block made, so a failed start never
     blocks the folder; after it, a failure keeps the run and its checkpoints for --resume.
+
+    In a multi-process job only rank 0 is the `writer`; the other ranks get the path and touch nothing (their
+    machine may not even have the folder).
     """
     out = Path(out)
+    if not writer:
+        yield RunDir(out, created=False)
+        return
     if resume:
         if not (out / CONFIG_NAME).is_file():
             raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
