@@ -23,14 +23,14 @@ from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image, wr
 from imagen.data.registry import builtin_key, recorded_spec
 from imagen.errors import ConfigError, DataError, RunError
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
-from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, load_tokenizer,
-                         open_run, read_config)
+from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, check_run_dir,
+                         load_tokenizer, open_run, read_config)
 from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
 from imagen.tasks.text_to_image import train_t2i
-from imagen.train import (Trainer, TrainResult, broadcast_object, init_distributed, latest_checkpoint, launch_local,
-                          resolve_device, seed_everything)
+from imagen.train import (Trainer, TrainResult, broadcast_object, from_main, init_distributed, latest_checkpoint,
+                          launch_local, resolve_device, seed_everything)
 
 log = logging.getLogger("imagen")
 
@@ -195,10 +195,11 @@ def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = T
     """
     task_cls = get_task(task, finetune=finetune)  # unknown task names fail before anything is created
     proc = init_distributed(resolve_device(options.get("device") or "auto"))
+    from_main(check_run_dir, Path(out), resume)  # every rank stops on a bad --out, not only the one that writes it
     with open_run(out, resume, writer=proc.is_main) as run:
         out = run.path
         if resume:
-            rc, tokenizer = broadcast_object(_resumed_run_config(task_cls, out, options, sets, n) if proc.is_main else None)
+            rc, tokenizer = from_main(_resumed_run_config, task_cls, out, options, sets, n)
             init, (train, val) = None, _resumed_splits(task_cls, rc, on_bad_sample)
         else:
             rc, tokenizer, init, train, val = _new_run_config(
@@ -221,7 +222,7 @@ def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = T
             write_json(out / CONFIG_NAME, rc.to_json())
         run.commit()
         # A run stopped before its first checkpoint starts again from its config (the same seed, the same run).
-        checkpointed = broadcast_object(resume and latest_checkpoint(out) is not None if proc.is_main else None)
+        checkpointed = from_main(lambda: resume and latest_checkpoint(out) is not None)
         return trainer.fit(resume=checkpointed)
 
 

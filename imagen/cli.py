@@ -409,7 +409,8 @@ def main(argv=None) -> int:
     try:
         return run_command(args)
     except USER_ERRORS as e:
-        print(f"imagen {args.command}: error: {_rank_prefix()}{e}", file=sys.stderr)
+        if getattr(e, "raised_on_rank", None) != 0 or os.environ.get("RANK", "0") == "0":  # rank 0 reports its own
+            print(f"imagen {args.command}: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
     except Exception as e:
         if not _lost_peer(e):

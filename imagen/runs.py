@@ -50,6 +50,15 @@ def check_new_run_dir(out: Path) -> None:
             break
 
 
+def check_run_dir(out: Path, resume: bool) -> None:
+    """What `open_run` checks before it creates anything: a resumed run holds a config.json, a new one has room."""
+    if resume:
+        if not (Path(out) / CONFIG_NAME).is_file():
+            raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
+    else:
+        check_new_run_dir(Path(out))
+
+
 def _lock(out: Path) -> int:
     """An exclusive lock on the run directory for this process, or a RunError naming the process that holds it."""
     try:
@@ -110,12 +119,10 @@ def open_run(out: str | Path, resume: bool, writer: bool = True) -> Iterator[Run
     if not writer:
         yield RunDir(out, created=False)
         return
+    check_run_dir(out, resume)
     if resume:
-        if not (out / CONFIG_NAME).is_file():
-            raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
         created = False
     else:
-        check_new_run_dir(out)
         created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,31 @@ def broadcast_object(obj=None):
     return box[0]
 
 
+def from_main(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` computed on rank 0 alone (it may read rank 0's disk) and handed to every rank.
+
+    An exception it raises is raised on every rank, so no rank waits for a collective the others never reach; the
+    copies carry `raised_on_rank = 0`, so only rank 0 reports it.
+    """
+    info = current()
+    if not info.distributed:
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = ("ok", fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - handed to every rank, then raised
+            error = e
+            result = ("error", e)
+    kind, value = broadcast_object(result)
+    if kind == "error":
+        if error is not None:
+            raise error
+        value.raised_on_rank = 0
+        raise value
+    return value
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     info = current()
