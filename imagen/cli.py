@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -69,7 +70,8 @@ def _positive_float(text):
 
 def _add_data_args(p):
     p.add_argument("--data", default="shapes", help="built-in name (shapes, fashion-mnist, emoji) or a path (default: shapes)")
-    p.add_argument("--n", type=_positive_int, default=None, help="number of training samples to use (default: all / built-in size)")
+    # --num-samples: torchrun's own parser takes "--n" after the program for an abbreviation of its --nnodes.
+    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=None, help="number of training samples to use (default: all / built-in size)")
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable samples (named in a warning) or stop (default: skip)")
 
 
@@ -416,6 +418,7 @@ def main(argv=None) -> int:
         if not _lost_peer(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's source location
         print(f"imagen {args.command}: error: {_rank_prefix()}stopped: another process of the job failed ({first[:200]})",
               file=sys.stderr)
         return 1
