@@ -24,7 +24,7 @@ from imagen.data.registry import builtin_key, recorded_spec
 from imagen.errors import ConfigError, DataError, RunError
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
 from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, check_run_dir,
-                         load_tokenizer, open_run, read_config)
+                         load_tokenizer, open_run, read_config, run_in_use)
 from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
@@ -34,7 +34,7 @@ from imagen.train import (Trainer, TrainResult, broadcast_object, from_main, ini
 
 log = logging.getLogger("imagen")
 
-__all__ = ["launch_processes", "pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
+__all__ = ["launch_processes", "run_in_use", "task_metrics", "task_option_names", "task_search_space", "pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
            "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
@@ -181,6 +181,17 @@ def _resumed_splits(task_cls, rc: RunConfig, on_bad_sample: str):
 def task_option_names(task: str, finetune: bool = True) -> set[str]:
     """Every keyword `train_task` takes for `task`: TrainConfig and EncoderConfig fields and the task's own options."""
     return TRAIN_KEYS | MODEL_KEYS | get_task(task, finetune=finetune).options()
+
+
+def task_search_space(task: str, finetune: bool = True) -> dict[str, Any]:
+    """The task's default hyperparameter search space (its recipe's neighbourhood; see Task.search_space)."""
+    return dict(get_task(task, finetune=finetune).search_space)
+
+
+def task_metrics(task: str, finetune: bool = True) -> tuple[tuple[str, str], tuple[str, ...]]:
+    """(the validation metric a task's training monitors with its direction, the metrics its tables show)."""
+    cls = get_task(task, finetune=finetune)
+    return tuple(cls.monitor), tuple(cls.headline)
 
 
 def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = True, init_from=None, preset: str = "tiny",

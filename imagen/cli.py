@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 # torch-free imports only, so `imagen --help` stays fast
 from imagen.config import (
@@ -75,12 +76,14 @@ def _add_data_args(p):
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable samples (named in a warning) or stop (default: skip)")
 
 
-def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, steps_note=None):
+def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, steps_note=None, search=False):
     """Training options; a default left None is TrainConfig's (shown in the help) or, with `recipe_note`, the
-    task's recipe. Nothing is filled in here, so the library sees only what the user gave."""
+    task's recipe. Nothing is filled in here, so the library sees only what the user gave. With `search` (imagen
+    tune) they are the options every trial shares, and --out / --resume name the search's directory."""
     d = lambda name: default_of(TrainConfig, name)  # noqa: E731
-    g = p.add_argument_group("training")
-    g.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
+    g = p.add_argument_group("training (every trial's, unless searched)" if search else "training")
+    g.add_argument("--out", required=True, help="search directory to create, join or continue with --resume" if search
+                   else "run directory to create (or continue with --resume)")
     g.add_argument("--preset", default="tiny", choices=tuple(ENCODER_PRESETS), help="model size (default: tiny)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help=f"optimiser (default: {d('optimizer')})")
     g.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: {recipe_note or lr or d('lr')})")
@@ -101,7 +104,11 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
     g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--report-to", default=None, help="comma list of loggers: jsonl, tensorboard, wandb (offline) (default: jsonl,tensorboard)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are kept, an interrupted one runs again" if search
+                   else "continue the run in --out from its latest checkpoint")
+    if search:
+        g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
+        return
     g.add_argument("--nproc", type=_positive_int, default=None, help="train with N processes on this machine (what `torchrun --standalone --nproc-per-node N` launches); --batch-size is then the global batch (default: 1)")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
 
@@ -181,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label", default=None, help="Shapes label kind: shape, color, color-shape, count (default: color-shape)")
     g.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (default: 0)")
     g.add_argument("--augment", choices=("none", "shift", "shift-flip"), default=None, help="training augmentation: random shifts, and left-right flips (default: none)")
+
+    p = sub.add_parser("tune", help="hyperparameter search on Optuna: TPE, median pruning, a SQLite study (needs the tune extra)")
+    p.add_argument("--task", required=True, help="task to tune: " + ", ".join(FINETUNE_TASKS))
+    _add_data_args(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--trials", type=_positive_int, required=True, help="trials the study should hold (finished, pruned or failed), shared by every process on it")
+    g.add_argument("--space", default=None, help="a JSON file: option -> [choices] or {\"low\", \"high\", \"log\"} (default: the task's search_space in imagen/tasks/)")
+    g.add_argument("--metric", default=None, help="validation metric to optimise (default: the one the task's training monitors, e.g. accuracy)")
+    g.add_argument("--timeout-min", type=_positive_float, default=None, help="stop starting trials after this many minutes (default: none)")
+    g.add_argument("--storage", default=None, help="SQLAlchemy URL of the study's database, e.g. postgresql://user@host/db for many machines (default: sqlite:///OUT/study.db)")
+    _add_train_args(p, recipe_note="the task's recipe", search=True)
+    p.add_argument("--init-from", default=None, help="a pretraining (or fine-tuning) run every trial starts from")
+    p.add_argument("--freeze", default="none", help="none, encoder (head only), or all-but-last-N (default: none)")
+    p.add_argument("--label", default=None, help="classify on Shapes: shape, color, color-shape, count (default: color-shape)")
 
     p = sub.add_parser("evaluate", help="metrics of a run on a data split")
     p.add_argument("--run", required=True, help="run directory")
@@ -285,6 +306,21 @@ def _serve(args) -> int:
     return serve(args.runs, ServeSettings(batch=batch, api_key=key, device=args.device), host=args.host, port=args.port)
 
 
+def _tune(args) -> int:
+    try:
+        from imagen.tune import TuneSettings, load_space, tune
+    except ImportError as e:
+        raise ConfigError(f"imagen tune needs the tune extra ({e.name} is missing): pip install -e \".[tune]\"") from None
+    space = load_space(args.space) if args.space is not None else None
+    fixed = {**_train_kwargs(args), "progress": False, "preset": args.preset, "n": args.n, "on_bad_sample": args.on_bad_sample,
+             "sets": tuple(args.sets), "init_from": args.init_from, "freeze": args.freeze, "label": args.label}
+    settings = TuneSettings(task=args.task, data=args.data, out=Path(args.out), trials=args.trials, space=space,
+                            metric=args.metric, timeout_min=args.timeout_min, storage=args.storage, resume=args.resume,
+                            seed=args.seed or 0, fixed={k: v for k, v in fixed.items() if v is not None})
+    tune(settings)
+    return 0
+
+
 def run_command(args) -> int:
     import imagen.api as api
 
@@ -351,6 +387,8 @@ def run_command(args) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "demo":
         from imagen.demo import run_demo
 

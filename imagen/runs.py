@@ -77,6 +77,21 @@ def _lock(out: Path) -> int:
     return fd
 
 
+def run_in_use(out: Path) -> bool:
+    """Whether a live process holds `out`'s lock (the kernel drops the lock of a process that died, even by SIGKILL)."""
+    try:
+        fd = os.open(Path(out) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class RunDir:
     """A run directory held by this process: `path`, and `commit()` once its setup is written."""
 

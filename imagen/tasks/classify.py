@@ -91,6 +91,7 @@ class ClassifyTask(Task):
     needs_tokenizer = False
     comparable_with = ("pretrain",)  # a pretraining run scores on the same labels through a linear probe
     recipe = {"epochs": 3}
+    search_space = {**Task.search_space, "label_smoothing": {"low": 0.0, "high": 0.2}}
 
     # -- data -----------------------------------------------------------------------------------------
 
