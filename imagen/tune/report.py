@@ -85,6 +85,7 @@ def importances(study: optuna.Study) -> dict[str, float]:
     if len(complete) < 2 or not varied:
         return {}
     try:
-        return dict(optuna.importance.get_param_importances(study, params=sorted(varied)))
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # fANOVA (Hutter et al. 2014), repeatable
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, params=sorted(varied)))
     except (RuntimeError, ValueError):  # e.g. every finished trial scored the same
         return {}
