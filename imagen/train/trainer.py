@@ -96,9 +96,8 @@ class Trainer:
         self.on_evaluate = on_evaluate
         self.dist = distributed.current()
         world = self.dist.world_size
-        if cfg.batch_size % world:
-            raise ConfigError(f"batch size {cfg.batch_size} is the global batch and must split evenly over {world} "
-                              f"processes; use a multiple of {world}")
+        # Checked by rank 0 and raised on every rank (so the job reports it once and no rank waits for the others).
+        distributed.from_main(_check_shares, len(train_data), cfg.batch_size, world)
         self.device = distributed.rank_device(resolve_device(cfg.device))
         self.precision = resolve_precision(cfg.precision, self.device, sum(p.numel() for p in model.parameters()))
         self.model = model.to(self.device)
@@ -108,9 +107,6 @@ class Trainer:
             if mode not in ("max", "min"):
                 raise ValueError(f"task.monitor mode {mode!r} must be 'max' or 'min'")
         self.batches_per_epoch = num_batches(len(train_data), cfg.batch_size, world)
-        if self.batches_per_epoch == 0:
-            raise ConfigError(f"{len(train_data)} training samples cannot be shared by {world} processes; use more data "
-                              "or fewer processes")
         # A trailing partial accumulation group still makes an optimiser step, hence the ceil.
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -460,6 +456,16 @@ class Trainer:
             raise TrainingError(f"the trained weights hold NaN or inf ({bad[0]} and {len(bad) - 1} more); the run is not "
                                 "saved as finished: lower the learning rate or enable grad clipping, and train again")
         save_weights(self.run_dir / "model.safetensors", self.model)
+
+
+def _check_shares(num_samples: int, batch_size: int, world_size: int) -> None:
+    """Refuse a global batch, or a training set, that `world_size` processes cannot share."""
+    if batch_size % world_size:
+        raise ConfigError(f"batch size {batch_size} is the global batch and must split evenly over {world_size} "
+                          f"processes; use a multiple of {world_size}")
+    if num_batches(num_samples, batch_size, world_size) == 0:
+        raise ConfigError(f"{num_samples} training samples cannot be shared by {world_size} processes; use more data "
+                          "or fewer processes")
 
 
 def _check_world_size(trainer_state: dict, rng_states: list, world_size: int, path) -> None:
