@@ -282,6 +282,8 @@ def _exit_code(signal_name: str | None) -> int:
 
 def _report_fit(result, out, command):
     if result.status == "interrupted":
+        if os.environ.get("RANK", "0") != "0":  # one report per job: rank 0's
+            return _exit_code(result.stopped_by)
         print(f"interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
               f"Continue with: {command} --out {out} --resume", file=sys.stderr)
         return _exit_code(result.stopped_by)
@@ -363,6 +365,8 @@ def run_command(args) -> int:
                             on_bad_sample=args.on_bad_sample, captions=args.captions, sets=args.sets, **_train_kwargs(args))
         for name, result in results.items():
             if result.status == "interrupted":
+                if os.environ.get("RANK", "0") != "0":
+                    return _exit_code(result.stopped_by)
                 print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
                       f"Continue with: imagen train-t2i --out {args.out} --resume", file=sys.stderr)
                 return _exit_code(result.stopped_by)
@@ -462,7 +466,8 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt as e:
         name = "SIGTERM" if str(e) == "SIGTERM" else "SIGINT"
-        print(f"imagen {args.command}: interrupted ({name})", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"imagen {args.command}: interrupted ({name})", file=sys.stderr)
         return _exit_code(name)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -198,8 +198,9 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     from torch.distributed.run import parse_args, run
 
     # The launcher's own log lines (rendezvous, the failure report) would bury the failing rank's one-line error.
-    for name in ("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets, said once here instead of in a warning
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "imagen"])
     args.training_script_args = list(argv)  # set here: torchrun's parser would read "--n" as one of its own options
