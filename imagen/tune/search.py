@@ -161,28 +161,35 @@ def _write_trial(out: Path, number: int, state: str, params: dict, metric: str, 
                                       **({"note": note} if note else {})})
 
 
-def _counted(trial) -> bool:
+def _interrupted(study: optuna.Study) -> set[int]:
+    """Trials stopped by a signal (their own process marked them) or found dead by --resume (the study records them)."""
+    marked = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("interrupted")}
+    return marked | set(study.user_attrs.get("interrupted", []))
+
+
+def _counted(study: optuna.Study) -> int:
     """Trials that count toward --trials: finished ones, pruned ones, and failures that were not interruptions."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return trial.state == TrialState.FAIL and not trial.user_attrs.get("interrupted")
+    interrupted = _interrupted(study)
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number not in interrupted) for t in study.get_trials(deepcopy=False))
 
 
 def _recover(study: optuna.Study, out: Path, metric: str) -> None:
     """--resume: trials left running by a process that died are marked failed, and every interrupted trial not
     re-run yet is queued again with its parameters. A trial whose run directory is locked is still being worked on."""
-    storage = study._storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if api.run_in_use(_trial_dir(out, t.number)):
-            continue
-        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not api.run_in_use(_trial_dir(out, t.number))]
+    if dead:
+        study.set_user_attr("interrupted", sorted(set(study.user_attrs.get("interrupted", [])) | {t.number for t in dead}))
+    for t in dead:
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         _write_trial(out, t.number, "failed", t.params, metric, note="interrupted; re-run by --resume")
         log.info("trial %d was interrupted; marked failed", t.number)
     trials = study.get_trials(deepcopy=False)
+    interrupted = _interrupted(study)
     rerun = {t.user_attrs.get("rerun_of") for t in trials}
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in rerun:
+        if t.state == TrialState.FAIL and t.number in interrupted and t.number not in rerun:
             study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number})
             log.info("trial %d will run again with the same parameters", t.number)
 
@@ -228,6 +235,7 @@ class _Objective:
         if result.status == "interrupted":
             trial.set_user_attr("interrupted", True)
             _write_trial(s.out, trial.number, "failed", params, metric, note="interrupted; re-run by --resume")
+            log.info("trial %d interrupted; `imagen tune ... --resume` runs it again", trial.number)
             raise KeyboardInterrupt(result.stopped_by or "SIGINT")
         value = result.best_metric if metric == self.monitor and result.best_metric is not None else result.metrics.get(metric)
         if value is None:
@@ -259,13 +267,13 @@ def tune(settings: TuneSettings, echo=print) -> TuneResult:
                           "from the search space")
     url = _storage_url(settings)
     _prepare_dir(settings, _record(settings, space, metric, direction))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial of our own instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial of our own instead (no tracebacks)
     study = _open_study(url, direction, settings.seed + _worker_index(settings.out))
     if settings.resume:
         _recover(study, settings.out, metric)
 
     def enough(study: optuna.Study, _trial=None) -> bool:
-        done = sum(_counted(t) for t in study.get_trials(deepcopy=False))
+        done = _counted(study)
         if done >= settings.trials:
             study.stop()
         return done >= settings.trials
