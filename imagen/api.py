@@ -29,12 +29,12 @@ from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
 from imagen.tasks.text_to_image import train_t2i
-from imagen.train import (Trainer, TrainResult, broadcast_object, from_main, init_distributed, latest_checkpoint,
-                          launch_local, resolve_device, seed_everything)
+from imagen.train import (Trainer, TrainResult, broadcast_object, destroy_processes, from_main, init_distributed,
+                          latest_checkpoint, launch_local, resolve_device, seed_everything)
 
 log = logging.getLogger("imagen")
 
-__all__ = ["launch_processes", "run_in_use", "task_metrics", "task_option_names", "task_search_space", "pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
+__all__ = ["finish_processes", "launch_processes", "run_in_use", "task_metrics", "task_option_names", "task_search_space", "pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
            "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
@@ -50,6 +50,11 @@ DEFAULT_VOCAB_SIZE = 1024
 def launch_processes(nproc: int, argv: Sequence[str]) -> int:
     """Run the command `imagen ARGV` as `nproc` processes on this machine (torchrun --standalone); its exit status."""
     return launch_local(nproc, list(argv))
+
+
+def finish_processes() -> None:
+    """Leave the process group of a multi-process command once every rank has finished it."""
+    destroy_processes()
 
 
 def _split_options(options: dict[str, Any], task_cls) -> tuple[dict, dict, dict]:

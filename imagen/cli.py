@@ -451,7 +451,12 @@ def main(argv=None) -> int:
     # removed, a run training checkpoints (the trainer handles both signals itself while it trains).
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return run_command(args)
+        code = run_command(args)
+        if _rank_prefix() and code in (0, 130, 143):  # every rank got here: leave the process group together
+            import imagen.api as api
+
+            api.finish_processes()
+        return code
     except USER_ERRORS as e:
         if getattr(e, "raised_on_rank", None) != 0 or os.environ.get("RANK", "0") == "0":  # rank 0 reports its own
             print(f"imagen {args.command}: error: {_rank_prefix()}{e}", file=sys.stderr)
