@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 
+from imagen.errors import ConfigError
+
 from .distributed import shard_range
 from .rng import epoch_seed
 
@@ -14,6 +16,16 @@ def num_batches(num_samples: int, batch_size: int, world_size: int = 1) -> int:
     at least one sample."""
     full, rest = divmod(num_samples, batch_size)
     return full + (rest >= world_size)
+
+
+def check_shares(num_samples: int, batch_size: int, world_size: int) -> None:
+    """Refuse a global batch, or a training set, that `world_size` processes cannot share."""
+    if batch_size % world_size:
+        raise ConfigError(f"batch size {batch_size} is the global batch and must split evenly over {world_size} "
+                          f"processes; use a multiple of {world_size}")
+    if num_batches(num_samples, batch_size, world_size) == 0:
+        raise ConfigError(f"{num_samples} training samples cannot be shared by {world_size} processes; use more data "
+                          "or fewer processes")
 
 
 class EpochBatchSampler(Sampler[list[int]]):

@@ -199,3 +199,11 @@ def save_best(run_dir: str | os.PathLike, model: nn.Module, info: dict) -> Path:
 def best_weights_path(run_dir: str | os.PathLike) -> Path:
     """Where `save_best` keeps the best weights."""
     return Path(run_dir) / CHECKPOINTS_DIR / BEST_DIR / "model.safetensors"
+
+
+def check_world_size(trainer_state: dict, rng_states: list, world_size: int, path) -> None:
+    """Refuse to resume with another number of processes than the checkpoint was written by."""
+    saved = int(trainer_state.get("world_size", len(rng_states)))
+    if saved != world_size:
+        raise CheckpointError(f"checkpoint {path} was written by {saved} process(es) but this run has {world_size}; "
+                              f"resume it with {saved} (--nproc {saved} or torchrun --nproc-per-node {saved})")

@@ -173,6 +173,18 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+class TrainingStep(torch.nn.Module):
+    """The task's training step as a module, for DistributedDataParallel to wrap (it owns `model`'s parameters)."""
+
+    def __init__(self, model, task):
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch):
+        return self.task.training_step(self.model, batch)
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s random streams (dropout, augmentation): rank 0 keeps the run's seed."""
     return seed if rank == 0 else (seed + 1_000_003 * rank) % 2**63

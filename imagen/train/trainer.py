@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,18 +29,19 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from imagen.errors import ConfigError, TrainingError
+from imagen.errors import TrainingError
 from imagen.config import TrainConfig, to_dict
 
 from . import distributed
-from .batching import make_loader, num_batches
-from .checkpoint import (CheckpointError, best_weights_path, latest_checkpoint, load_checkpoint, load_weights,
-                         save_best, save_checkpoint, save_weights)
+from .batching import check_shares, make_loader, num_batches
+from .checkpoint import (CheckpointError, best_weights_path, check_world_size, latest_checkpoint, load_checkpoint,
+                         load_weights, save_best, save_checkpoint, save_weights)
 from .device import (autocast_context, batch_size_of, move_to_device, peak_memory_mb, resolve_device,
                      resolve_precision)
-from .loggers import MetricsLogger
+from .loggers import MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .rng import get_rng_state, seed_everything, set_rng_state
+from .signals import StopRequested, pending_stop, stop_signals_deferred, stop_signals_handled
 
 MAX_NONFINITE_STEPS = 3
 
@@ -97,7 +97,7 @@ class Trainer:
         self.dist = distributed.current()
         world = self.dist.world_size
         # Checked by rank 0 and raised on every rank (so the job reports it once and no rank waits for the others).
-        distributed.from_main(_check_shares, len(train_data), cfg.batch_size, world)
+        distributed.from_main(check_shares, len(train_data), cfg.batch_size, world)
         self.device = distributed.rank_device(resolve_device(cfg.device))
         self.precision = resolve_precision(cfg.precision, self.device, sum(p.numel() for p in model.parameters()))
         self.model = model.to(self.device)
@@ -122,7 +122,7 @@ class Trainer:
             # without a gradient in a step: tasks say whether that happens (default: assume it may).
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._ddp = torch.nn.parallel.DistributedDataParallel(
-                _TrainingStep(self.model, task), device_ids=device_ids, find_unused_parameters=getattr(task, "find_unused_parameters", True))
+                distributed.TrainingStep(self.model, task), device_ids=device_ids, find_unused_parameters=getattr(task, "find_unused_parameters", True))
 
     # ------------------------------------------------------------------------------------------
     # Public entry points
@@ -137,7 +137,7 @@ class Trainer:
         self._last_lr = self.optimizer.param_groups[0]["lr"]
         main = self.dist.is_main
         logger = (MetricsLogger(self.run_dir, self.cfg.report_to, to_dict(self.cfg),
-                                resume_step=state.step if resume else None) if main else _NoLogger())
+                                resume_step=state.step if resume else None) if main else NullLogger())
         bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not (self.cfg.progress and main),
                    dynamic_ncols=True)
         self.model.train()
@@ -148,7 +148,7 @@ class Trainer:
             with held:
                 status = self._loop(state, logger, bar)
                 if self.dist.distributed:
-                    _held.clear()  # a signal after the ranks last agreed: the run is complete all the same
+                    pending_stop(clear=True)  # a signal after the ranks last agreed: the run is complete all the same
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGINT / SIGTERM (StopRequested)
             # Weights, optimiser and schedule are still those of the last finished step; the snapshot matches them.
             stopped_by = e.signal_name if isinstance(e, StopRequested) else "SIGINT"
@@ -213,7 +213,7 @@ class Trainer:
                     "start the run without resume"
                 )
             trainer_state, rng_states = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-            _check_world_size(trainer_state, rng_states, 1, path)
+            check_world_size(trainer_state, rng_states, 1, path)
             set_rng_state(rng_states[0])
             return LoopState(**trainer_state)
         # Rank 0 reads the checkpoint from its disk and hands every rank its part: nothing assumes a shared disk.
@@ -225,7 +225,7 @@ class Trainer:
                     raise CheckpointError(f"no complete checkpoint under {self.run_dir / 'checkpoints'} to resume from; "
                                           "start the run without resume")
                 trainer_state, rng_states = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-                _check_world_size(trainer_state, rng_states, self.dist.world_size, path)
+                check_world_size(trainer_state, rng_states, self.dist.world_size, path)
                 shared = {"trainer_state": trainer_state, "rng": rng_states,
                           "optimizer": move_to_device(self.optimizer.state_dict(), "cpu"),
                           "scheduler": self.scheduler.state_dict()}
@@ -269,8 +269,8 @@ class Trainer:
                     self._snapshot = self._capture(state)
                 if self._after_step(state, logger, bar):
                     return "early_stopped"
-                if self.dist.distributed and distributed.any_rank(bool(_held)):
-                    raise StopRequested(_held[0] if _held else signal.SIGTERM)  # another rank was asked to stop
+                if self.dist.distributed and distributed.any_rank(pending_stop() is not None):
+                    raise StopRequested(pending_stop() or signal.SIGTERM)  # this rank, or another, was asked to stop
                 if state.step >= self.total_steps:
                     break
         return "completed"
@@ -456,110 +456,6 @@ class Trainer:
             raise TrainingError(f"the trained weights hold NaN or inf ({bad[0]} and {len(bad) - 1} more); the run is not "
                                 "saved as finished: lower the learning rate or enable grad clipping, and train again")
         save_weights(self.run_dir / "model.safetensors", self.model)
-
-
-def _check_shares(num_samples: int, batch_size: int, world_size: int) -> None:
-    """Refuse a global batch, or a training set, that `world_size` processes cannot share."""
-    if batch_size % world_size:
-        raise ConfigError(f"batch size {batch_size} is the global batch and must split evenly over {world_size} "
-                          f"processes; use a multiple of {world_size}")
-    if num_batches(num_samples, batch_size, world_size) == 0:
-        raise ConfigError(f"{num_samples} training samples cannot be shared by {world_size} processes; use more data "
-                          "or fewer processes")
-
-
-def _check_world_size(trainer_state: dict, rng_states: list, world_size: int, path) -> None:
-    """Refuse to resume with another number of processes than the checkpoint was written by."""
-    saved = int(trainer_state.get("world_size", len(rng_states)))
-    if saved != world_size:
-        raise CheckpointError(f"checkpoint {path} was written by {saved} process(es) but this run has {world_size}; "
-                              f"resume it with {saved} (--nproc {saved} or torchrun --nproc-per-node {saved})")
-
-
-class _TrainingStep(torch.nn.Module):
-    """The task's training step as a module, for DistributedDataParallel to wrap (it owns `model`'s parameters)."""
-
-    def __init__(self, model, task):
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch):
-        return self.task.training_step(self.model, batch)
-
-
-class _NoLogger:
-    """What ranks other than 0 log to: nothing."""
-
-    def log(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class StopRequested(KeyboardInterrupt):
-    """SIGINT or SIGTERM asked the process to stop: training checkpoints and returns "interrupted"."""
-
-    def __init__(self, signum: int):
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(self.signal_name)
-
-
-_held: list[int] = []  # stop signals that arrived inside a deferred block
-_deferring = 0
-
-
-def _on_stop_signal(signum, frame):
-    if _deferring:
-        _held.append(signum)
-        return
-    raise StopRequested(signum)
-
-
-@contextlib.contextmanager
-def stop_signals_handled():
-    """SIGINT and SIGTERM raise StopRequested inside the block (main thread only), whatever handlers were there before.
-
-    Ours replace them even where SIGINT was ignored at start-up (background jobs, some CI runners) and where
-    SIGTERM would kill the process outright (docker stop, Kubernetes, Slurm, systemd); both come back after.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    if all(h is _on_stop_signal for h in previous.values()):  # inside fit already: no handler swap per step
-        yield
-        return
-    for s in STOP_SIGNALS:
-        signal.signal(s, _on_stop_signal)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def stop_signals_deferred():
-    """Hold SIGINT / SIGTERM back until the block ends, then raise StopRequested (a KeyboardInterrupt)."""
-    global _deferring
-    with stop_signals_handled():
-        _deferring += 1
-        try:
-            yield
-        except BaseException:
-            _held.clear()  # the block failed on its own; that error is the one to report
-            raise
-        finally:
-            _deferring -= 1
-        if _held and not _deferring:
-            signum = _held[0]
-            _held.clear()
-            raise StopRequested(signum)
 
 
 def _scalar(value) -> float | None:
