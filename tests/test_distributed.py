@@ -32,6 +32,34 @@ T2I = ["train-t2i", "--data", "shapes", "--sizes", "8", "--n", "48", "--batch-si
        "--sample-every", "10", "--set", "base.unet.dim=16", "--set", "base.unet.num_heads=2"]
 
 
+def test_ranks_share_each_global_batch_of_the_one_process_permutation():
+    from imagen.train.batching import EpochBatchSampler, num_batches
+
+    for n, batch, world in ((96, 16, 2), (101, 16, 2), (100, 12, 4), (97, 16, 2)):
+        one = list(EpochBatchSampler(n, batch, shuffle=True, seed=3, epoch=1))
+        ranks = [list(EpochBatchSampler(n, batch, shuffle=True, seed=3, epoch=1, rank=r, world_size=world))
+                 for r in range(world)]
+        assert all(len(r) == num_batches(n, batch, world) for r in ranks)
+        for i, shares in enumerate(zip(*ranks)):
+            assert [j for share in shares for j in share] == one[i]  # rank order rebuilds the batch
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1 and min(map(len, shares)) >= 1
+        # A last batch too small to give every rank a sample is dropped (97 = 6 x 16 + 1 with 2 ranks).
+        assert num_batches(n, batch, world) == len(one) - (0 < n % batch < world)
+
+
+def test_a_text_to_image_sample_is_noised_the_same_in_any_batch():
+    import torch
+
+    from imagen.tasks.text_to_image import T2ISplit
+
+    split = T2ISplit(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), [f"caption {i}" for i in range(6)], seed=5)
+    whole = split.__getitems__([0, 1, 2, 3, 4, 5])["sample_seeds"]
+    halves = torch.cat([split.__getitems__([0, 1, 2])["sample_seeds"], split.__getitems__([3, 4, 5])["sample_seeds"]])
+    assert torch.equal(whole, halves) and len(set(whole.tolist())) == 6
+    split.set_epoch(1)
+    assert not set(split.__getitems__([0, 1, 2, 3, 4, 5])["sample_seeds"].tolist()) & set(whole.tolist())
+
+
 def imagen(*args, timeout=TIMEOUT):
     return subprocess.run([sys.executable, "-m", "imagen", *map(str, args)], capture_output=True, text=True, env=ENV,
                           timeout=timeout, cwd=ROOT)

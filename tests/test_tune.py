@@ -111,17 +111,18 @@ def test_a_search_killed_mid_trial_resumes_without_rerunning_finished_trials(tmp
 
 
 def test_two_processes_on_one_sqlite_study_share_the_trials(tmp_path):
-    out = tmp_path / "search"
-    args = [*TUNE, "--max-steps", "20", "--trials", "4", "--out", out]
+    out, db = tmp_path / "search", tmp_path / "shared.db"
+    args = [*TUNE, "--max-steps", "20", "--trials", "4", "--out", out, "--storage", f"sqlite:///{db}"]
     first = imagen_process(*args)
-    while not (out / "study.db").exists():
+    while not db.exists():
         assert first.poll() is None, first.communicate()[1]
         time.sleep(0.05)
     second = imagen_process(*args)
     results = [p.communicate(timeout=TIMEOUT) for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, [err for _, err in results]
-    trials = load(out).trials
+    trials = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{db}").trials
     assert len(trials) >= 4 and len({t.number for t in trials}) == len(trials)
+    assert not (out / "study.db").exists()  # --storage named the database
     ran = [{int(line.split()[2].rstrip(":")) for line in err.splitlines() if line.startswith("imagen: trial ")
             and "=" in line} for _, err in results]
     assert ran[0] and ran[1] and not ran[0] & ran[1], ran  # both worked, never on the same trial
@@ -151,3 +152,9 @@ def test_a_searched_option_cannot_also_be_fixed(capsys, tmp_path):
     code, _, err = run_cli(capsys, *TUNE, "--trials", "2", "--space", path, "--lr", "0.001", "--out", tmp_path / "s")
     assert "both searched and fixed" in one_line_error(code, err)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_storage_that_is_not_a_database_url_is_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, *TUNE, "--trials", "2", "--storage", "not a url", "--out", tmp_path / "search")
+    assert "--storage 'not a url' is not a database URL" in one_line_error(code, err)
+    assert not (tmp_path / "search").exists()
