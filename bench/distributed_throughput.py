@@ -5,9 +5,9 @@
 
 Each configuration trains the same classify run (Shapes, colour-shape labels, the same global batch) for --steps
 optimiser steps; the figure is the mean of the samples/s that rank 0 logs for the whole job (every process's
-samples), without the first log window (start-up). Each process gets --threads intra-op threads, so N processes on
-an N-core machine use the cores one process would leave idle with one thread. Prints a markdown table for
-bench/RESULTS.md. On CPU gloo's all-reduce of the gradients is part of every step; nothing here is hidden from it.
+samples), without the first log window (start-up). Both use the same cores: N processes with --threads intra-op
+threads each, against one process with N x --threads threads. Prints a markdown table for bench/RESULTS.md. On CPU
+gloo's all-reduce of the gradients is part of every step; nothing here is hidden from it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(nproc: int, args, out: Path) -> float:
+def run(nproc: int, threads: int, args, out: Path) -> float:
     """Samples per second of one training job with `nproc` processes."""
     command = [sys.executable, "-m", "imagen", "finetune", "--task", "classify", "--data", "shapes", "--label", "color-shape",
                "--n", str(args.n), "--preset", args.preset, "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
@@ -32,7 +32,7 @@ def run(nproc: int, args, out: Path) -> float:
                "--set", "train.log_every=10", "--out", str(out)]
     if nproc > 1:
         command += ["--nproc", str(nproc)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{nproc} process(es) failed:\n{done.stderr}")
@@ -50,18 +50,18 @@ def main():
     p.add_argument("--n", type=int, default=4000, help="training images")
     p.add_argument("--preset", default="small")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process of the N-process job")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        one = run(1, args, Path(tmp) / "one")
-        many = run(args.nproc, args, Path(tmp) / "many")
+        one = run(1, args.threads * args.nproc, args, Path(tmp) / "one")
+        many = run(args.nproc, args.threads, args, Path(tmp) / "many")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {args.device}, "
-          f"preset {args.preset}, global batch {args.batch_size}, {args.steps} steps, {args.threads} thread(s) per process")
-    print("| processes | samples/s | vs 1 |")
+          f"preset {args.preset}, global batch {args.batch_size}, {args.steps} steps")
+    print("| processes x threads | samples/s | vs 1 process |")
     print("| --- | --- | --- |")
-    print(f"| 1 | {one:.0f} | 1.00 |")
-    print(f"| {args.nproc} | {many:.0f} | {many / one:.2f} |")
+    print(f"| 1 x {args.threads * args.nproc} | {one:.0f} | 1.00 |")
+    print(f"| {args.nproc} x {args.threads} | {many:.0f} | {many / one:.2f} |")
 
 
 if __name__ == "__main__":
