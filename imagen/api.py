@@ -27,19 +27,21 @@ from imagen.export import ImagenModel, export_run
 from imagen.registry import Registry, init_registry, refresh
 from imagen.reports import write_report
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
-from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, load_tokenizer,
-                         open_run, read_config)
+from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, check_run_dir,
+                         load_tokenizer, open_run, read_config, run_in_use)
 from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
 from imagen.tasks.text_to_image import train_t2i
-from imagen.train import Trainer, TrainResult, latest_checkpoint, resolve_device, seed_everything
+from imagen.train import (Trainer, TrainResult, broadcast_object, destroy_processes, from_main, init_distributed,
+                          latest_checkpoint, launch_local, resolve_device, seed_everything)
 
 log = logging.getLogger("imagen")
 
-__all__ = ["pretrain", "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
-           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes", "export_run", "ImagenModel", "write_report",
-           "Registry", "init_registry", "refresh"]
+__all__ = ["finish_processes", "launch_processes", "run_in_use", "task_metrics", "task_option_names", "task_search_space", "pretrain",
+           "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
+           "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes", "export_run", "ImagenModel",
+           "write_report", "Registry", "init_registry", "refresh"]
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -51,6 +53,16 @@ DEFAULT_PRESET = "tiny"
 
 # ---------------------------------------------------------------------------------------------------
 # Training: one path for every task
+
+
+def launch_processes(nproc: int, argv: Sequence[str]) -> int:
+    """Run the command `imagen ARGV` as `nproc` processes on this machine (torchrun --standalone); its exit status."""
+    return launch_local(nproc, list(argv))
+
+
+def finish_processes() -> None:
+    """Leave the process group of a multi-process command once every rank has finished it."""
+    destroy_processes()
 
 
 def _split_options(options: dict[str, Any], task_cls) -> tuple[dict, dict, dict]:
@@ -172,8 +184,8 @@ def _resume_changes(rc: RunConfig, task_cls, out: Path, options: dict, sets: Seq
     return bool(changed)
 
 
-def _resumed_run_config(task_cls, out: Path, on_bad_sample: str, options: dict, sets: Sequence[str], n):
-    """The same pieces for a run being resumed, read back from its directory (with the changes --resume allows)."""
+def _resumed_run_config(task_cls, out: Path, options: dict, sets: Sequence[str], n):
+    """(run config, tokenizer) of a run being resumed, read back from its directory (with the changes --resume allows)."""
     rc = RunConfig.from_json(read_config(out))
     if rc.task != task_cls.name:
         raise RunError(f"{out} is a {rc.task} run; resume it with " + ("`imagen pretrain`" if rc.task == "pretrain" else f"--task {rc.task}"))
@@ -182,30 +194,56 @@ def _resumed_run_config(task_cls, out: Path, on_bad_sample: str, options: dict, 
                        "or train a new run into another --out")
     if _resume_changes(rc, task_cls, out, options, sets, n):
         write_json(out / CONFIG_NAME, rc.to_json())  # the run's record says what it was trained with
+    return rc, load_tokenizer(out)
+
+
+def _resumed_splits(task_cls, rc: RunConfig, on_bad_sample: str):
+    """The decoded (train, val or None) splits a resumed run trains on."""
     d = rc.data
     train_ds, val_ds = _load_splits(d["spec"], d.get("seed", 0), d.get("label"), d.get("n"), on_bad_sample)
     size = rc.model.image_size
-    val = task_cls.decode(val_ds, size) if val_ds is not None else None
-    return rc, load_tokenizer(out), None, task_cls.decode(train_ds, size), val
+    return task_cls.decode(train_ds, size), (task_cls.decode(val_ds, size) if val_ds is not None else None)
+
+
+def task_option_names(task: str, finetune: bool = True) -> set[str]:
+    """Every keyword `train_task` takes for `task`: TrainConfig and EncoderConfig fields and the task's own options."""
+    return TRAIN_KEYS | MODEL_KEYS | get_task(task, finetune=finetune).options()
+
+
+def task_search_space(task: str, finetune: bool = True) -> dict[str, Any]:
+    """The task's default hyperparameter search space (its recipe's neighbourhood; see Task.search_space)."""
+    return dict(get_task(task, finetune=finetune).search_space)
+
+
+def task_metrics(task: str, finetune: bool = True) -> tuple[tuple[str, str], tuple[str, ...]]:
+    """(the validation metric a task's training monitors with its direction, the metrics its tables show)."""
+    cls = get_task(task, finetune=finetune)
+    return tuple(cls.monitor), tuple(cls.headline)
 
 
 def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = True, init_from=None, preset: str | None = None,
                freeze: str = "none", n: int | None = None, on_bad_sample: str = "skip", sets: Sequence[str] = (),
-               vocab_size: int = DEFAULT_VOCAB_SIZE, **options) -> TrainResult:
+               vocab_size: int = DEFAULT_VOCAB_SIZE, on_evaluate=None, **options) -> TrainResult:
     """Train any task into a run directory (new, or continued with `resume`); returns the trainer's TrainResult.
 
     `options` are TrainConfig fields (lr, epochs, ...), EncoderConfig fields (dropout, ...) or the task's own
     options (its Config fields, e.g. label= for classify); `sets` are dotted overrides ("model.dim=96").
+    `on_evaluate(step, metrics)` is called after every validation (what a hyperparameter search reports).
+    Launched by torchrun, every rank calls this; rank 0 alone writes `out`, and hands the others the run's config.
     """
     task_cls = get_task(task, finetune=finetune)  # unknown task names fail before anything is created
-    with open_run(out, resume) as run:
+    proc = init_distributed(resolve_device(options.get("device") or "auto"))
+    from_main(check_run_dir, Path(out), resume)  # every rank stops on a bad --out, not only the one that writes it
+    with open_run(out, resume, writer=proc.is_main) as run:
         out = run.path
         if resume:
-            rc, tokenizer, init, train, val = _resumed_run_config(task_cls, out, on_bad_sample, options, sets, n)
+            rc, tokenizer = from_main(_resumed_run_config, task_cls, out, options, sets, n)
+            init, (train, val) = None, _resumed_splits(task_cls, rc, on_bad_sample)
         else:
             rc, tokenizer, init, train, val = _new_run_config(
                 task_cls, data, init_from=init_from, preset=preset, freeze=freeze, n=n, on_bad_sample=on_bad_sample,
                 sets=sets, vocab_size=vocab_size, options=options)
+            rc, tokenizer = broadcast_object((rc, tokenizer))  # every rank trains what rank 0 records
         task_obj = task_cls(rc, tokenizer)
         train_split = task_obj.build_split(*train, train=True)
         val_split = task_obj.build_split(*val, train=False) if val is not None else None
@@ -214,14 +252,16 @@ def train_task(task: str, data, out, *, resume: bool = False, finetune: bool = T
         if init is not None:
             log.info("initialised the %s from %s", task_obj.init_from(model, init), init_from)
         model.encoder.freeze(rc.freeze)
-        trainer = Trainer(model, task_obj, train_split, val_split, rc.train, out, collate_fn=task_obj.collate)
-        if not resume:
+        trainer = Trainer(model, task_obj, train_split, val_split, rc.train, out, collate_fn=task_obj.collate,
+                          on_evaluate=on_evaluate)
+        if not resume and proc.is_main:
             if tokenizer is not None:
                 tokenizer.save(out / TOKENIZER_NAME)
             write_json(out / CONFIG_NAME, rc.to_json())
         run.commit()
         # A run stopped before its first checkpoint starts again from its config (the same seed, the same run).
-        return trainer.fit(resume=resume and latest_checkpoint(out) is not None)
+        checkpointed = from_main(lambda: resume and latest_checkpoint(out) is not None)
+        return trainer.fit(resume=checkpointed)
 
 
 def pretrain(data: str = "shapes", out: str | Path = "runs/pretrain", *, preset: str | None = None, resume: bool = False,

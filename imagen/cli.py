@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
+from pathlib import Path
 
 # torch-free imports only, so `imagen --help` stays fast
 from imagen.config import (
@@ -71,16 +73,20 @@ def _positive_float(text):
 
 def _add_data_args(p):
     p.add_argument("--data", default="shapes", help="built-in name (shapes, fashion-mnist, emoji) or a path (default: shapes)")
-    p.add_argument("--n", type=_positive_int, default=None, help="number of training samples to use (default: all / built-in size)")
+    # --num-samples: torchrun's own parser takes "--n" after the program for an abbreviation of its --nnodes.
+    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=None, help="number of training samples to use (default: all / built-in size)")
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable samples (named in a warning) or stop (default: skip)")
 
 
-def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, steps_note=None, image_size=True):
+def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, steps_note=None, image_size=True,
+                    search=False):
     """Training options; a default left None is TrainConfig's (shown in the help) or, with `recipe_note`, the
-    task's recipe. Nothing is filled in here, so the library sees only what the user gave."""
+    task's recipe. Nothing is filled in here, so the library sees only what the user gave. With `search` (imagen
+    tune) they are the options every trial shares, and --out / --resume name the search's directory."""
     d = lambda name: default_of(TrainConfig, name)  # noqa: E731
-    g = p.add_argument_group("training")
-    g.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
+    g = p.add_argument_group("training (every trial's, unless searched)" if search else "training")
+    g.add_argument("--out", required=True, help="search directory to create, join or continue with --resume" if search
+                   else "run directory to create (or continue with --resume)")
     g.add_argument("--preset", default=None, choices=tuple(ENCODER_PRESETS),
                    help="model size (default: the task's recipe for the data; tiny where it names none)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help=f"optimiser (default: {d('optimizer')})")
@@ -106,7 +112,12 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
     g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--report-to", default=None, help="comma list of loggers: jsonl, tensorboard, wandb (offline) (default: jsonl,tensorboard)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are kept, an interrupted one runs again" if search
+                   else "continue the run in --out from its latest checkpoint")
+    if search:
+        g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
+        return
+    g.add_argument("--nproc", type=_positive_int, default=None, help="train with N processes on this machine (what `torchrun --standalone --nproc-per-node N` launches); --batch-size is then the global batch (default: 1)")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
 
 
@@ -186,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label", default=None, help="Shapes label kind: shape, color, color-shape, count (default: color-shape)")
     g.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (default: 0)")
     g.add_argument("--augment", choices=("none", "shift", "shift-flip"), default=None, help="training augmentation: random shifts, and left-right flips (default: none)")
+
+    p = sub.add_parser("tune", help="hyperparameter search on Optuna: TPE, median pruning, a SQLite study (needs the tune extra)")
+    p.add_argument("--task", required=True, help="task to tune: " + ", ".join(FINETUNE_TASKS))
+    _add_data_args(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--trials", type=_positive_int, required=True, help="trials the study should hold (finished, pruned or failed), shared by every process on it")
+    g.add_argument("--space", default=None, help="a JSON file: option -> [choices] or {\"low\", \"high\", \"log\"} (default: the task's search_space in imagen/tasks/)")
+    g.add_argument("--metric", default=None, help="validation metric to optimise (default: the one the task's training monitors, e.g. accuracy)")
+    g.add_argument("--timeout-min", type=_positive_float, default=None, help="stop starting trials after this many minutes (default: none)")
+    g.add_argument("--storage", default=None, help="SQLAlchemy URL of the study's database, e.g. postgresql://user@host/db for many machines (default: sqlite:///OUT/study.db)")
+    _add_train_args(p, recipe_note="the task's recipe", search=True)
+    p.add_argument("--init-from", default=None, help="a pretraining (or fine-tuning) run every trial starts from")
+    p.add_argument("--freeze", default="none", help="none, encoder (head only), or all-but-last-N (default: none)")
+    p.add_argument("--label", default=None, help="classify on Shapes: shape, color, color-shape, count (default: color-shape)")
 
     p = sub.add_parser("evaluate", help="metrics of a run on a data split")
     p.add_argument("--run", required=True, help="run directory")
@@ -304,6 +329,8 @@ def _exit_code(signal_name: str | None) -> int:
 
 def _report_fit(result, out, command):
     if result.status == "interrupted":
+        if os.environ.get("RANK", "0") != "0":  # one report per job: rank 0's
+            return _exit_code(result.stopped_by)
         print(f"interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
               f"Continue with: {command} --out {out} --resume", file=sys.stderr)
         return _exit_code(result.stopped_by)
@@ -327,6 +354,21 @@ def _serve(args) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return serve(args.runs, ServeSettings(batch=batch, api_key=key, device=args.device), host=args.host, port=args.port,
                  registries=args.registries)
+
+
+def _tune(args) -> int:
+    try:
+        from imagen.tune import TuneSettings, load_space, tune
+    except ImportError as e:
+        raise ConfigError(f"imagen tune needs the tune extra ({e.name} is missing): pip install -e \".[tune]\"") from None
+    space = load_space(args.space) if args.space is not None else None
+    fixed = {**_train_kwargs(args), "progress": False, "preset": args.preset, "n": args.n, "on_bad_sample": args.on_bad_sample,
+             "sets": tuple(args.sets), "init_from": args.init_from, "freeze": args.freeze, "label": args.label}
+    settings = TuneSettings(task=args.task, data=args.data, out=Path(args.out), trials=args.trials, space=space,
+                            metric=args.metric, timeout_min=args.timeout_min, storage=args.storage, resume=args.resume,
+                            seed=args.seed or 0, fixed={k: v for k, v in fixed.items() if v is not None})
+    tune(settings)
+    return 0
 
 
 def run_command(args) -> int:
@@ -371,6 +413,8 @@ def run_command(args) -> int:
                             on_bad_sample=args.on_bad_sample, captions=args.captions, sets=args.sets, **_train_kwargs(args))
         for name, result in results.items():
             if result.status == "interrupted":
+                if os.environ.get("RANK", "0") != "0":
+                    return _exit_code(result.stopped_by)
                 print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
                       f"Continue with: imagen train-t2i --out {args.out} --resume", file=sys.stderr)
                 return _exit_code(result.stopped_by)
@@ -422,6 +466,8 @@ def run_command(args) -> int:
     if args.command == "export":
         api.export_run(args.run, args.format, args.out)
         return 0
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "demo":
         from imagen.demo import run_demo
 
@@ -429,23 +475,79 @@ def run_command(args) -> int:
     raise AssertionError(args.command)
 
 
+def _launch(args, argv) -> int:
+    """`--nproc N`: the same command as N processes (torchrun's launcher), each without --nproc."""
+    if args.batch_size is not None and args.batch_size % args.nproc:
+        raise ConfigError(f"--batch-size {args.batch_size} is the global batch and must split evenly over --nproc "
+                          f"{args.nproc}; use a multiple of {args.nproc}")
+    import imagen.api as api
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return api.launch_processes(args.nproc, rest)
+
+
+def _rank_prefix() -> str:
+    """"rank R: " inside a multi-process job (launched by torchrun or --nproc), else nothing."""
+    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another process of the job died (its own error is the one to read)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not isinstance(e, RuntimeError):
+        return False
+    return type(e).__module__.startswith("torch") or any(w in str(e) for w in ("Gloo", "gloo", "NCCL", "closed by peer", "Connection reset"))
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="imagen: %(message)s", stream=sys.stderr)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors and --help: argparse has printed its line already
         return int(e.code or 0)
+    if (getattr(args, "nproc", None) or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        try:
+            return _launch(args, argv)
+        except USER_ERRORS as e:
+            print(f"imagen {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    if _rank_prefix() and os.environ.get("RANK") != "0":
+        # One job, one report: ranks other than 0 print only their errors.
+        logging.getLogger().setLevel(logging.WARNING)
+        sys.stdout = open(os.devnull, "w")
     # SIGTERM (docker stop, Kubernetes, Slurm, systemd) stops a command the way Ctrl-C does: a run being set up is
     # removed, a run training checkpoints (the trainer handles both signals itself while it trains).
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return run_command(args)
+        code = run_command(args)
+        if _rank_prefix() and code in (0, 130, 143):  # every rank got here: leave the process group together
+            import imagen.api as api
+
+            api.finish_processes()
+        return code
     except USER_ERRORS as e:
-        print(f"imagen {args.command}: error: {e}", file=sys.stderr)
+        if getattr(e, "raised_on_rank", None) != 0 or os.environ.get("RANK", "0") == "0":  # rank 0 reports its own
+            print(f"imagen {args.command}: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _lost_peer(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's source location
+        print(f"imagen {args.command}: error: {_rank_prefix()}stopped: another process of the job failed ({first[:200]})",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         name = "SIGTERM" if str(e) == "SIGTERM" else "SIGINT"
-        print(f"imagen {args.command}: interrupted ({name})", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"imagen {args.command}: interrupted ({name})", file=sys.stderr)
         return _exit_code(name)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -50,6 +50,15 @@ def check_new_run_dir(out: Path) -> None:
             break
 
 
+def check_run_dir(out: Path, resume: bool) -> None:
+    """What `open_run` checks before it creates anything: a resumed run holds a config.json, a new one has room."""
+    if resume:
+        if not (Path(out) / CONFIG_NAME).is_file():
+            raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
+    else:
+        check_new_run_dir(Path(out))
+
+
 def _lock(out: Path) -> int:
     """An exclusive lock on the run directory for this process, or a RunError naming the process that holds it."""
     try:
@@ -66,6 +75,21 @@ def _lock(out: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def run_in_use(out: Path) -> bool:
+    """Whether a live process holds `out`'s lock (the kernel drops the lock of a process that died, even by SIGKILL)."""
+    try:
+        fd = os.open(Path(out) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -94,7 +118,7 @@ class RunDir:
 
 
 @contextmanager
-def open_run(out: str | Path, resume: bool) -> Iterator[RunDir]:
+def open_run(out: str | Path, resume: bool, writer: bool = True) -> Iterator[RunDir]:
     """The one lifecycle of a run directory, for every command that trains: check, then create, lock, set up, commit.
 
     A fresh run's `out` must be absent or empty, a resumed one must hold a run's config.json; both are checked
@@ -102,14 +126,18 @@ def open_run(out: str | Path, resume: bool) -> Iterator[RunDir]:
     gets a RunError at once instead of interleaving its writes. Until `run.commit()` a failure (a bad option,
     unreadable data, no such device, Ctrl-C, SIGTERM) removes everything the block made, so a failed start never
     blocks the folder; after it, a failure keeps the run and its checkpoints for --resume.
+
+    In a multi-process job only rank 0 is the `writer`; the other ranks get the path and touch nothing (their
+    machine may not even have the folder).
     """
     out = Path(out)
+    if not writer:
+        yield RunDir(out, created=False)
+        return
+    check_run_dir(out, resume)
     if resume:
-        if not (out / CONFIG_NAME).is_file():
-            raise RunError(f"cannot resume: {out} is not a run directory (no {CONFIG_NAME}); start a new run without --resume")
         created = False
     else:
-        check_new_run_dir(out)
         created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)

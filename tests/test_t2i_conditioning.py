@@ -124,9 +124,9 @@ def test_sr_training_augments_the_downsampled_image_at_uniform_levels(monkeypatc
     seen = {}
     original = stage.lowres_input
 
-    def record(lowres, level, generator=None):
+    def record(lowres, level, generator=None, noise=None):
         seen["lowres"], seen["level"] = lowres, level
-        return original(lowres, level, generator)
+        return original(lowres, level, generator, noise)
 
     monkeypatch.setattr(stage, "lowres_input", record)
     torch.manual_seed(0)

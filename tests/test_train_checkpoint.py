@@ -105,7 +105,7 @@ def test_checkpoint_round_trip_and_pruning(tmp_path):
     model2 = nn.Linear(3, 2)
     opt2 = build_optimizer(model2, cfg)
     sched2 = build_scheduler(opt2, 10, cfg)
-    state, rng = load_checkpoint(latest_checkpoint(tmp_path), model2, opt2, sched2)
+    state, (rng,) = load_checkpoint(latest_checkpoint(tmp_path), model2, opt2, sched2)
     assert state == {"step": 3} and torch.equal(model2.weight, model.weight)
     assert sched2.last_epoch == 1 and opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
 

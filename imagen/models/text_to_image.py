@@ -109,15 +109,17 @@ class TextToImageStage(nn.Module):
     def null_condition(self, batch: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.drop_condition(like, torch.ones(batch, dtype=torch.bool, device=like["text_mask"].device))
 
-    def augment_lowres(self, lowres: torch.Tensor, level: torch.Tensor, generator=None) -> torch.Tensor:
-        """Noise-conditioning augmentation (Imagen sec. 2.5): diffuse the low-res image to `level` in [0, 1]."""
+    def augment_lowres(self, lowres: torch.Tensor, level: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        """Noise-conditioning augmentation (Imagen sec. 2.5): diffuse the low-res image to `level` in [0, 1]
+        (with `noise`, or noise drawn from `generator`: one generator, or one per sample)."""
         t = (level * (self.config.timesteps - 1)).round().long()
-        noise = randn(lowres.shape, generator, device=lowres.device, dtype=lowres.dtype)  # one generator, or one per sample
+        if noise is None:
+            noise = randn(lowres.shape, generator, device=lowres.device, dtype=lowres.dtype)
         return q_sample(self.schedule, lowres, t, noise)
 
-    def lowres_input(self, lowres: torch.Tensor, level: torch.Tensor, generator=None) -> torch.Tensor:
+    def lowres_input(self, lowres: torch.Tensor, level: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
         """The SR stage's extra input: the low-res image, noise-augmented, upsampled to the stage's size."""
-        return resize_images(self.augment_lowres(lowres, level, generator), self.config.unet.image_size)
+        return resize_images(self.augment_lowres(lowres, level, generator, noise), self.config.unet.image_size)
 
     # --- the denoiser -------------------------------------------------------------------------------
 

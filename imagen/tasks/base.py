@@ -76,6 +76,18 @@ class Task:
     # training images drawn from the built-in Shapes world when the user gives no --n (the world is procedural,
     # so more data costs only decoding time). The user's options override every one of them.
     recipe: dict[str, Any] = {"epochs": 3}
+    # What `imagen tune` searches unless `--space` says otherwise: option name -> a list of choices, or a range
+    # {"low", "high", "log"} (integers when both ends are). Centred on the recipe; the user's --space replaces it.
+    search_space: dict[str, Any] = {
+        "lr": {"low": 1e-4, "high": 5e-3, "log": True},
+        "weight_decay": {"low": 0.0, "high": 0.1},
+        "batch_size": [32, 64, 128],
+        "warmup_steps": {"low": 0, "high": 100},
+        "dropout": {"low": 0.0, "high": 0.2},
+    }
+    # DistributedDataParallel must look for parameters that get no gradient in a step (heads or inputs a batch does
+    # not use: an image-only task leaves the text embeddings idle). A task that uses every parameter may say False.
+    find_unused_parameters = True
 
     @classmethod
     def fit_recipe(cls, dataset, spec, given: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

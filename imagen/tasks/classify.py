@@ -99,6 +99,7 @@ class ClassifyTask(Task):
     needs_tokenizer = False
     comparable_with = ("pretrain",)  # a pretraining run scores on the same labels through a linear probe
     recipe = {"epochs": 3}  # on Shapes; other data gets the recipe `fit_recipe` fits to it
+    search_space = {**Task.search_space, "label_smoothing": {"low": 0.0, "high": 0.2}}
 
     @classmethod
     def fit_recipe(cls, dataset, spec, given):

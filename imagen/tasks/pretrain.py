@@ -36,6 +36,13 @@ class PretrainTask(Task):
     predict_inputs = None  # nothing to predict with: fine-tune it first
     recipe = {}  # TrainConfig's defaults
 
+    @property
+    def find_unused_parameters(self) -> bool:
+        """With every objective on, each step uses every parameter; image-only pretraining or a disabled objective
+        leaves some idle."""
+        c = self.cfg
+        return c.image_only or min(c.mlm_weight, c.mim_weight, c.itc_weight, c.itm_weight) == 0
+
     # -- data -----------------------------------------------------------------------------------------
 
     @classmethod

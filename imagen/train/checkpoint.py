@@ -24,6 +24,7 @@ from imagen.atomic import atomic_dir, atomic_path, write_json
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng.pt"  # rank 0's random streams; rank r > 0 of a multi-process run: rng-rank-r.pt
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -129,12 +130,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     trainer_state: dict,
-    rng_state: dict,
+    rng_state: dict | list[dict],
     *,
     scaler=None,
     keep: int = 2,
 ) -> Path:
-    """Write RUN/checkpoints/step-XXXXXXXX/ atomically and keep only the newest `keep` step checkpoints."""
+    """Write RUN/checkpoints/step-XXXXXXXX/ atomically and keep only the newest `keep` step checkpoints.
+
+    `rng_state` is one process's RNG state, or a list of every rank's (a multi-process run) in rank order."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{int(trainer_state['step']):08d}"
@@ -145,23 +148,31 @@ def save_checkpoint(
         if scaler is not None:
             training["scaler"] = scaler.state_dict()
         torch.save(training, tmp / "optimizer.pt")
-        torch.save(rng_state, tmp / "rng.pt")
+        rng_states = rng_state if isinstance(rng_state, list) else [rng_state]
+        for rank, state in enumerate(rng_states):
+            torch.save(state, tmp / _rng_file(rank))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))  # last: marks the checkpoint complete
     for _, old in _step_dirs(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _rng_file(rank: int) -> str:
+    return RNG_FILE if rank == 0 else f"rng-rank-{rank}.pt"
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None, scaler=None):
-    """Restore model / optimiser / scheduler (/ scaler) in place; return (trainer_state, rng_state)."""
+    """Restore model / optimiser / scheduler (/ scaler) in place; return (trainer_state, rng_states), the RNG state
+    of every rank that wrote it, in rank order (one for a single-process run)."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint ({STATE_FILE} is missing); resume from another one")
     load_weights(path / "model.safetensors", model)
     try:
         training = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng_state = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
         trainer_state = json.loads((path / STATE_FILE).read_text())
+        ranks = int(trainer_state.get("world_size", 1))
+        rng_states = [torch.load(path / _rng_file(r), map_location="cpu", weights_only=True) for r in range(ranks)]
     except Exception as exc:  # noqa: BLE001 - any unreadable file means the same thing to the user
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
@@ -173,7 +184,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, s
         scheduler.load_state_dict(training["scheduler"])
     if scaler is not None and "scaler" in training:
         scaler.load_state_dict(training["scaler"])
-    return trainer_state, rng_state
+    return trainer_state, rng_states
 
 
 def save_best(run_dir: str | os.PathLike, model: nn.Module, info: dict) -> Path:
@@ -188,3 +199,11 @@ def save_best(run_dir: str | os.PathLike, model: nn.Module, info: dict) -> Path:
 def best_weights_path(run_dir: str | os.PathLike) -> Path:
     """Where `save_best` keeps the best weights."""
     return Path(run_dir) / CHECKPOINTS_DIR / BEST_DIR / "model.safetensors"
+
+
+def check_world_size(trainer_state: dict, rng_states: list, world_size: int, path) -> None:
+    """Refuse to resume with another number of processes than the checkpoint was written by."""
+    saved = int(trainer_state.get("world_size", len(rng_states)))
+    if saved != world_size:
+        raise CheckpointError(f"checkpoint {path} was written by {saved} process(es) but this run has {world_size}; "
+                              f"resume it with {saved} (--nproc {saved} or torchrun --nproc-per-node {saved})")

@@ -116,3 +116,13 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class NullLogger:
+    """What ranks other than 0 of a multi-process job log to: nothing (rank 0 writes the run's logs)."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -2,9 +2,16 @@
 
 The trainer knows nothing about models or tasks. A task is any object with
 `training_step(model, batch) -> {"loss": tensor, ...scalars}`, `validation_step(model, batch) -> {...tensors}`,
-`compute_metrics(outputs) -> {name: float}`, `monitor = (metric name, "max" | "min")` and optionally `collate`
-and `on_optimizer_step(model, step)` (called after every update, e.g. for EMA weights; it may return
-{tag: (H, W, 3) uint8 array}, logged as image summaries).
+`compute_metrics(outputs) -> {name: float}`, `monitor = (metric name, "max" | "min")` and optionally `collate`,
+`on_optimizer_step(model, step)` (called after every update, e.g. for EMA weights; it may return
+{tag: (H, W, 3) uint8 array}, logged as image summaries) and `find_unused_parameters`.
+
+Under torchrun (imagen/train/distributed.py) the same loop runs on every rank: the model is wrapped in
+DistributedDataParallel around the task's whole training step, `cfg.batch_size` is the global batch (each rank
+takes its share of every batch of the seeded permutation), each rank's loss is weighted by its share so the
+averaged gradient is that of the global batch, validation outputs are gathered so every rank computes the same
+metrics and early-stopping decision, and rank 0 alone writes logs, checkpoints (with every rank's RNG state) and
+the final weights. A stop signal on any rank stops every rank at the same step.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import dataclasses
 import json
 import math
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,14 +33,16 @@ from tqdm.auto import tqdm
 from imagen.errors import TrainingError
 from imagen.config import TrainConfig, to_dict
 
-from .batching import make_loader
-from .checkpoint import (CheckpointError, best_weights_path, latest_checkpoint, load_checkpoint, load_weights,
-                         save_best, save_checkpoint, save_weights)
+from . import distributed
+from .batching import check_shares, make_loader, num_batches
+from .checkpoint import (CheckpointError, best_weights_path, check_world_size, latest_checkpoint, load_checkpoint,
+                         load_weights, save_best, save_checkpoint, save_weights)
 from .device import (autocast_context, batch_size_of, move_to_device, peak_memory_mb, resolve_device,
                      resolve_precision)
-from .loggers import MetricsLogger
+from .loggers import MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .rng import get_rng_state, seed_everything, set_rng_state
+from .signals import StopRequested, pending_stop, stop_signals_deferred, stop_signals_handled
 
 MAX_NONFINITE_STEPS = 3
 
@@ -69,12 +77,16 @@ class LoopState:
     window_sums: dict[str, float] = field(default_factory=dict)  # train scalars since the last log line
     window_counts: dict[str, int] = field(default_factory=dict)
     val_metrics: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1  # processes that trained it; a resume needs as many (each has its own RNG stream)
 
 
 class Trainer:
     """Trains `model` on `train_data` with `task`'s loss, validating on `val_data` (may be None)."""
 
-    def __init__(self, model, task, train_data, val_data, cfg: TrainConfig, run_dir, *, collate_fn=None):
+    def __init__(self, model, task, train_data, val_data, cfg: TrainConfig, run_dir, *, collate_fn=None,
+                 on_evaluate=None):
+        """`on_evaluate(step, metrics)`, when given, is called after every validation on every rank (e.g. to report a
+        hyperparameter-search trial's progress); whatever it raises ends `fit` with that exception."""
         if len(train_data) == 0:
             raise ValueError("the training data is empty")
         self.cfg = cfg
@@ -82,7 +94,12 @@ class Trainer:
         self.train_data = train_data
         self.val_data = val_data
         self.run_dir = Path(run_dir)
-        self.device = resolve_device(cfg.device)
+        self.on_evaluate = on_evaluate
+        self.dist = distributed.current()
+        world = self.dist.world_size
+        # Checked by rank 0 and raised on every rank (so the job reports it once and no rank waits for the others).
+        distributed.from_main(check_shares, len(train_data), cfg.batch_size, world)
+        self.device = distributed.rank_device(resolve_device(cfg.device))
         self.precision = resolve_precision(cfg.precision, self.device, sum(p.numel() for p in model.parameters()))
         self.model = model.to(self.device)
         self.collate_fn = collate_fn or getattr(task, "collate", None) or default_collate
@@ -90,7 +107,7 @@ class Trainer:
             _, mode = task.monitor
             if mode not in ("max", "min"):
                 raise ValueError(f"task.monitor mode {mode!r} must be 'max' or 'min'")
-        self.batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+        self.batches_per_epoch = num_batches(len(train_data), cfg.batch_size, world)
         # A trailing partial accumulation group still makes an optimiser step, hence the ceil.
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -99,6 +116,14 @@ class Trainer:
         self._step_hook = getattr(task, "on_optimizer_step", None)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg)
+        self._ddp = None
+        if self.dist.distributed and self.trainable:
+            # The task's whole training step runs inside DDP's forward, so a task may call any submodule (a U-Net,
+            # a text encoder) and every gradient is still averaged. Heads and caption dropout may leave parameters
+            # without a gradient in a step: tasks say whether that happens (default: assume it may).
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = torch.nn.parallel.DistributedDataParallel(
+                distributed.TrainingStep(self.model, task), device_ids=device_ids, find_unused_parameters=getattr(task, "find_unused_parameters", True))
 
     # ------------------------------------------------------------------------------------------
     # Public entry points
@@ -111,15 +136,20 @@ class Trainer:
         self._snapshot = self._capture(state)
         self._reset_window()
         self._last_lr = self.optimizer.param_groups[0]["lr"]
-        logger = MetricsLogger(self.run_dir, self.cfg.report_to, to_dict(self.cfg),
-                               resume_step=state.step if resume else None)
-        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.cfg.progress,
+        main = self.dist.is_main
+        logger = (MetricsLogger(self.run_dir, self.cfg.report_to, to_dict(self.cfg),
+                                resume_step=state.step if resume else None) if main else NullLogger())
+        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not (self.cfg.progress and main),
                    dynamic_ncols=True)
         self.model.train()
         status, stopped_by = "interrupted", None
         try:
-            with stop_signals_handled():
+            # Several ranks must stop at the same step: a signal is only noted, and the ranks agree after each step.
+            held = stop_signals_deferred() if self.dist.distributed else stop_signals_handled()
+            with held:
                 status = self._loop(state, logger, bar)
+                if self.dist.distributed:
+                    pending_stop(clear=True)  # a signal after the ranks last agreed: the run is complete all the same
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGINT / SIGTERM (StopRequested)
             # Weights, optimiser and schedule are still those of the last finished step; the snapshot matches them.
             stopped_by = e.signal_name if isinstance(e, StopRequested) else "SIGINT"
@@ -129,15 +159,19 @@ class Trainer:
             logger.close()
         if status == "interrupted":
             state = LoopState(**self._snapshot[0])  # what the checkpoint holds, not a half-finished step
-        else:
+        elif main:
             self._write_final_model(state)
+        distributed.barrier()  # the job ends when rank 0 has written the run
         return TrainResult(status, state.step, state.best_metric, state.best_step, dict(state.val_metrics),
                            peak_memory_mb(self.device), stopped_by)
 
     @torch.no_grad()
     def evaluate(self, data) -> dict[str, float]:
         """Run the task's validation over `data` and return its metrics (the model's train/eval mode is kept)."""
-        loader = make_loader(data, self.cfg.batch_size, shuffle=False, collate_fn=self.collate_fn,
+        world, batch_size = self.dist.world_size, self.cfg.batch_size // self.dist.world_size
+        if world > 1:  # each rank validates its contiguous share; the outputs are gathered in rank order below
+            data = torch.utils.data.Subset(data, distributed.shard_range(len(data), self.dist.rank, world))
+        loader = make_loader(data, batch_size, shuffle=False, collate_fn=self.collate_fn,
                              num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
         was_training = self.model.training
         self.model.eval()
@@ -150,6 +184,8 @@ class Trainer:
                 outputs.append(move_to_device(out, "cpu"))  # keep accelerator memory flat over long evals
         finally:
             self.model.train(was_training)
+        if world > 1:
+            outputs = [out for shard in distributed.gather_objects(outputs) for out in shard]
         return {name: float(value) for name, value in self.task.compute_metrics(outputs).items()}
 
     # ------------------------------------------------------------------------------------------
@@ -157,24 +193,54 @@ class Trainer:
 
     def _start(self) -> LoopState:
         """A fresh run: refuse to mix with an earlier run's checkpoints, seed everything."""
-        if latest_checkpoint(self.run_dir) is not None:
-            raise CheckpointError(
-                f"{self.run_dir} already holds checkpoints of an earlier run; resume it or choose a new run directory"
-            )
-        seed_everything(self.cfg.seed)
-        return LoopState()
+        error = None
+        if self.dist.is_main and latest_checkpoint(self.run_dir) is not None:
+            error = f"{self.run_dir} already holds checkpoints of an earlier run; resume it or choose a new run directory"
+        error = distributed.broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+        # Rank 0 keeps the run's seed (one process trains as before); other ranks draw their own dropout and
+        # augmentation. DDP gave every rank rank 0's initial weights.
+        seed_everything(distributed.rank_seed(self.cfg.seed, self.dist.rank))
+        return LoopState(world_size=self.dist.world_size)
 
     def _restore(self) -> LoopState:
         """Load the latest complete checkpoint into model, optimiser, schedule and RNGs."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            raise CheckpointError(
-                f"no complete checkpoint under {self.run_dir / 'checkpoints'} to resume from; "
-                "start the run without resume"
-            )
-        trainer_state, rng_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        set_rng_state(rng_state)
-        return LoopState(**trainer_state)
+        if not self.dist.distributed:
+            path = latest_checkpoint(self.run_dir)
+            if path is None:
+                raise CheckpointError(
+                    f"no complete checkpoint under {self.run_dir / 'checkpoints'} to resume from; "
+                    "start the run without resume"
+                )
+            trainer_state, rng_states = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            check_world_size(trainer_state, rng_states, 1, path)
+            set_rng_state(rng_states[0])
+            return LoopState(**trainer_state)
+        # Rank 0 reads the checkpoint from its disk and hands every rank its part: nothing assumes a shared disk.
+        shared = None
+        if self.dist.is_main:
+            try:
+                path = latest_checkpoint(self.run_dir)
+                if path is None:
+                    raise CheckpointError(f"no complete checkpoint under {self.run_dir / 'checkpoints'} to resume from; "
+                                          "start the run without resume")
+                trainer_state, rng_states = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+                check_world_size(trainer_state, rng_states, self.dist.world_size, path)
+                shared = {"trainer_state": trainer_state, "rng": rng_states,
+                          "optimizer": move_to_device(self.optimizer.state_dict(), "cpu"),
+                          "scheduler": self.scheduler.state_dict()}
+            except CheckpointError as e:
+                shared = {"error": str(e)}
+        shared = distributed.broadcast_object(shared)
+        if "error" in shared:
+            raise CheckpointError(shared["error"])
+        if not self.dist.is_main:
+            self.optimizer.load_state_dict(shared["optimizer"])
+            self.scheduler.load_state_dict(shared["scheduler"])
+        distributed.broadcast_module(self.model)
+        set_rng_state(shared["rng"][self.dist.rank])
+        return LoopState(**shared["trainer_state"])
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -189,7 +255,8 @@ class Trainer:
                 state.epoch, state.batch = state.epoch + 1, 0
             loader = make_loader(self.train_data, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
                                  epoch=state.epoch, start_batch=state.batch, collate_fn=self.collate_fn,
-                                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+                                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                                 rank=self.dist.rank, world_size=self.dist.world_size)
             for batch in loader:
                 if not self._micro_step(batch, state):
                     continue  # the accumulation group is not complete yet
@@ -205,6 +272,8 @@ class Trainer:
                     self._snapshot = self._capture(state)
                 if self._after_step(state, logger, bar):
                     return "early_stopped"
+                if self.dist.distributed and distributed.any_rank(pending_stop() is not None):
+                    raise StopRequested(pending_stop() or signal.SIGTERM)  # this rank, or another, was asked to stop
                 if state.step >= self.total_steps:
                     break
         return "completed"
@@ -218,23 +287,51 @@ class Trainer:
         if state.batch == group_start:
             self._group = {"sums": {}, "finite": True, "count": 0}
         batch = move_to_device(batch, self.device)
-        self._window_samples += batch_size_of(batch)
-        with autocast_context(self.device, self.precision):
-            out = self.task.training_step(self.model, batch)
-        loss = out["loss"]
-        loss_value = float(loss.detach())  # one host sync per batch, to skip the backward of a NaN loss
-        if math.isfinite(loss_value):
-            (loss / group_size).backward()
+        completes_group = state.batch + 1 - group_start == group_size
+        if self._ddp is None:
+            self._window_samples += batch_size_of(batch)
+            with autocast_context(self.device, self.precision):
+                out = self.task.training_step(self.model, batch)
+            loss = out["loss"]
+            loss_value = float(loss.detach())  # one host sync per batch, to skip the backward of a NaN loss
             scalars = {"loss": loss_value, **{k: _scalar(v) for k, v in out.items() if k != "loss"}}
+            if math.isfinite(loss_value):
+                (loss / group_size).backward()
+        else:
+            # Gradients are averaged over the ranks only when the group completes (no_sync before that).
+            with contextlib.nullcontext() if completes_group else self._ddp.no_sync():
+                loss_value, scalars, weight = self._distributed_forward(batch)
+                loss = self._last_loss
+                # Every rank runs backward, even on a non-finite loss (DDP expects it); that group is skipped.
+                (loss * weight / group_size if math.isfinite(loss_value) else loss * 0.0).backward()
+        if math.isfinite(loss_value):
             for name, value in scalars.items():
                 if value is not None:
                     self._group["sums"][name] = self._group["sums"].get(name, 0.0) + value
             self._group["count"] += 1
         else:
-            self._group["finite"] = False  # skip backward: NaN grads would poison the whole group
+            self._group["finite"] = False  # skip the step: NaN grads would poison the whole group
             self._group["bad_loss"] = loss_value
         state.batch += 1
-        return state.batch - group_start == group_size
+        return completes_group
+
+    def _distributed_forward(self, batch):
+        """One rank's forward: (the global batch's mean loss, its mean scalars, this rank's loss weight).
+
+        DDP averages the ranks' gradients; weighting each rank's mean loss by n_rank * world / n_global makes that
+        average the gradient of the global batch's mean loss even when the last batch splits unevenly.
+        """
+        n = batch_size_of(batch)
+        with autocast_context(self.device, self.precision):
+            out = self._ddp(batch)
+        self._last_loss = out["loss"]
+        local = {"loss": float(out["loss"].detach()), **{k: _scalar(v) for k, v in out.items() if k != "loss"}}
+        names = sorted(k for k, v in local.items() if v is not None)
+        totals = distributed.all_reduce_sum(torch.tensor([n] + [local[k] * n for k in names], dtype=torch.float64))
+        n_global = float(totals[0])
+        self._window_samples += int(n_global)
+        scalars = {k: float(totals[i + 1]) / n_global for i, k in enumerate(names)}
+        return scalars["loss"], scalars, n * self.dist.world_size / n_global
 
     def _optimizer_step(self, state: LoopState) -> None:
         """Clip, step (unless the group went non-finite), advance the schedule, update the log window."""
@@ -306,10 +403,13 @@ class Trainer:
         # NaN never counts as an improvement, so one bad evaluation cannot become the "best" model.
         if math.isfinite(value) and (best is None or (value > best if mode == "max" else value < best)):
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-            save_best(self.run_dir, self.model, {"step": state.step, "metric": name, "value": value})
+            if self.dist.is_main:
+                save_best(self.run_dir, self.model, {"step": state.step, "metric": name, "value": value})
         else:
             state.bad_evals += 1
         self._snapshot = self._capture(state)
+        if self.on_evaluate is not None:
+            self.on_evaluate(state.step, dict(metrics))
         patience = self.cfg.early_stopping_patience
         return patience is not None and state.bad_evals >= patience
 
@@ -344,7 +444,10 @@ class Trainer:
     def _save_snapshot(self) -> Path:
         """Checkpoint the model / optimiser / schedule with the last step-boundary snapshot."""
         trainer_state, rng_state = self._snapshot
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, trainer_state, rng_state,
+        rng_states = distributed.gather_objects(rng_state)  # every rank's streams, for an exact resume
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, trainer_state, rng_states,
                                keep=self.cfg.keep_checkpoints)
 
     def _write_final_model(self, state: LoopState) -> None:
@@ -356,70 +459,6 @@ class Trainer:
             raise TrainingError(f"the trained weights hold NaN or inf ({bad[0]} and {len(bad) - 1} more); the run is not "
                                 "saved as finished: lower the learning rate or enable grad clipping, and train again")
         save_weights(self.run_dir / "model.safetensors", self.model)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class StopRequested(KeyboardInterrupt):
-    """SIGINT or SIGTERM asked the process to stop: training checkpoints and returns "interrupted"."""
-
-    def __init__(self, signum: int):
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(self.signal_name)
-
-
-_held: list[int] = []  # stop signals that arrived inside a deferred block
-_deferring = 0
-
-
-def _on_stop_signal(signum, frame):
-    if _deferring:
-        _held.append(signum)
-        return
-    raise StopRequested(signum)
-
-
-@contextlib.contextmanager
-def stop_signals_handled():
-    """SIGINT and SIGTERM raise StopRequested inside the block (main thread only), whatever handlers were there before.
-
-    Ours replace them even where SIGINT was ignored at start-up (background jobs, some CI runners) and where
-    SIGTERM would kill the process outright (docker stop, Kubernetes, Slurm, systemd); both come back after.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    if all(h is _on_stop_signal for h in previous.values()):  # inside fit already: no handler swap per step
-        yield
-        return
-    for s in STOP_SIGNALS:
-        signal.signal(s, _on_stop_signal)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def stop_signals_deferred():
-    """Hold SIGINT / SIGTERM back until the block ends, then raise StopRequested (a KeyboardInterrupt)."""
-    global _deferring
-    with stop_signals_handled():
-        _deferring += 1
-        try:
-            yield
-        except BaseException:
-            _held.clear()  # the block failed on its own; that error is the one to report
-            raise
-        finally:
-            _deferring -= 1
-        if _held and not _deferring:
-            signum = _held[0]
-            _held.clear()
-            raise StopRequested(signum)
 
 
 def _scalar(value) -> float | None:

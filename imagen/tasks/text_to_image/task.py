@@ -2,6 +2,9 @@
 
 The trainer sees an ordinary task. Frozen text encoders are run once over the whole split before training
 (`T2ISplit.precompute`), so each caption is encoded once; a trainable encoder runs inside the training step.
+The loss's random draws (timestep, noise, caption dropout, low-res augmentation level) come from one generator
+per sample, seeded by (run seed, epoch, sample index): a sample is noised the same way whichever process, batch
+or resume it lands in, so training with N processes follows the one-process run.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from PIL import Image
 
 from imagen.data.image_files import resize_images, save_grid
 from imagen.data.images import normalize_images
-from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample, training_loss, uniform_timesteps
+from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample, training_loss
 
 
 class T2ISplit(torch.utils.data.Dataset):
@@ -27,7 +30,7 @@ class T2ISplit(torch.utils.data.Dataset):
     no random number is drawn. Each distinct caption is stored, and encoded, once.
     """
 
-    def __init__(self, images: torch.Tensor, captions: Sequence[str | Sequence[str]]):
+    def __init__(self, images: torch.Tensor, captions: Sequence[str | Sequence[str]], seed: int = 0):
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
         sets = [[c] if isinstance(c, str) else list(c) or [""] for c in captions]
@@ -40,6 +43,20 @@ class T2ISplit(torch.utils.data.Dataset):
         self.caption_ids = torch.tensor(flat, dtype=torch.long)
         self.multi_caption = bool((self.counts > 1).any())
         self.encoded: dict[str, torch.Tensor] | None = None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next batches belong to: it keys each sample's noise (the trainer's loader sets it)."""
+        self.epoch = epoch
+
+    def sample_seeds(self, idx: torch.Tensor) -> torch.Tensor:
+        """One 63-bit seed per sample of this epoch: a mix of (seed, epoch, index) (splitmix64's constants)."""
+        offset = (self.epoch * 0x632BE59BD9B4E019 + self.seed * 0x3C6EF372FE94F82B) % 2**64
+        offset -= 2**64 if offset >= 2**63 else 0  # as a signed 64-bit integer; the products below wrap around
+        x = (idx.long() + 1) * -7046029254386353131 + offset
+        x = (x ^ (x >> 31)) * -4658895280553007687
+        return (x ^ (x >> 29)) & (2**63 - 1)
 
     @torch.no_grad()
     def precompute(self, stage, batch_size: int = 256) -> None:
@@ -76,7 +93,7 @@ class T2ISplit(torch.utils.data.Dataset):
 
     def __getitems__(self, indices):
         idx = torch.as_tensor(indices, dtype=torch.long)
-        batch = {"images": self.images[idx]}
+        batch = {"images": self.images[idx], "sample_seeds": self.sample_seeds(idx)}
         cap = self.draw_captions(idx)
         if self.encoded is not None:
             mask = self.encoded["text_mask"][cap]
@@ -88,11 +105,30 @@ class T2ISplit(torch.utils.data.Dataset):
         return batch
 
 
+class _SampleDraws:
+    """Random draws of a batch, each sample's from its own CPU generator (moved to the batch's device by the caller)."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def integers(self, high: int) -> torch.Tensor:
+        return torch.cat([torch.randint(0, high, (1,), generator=g) for g in self.generators])
+
+    def uniform(self) -> torch.Tensor:
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators])
+
+    def normal(self, shape) -> torch.Tensor:
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+
+
 class TextToImageTask:
     """Trains one cascade stage (base or super-resolution) with the diffusion loss."""
 
     name = "text-to-image"
     monitor = ("loss", "min")
+    # Every step uses every trainable parameter: a dropped caption is masked and zeroed, its path stays in the graph
+    # (so DistributedDataParallel need not look for idle parameters, an extra graph traversal per step).
+    find_unused_parameters = False
 
     def __init__(self, run_config=None, *, sample_every: int | None = None, sample_prompts=(), run_dir=None,
                  sample_steps: int = 20, lowres_source=None):
@@ -114,21 +150,27 @@ class TextToImageTask:
         c = model.config
         x0 = normalize_images(batch["images"])
         B = x0.shape[0]
+        seeds = batch.get("sample_seeds")
+        if seeds is None:  # a batch not drawn from a T2ISplit
+            seeds = torch.randint(0, 2**62, (B,))
+        draws = _SampleDraws(seeds.tolist())
         cond = self._condition(model, batch)
-        drop = torch.rand(B, device=x0.device) < c.cond_drop_prob
+        t = draws.integers(c.timesteps).to(x0.device)
+        drop = draws.uniform().to(x0.device) < c.cond_drop_prob
         cond = model.drop_condition(cond, drop)
+        noise = draws.normal(x0.shape[1:]).to(x0)
         extra = {}
         if c.is_sr:
             lowres = resize_images(x0, c.lowres_size)
-            level = torch.rand(B, device=x0.device) * c.aug_level_max
-            extra = {"lowres_image": model.lowres_input(lowres, level), "lowres_noise_level": level}
-        t = uniform_timesteps(B, c.timesteps, device=x0.device)
+            level = draws.uniform().to(x0.device) * c.aug_level_max
+            lowres_noise = draws.normal(lowres.shape[1:]).to(lowres)
+            extra = {"lowres_image": model.lowres_input(lowres, level, noise=lowres_noise), "lowres_noise_level": level}
 
         def denoiser(x_t, t, **kw):
             return model.unet(x_t, t, **kw, **extra).float()
 
         return training_loss(denoiser, x0, t, cond, schedule=model.schedule, objective=c.objective,
-                             min_snr_gamma=c.min_snr_gamma, snr_floor=c.snr_floor)
+                             min_snr_gamma=c.min_snr_gamma, snr_floor=c.snr_floor, noise=noise)
 
     def training_step(self, model, batch):
         return {"loss": self._loss(model, batch)}

@@ -18,14 +18,15 @@ from imagen.data import Tokenizer, load_dataset
 from imagen.data.images import normalize_images
 from imagen.data.image_files import resize_images
 from imagen.errors import ConfigError, DataError, RunError
-from imagen.models.text_encoders import text_encoder_from_arg
+from imagen.models.text_encoders import build_text_encoder, text_encoder_from_arg
 from imagen.models.text_to_image import StageConfig, TextToImageStage, stage_config_to_json
 from imagen.models.unet import unet_preset
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_resume_changes, open_run
-from imagen.tasks.text_to_image.cascade_run import STAGE_TASK, TASK, read_t2i_config, text_encoder_for
+from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_resume_changes, check_run_dir, open_run
+from imagen.tasks.text_to_image.cascade_run import STAGE_TASK, TASK, read_t2i_config
 from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
 from imagen.data.registry import recorded_spec
-from imagen.train import Trainer, TrainResult, latest_checkpoint, resolve_device, seed_everything
+from imagen.train import (Trainer, TrainResult, current_process, from_main, init_distributed, latest_checkpoint,
+                          resolve_device, seed_everything)
 
 log = logging.getLogger("imagen")
 
@@ -62,8 +63,9 @@ def _caption_sets(ds, mode: str) -> list[list[str]]:
 
 
 def _new_run(out: Path, data: str, sizes: Sequence[int], text_encoder: str, n: int | None, seed: int,
-             on_bad_sample: str, captions: str, sets: Sequence[str]):
-    """Write a new cascade's config (and tokenizer) into `out`; returns (config, train split, encoder, captions)."""
+             on_bad_sample: str, captions: str, sets: Sequence[str], write: bool = True):
+    """A new cascade's config (and tokenizer), written into `out` when `write` (rank 0); returns (config, train split,
+    encoder, captions, tokenizer or None)."""
     if captions not in CAPTION_MODES:
         raise ConfigError(f"--captions {captions!r}: choose one of {', '.join(CAPTION_MODES)}")
     if len(sizes) < 1 or any(s <= 0 or s % 4 for s in sizes) or list(sizes) != sorted(set(sizes)):
@@ -81,13 +83,41 @@ def _new_run(out: Path, data: str, sizes: Sequence[int], text_encoder: str, n: i
         cfg.unet = dataclasses.replace(cfg.unet, text_dim=encoder.dim, cond_dim=encoder.dim)
         cfg.text_encoder = encoder.spec()
     apply_overrides({cfg.name: cfg for cfg in stage_cfgs}, list(sets))
-    if tokenizer is not None:
+    if tokenizer is not None and write:
         tokenizer.save(out / TOKENIZER_NAME)
     config = {"task": TASK, "stages": [c.name for c in stage_cfgs], "text_encoder": encoder.spec(),
               "data": {"spec": recorded_spec(data), "seed": seed, "n": n, "captions": captions}, "sizes": list(sizes),
               "stage_configs": {c.name: stage_config_to_json(c) for c in stage_cfgs}}
-    write_json(out / CONFIG_NAME, config)
-    return config, train_ds, encoder, texts
+    if write:
+        write_json(out / CONFIG_NAME, config)
+    return config, train_ds, encoder, texts, tokenizer
+
+
+def _existing_run(out: Path, resume: bool, stage: str | None) -> bool:
+    """Whether `out` holds a cascade to continue (refusing one that may not be continued this way)."""
+    exists = (out / CONFIG_NAME).is_file()
+    if exists and not (resume or stage is not None):
+        read_t2i_config(out)  # another kind of run: say that first
+        raise RunError(f"--out {out} already holds a text-to-image run; pass --resume to continue it or --stage NAME to train one stage")
+    return exists
+
+
+def _read_run(out: Path):
+    """(config, tokenizer or None) of an existing cascade."""
+    return read_t2i_config(out), (Tokenizer.load(out / TOKENIZER_NAME) if (out / TOKENIZER_NAME).is_file() else None)
+
+
+def _stages_to_train(out: Path, names: list[str], stage: str | None, exists: bool) -> list[str]:
+    """The stages of `names` still to train (refusing a run or stage that is already trained)."""
+    if stage is not None and (out / stage / WEIGHTS_NAME).is_file():
+        raise RunError(f"stage {stage!r} of {out} is already trained; train into a new --out to start over")
+    if exists and all((out / name / WEIGHTS_NAME).is_file() for name in names):
+        raise RunError(f"{out} is already finished (every stage is trained); generate with it, or train a new run "
+                       "into another --out")
+    for name in names:
+        if (out / name / WEIGHTS_NAME).is_file():
+            log.info("stage %s is already trained; skipping it", name)
+    return [name for name in names if not (out / name / WEIGHTS_NAME).is_file()]
 
 
 def train_t2i(
@@ -111,57 +141,56 @@ def train_t2i(
 
     captions: "all" draws one of each image's captions per visit (rows about one image, Shapes paraphrases);
     "first" keeps only each image's first caption. An existing run continues with `resume`, or with `stage`
-    (train a stage it does not have yet).
+    (train a stage it does not have yet). Launched by torchrun, every rank calls this and rank 0 alone writes `out`.
     """
     out = Path(out)
-    exists = (out / CONFIG_NAME).is_file()
-    if exists and not (resume or stage is not None):
-        read_t2i_config(out)  # another kind of run: say that first
-        raise RunError(f"--out {out} already holds a text-to-image run; pass --resume to continue it or --stage NAME to train one stage")
-    resolve_device(train_kwargs.get("device") or "auto")  # a missing device fails before anything is created
-    with open_run(out, resume=exists) as run:
+    # A missing device fails before anything is created.
+    proc = init_distributed(resolve_device(train_kwargs.get("device") or "auto"))
+    exists = from_main(_existing_run, out, resume, stage)
+    if not exists:
+        from_main(check_run_dir, out, False)
+    with open_run(out, resume=exists, writer=proc.is_main) as run:
         if not exists:
             seed = train_kwargs.get("seed") or 0
-            config, train_ds, encoder, texts = _new_run(out, data, sizes, text_encoder, n, seed, on_bad_sample, captions, sets)
+            config, train_ds, encoder, texts, tokenizer = _new_run(out, data, sizes, text_encoder, n, seed, on_bad_sample,
+                                                                   captions, sets, write=proc.is_main)
         else:
-            config = read_t2i_config(out)
+            config, tokenizer = from_main(_read_run, out)
             d = config["data"]
             train_ds = load_dataset(d["spec"], "train", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
-            encoder = text_encoder_for(out, config["text_encoder"])
+            encoder = build_text_encoder(config["text_encoder"], tokenizer=tokenizer)
             texts = _caption_sets(train_ds, d.get("captions", "first"))  # runs made before the option used "first"
         if stage is not None and stage not in config["stages"]:
             raise RunError(f"{out} has no stage {stage!r}; its stages are {', '.join(config['stages'])}")
         d = config["data"]
         val_ds = load_dataset(d["spec"], "val", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
         val_ds = val_ds.subset(range(min(8, len(val_ds))))  # the fixed prompts of the sample grids, and their images
-        names = config["stages"] if stage is None else [stage]
-        if stage is not None and (out / stage / WEIGHTS_NAME).is_file():
-            raise RunError(f"stage {stage!r} of {out} is already trained; train into a new --out to start over")
-        if exists and all((out / name / WEIGHTS_NAME).is_file() for name in names):
-            raise RunError(f"{out} is already finished (every stage is trained); generate with it, or train a new run "
-                           "into another --out")
+        names = from_main(_stages_to_train, out, config["stages"] if stage is None else [stage], stage, exists)
         run.commit()
         results = {}
         for name in names:
-            if (out / name / WEIGHTS_NAME).is_file():
-                log.info("stage %s is already trained; skipping it", name)
-                continue
-            results[name] = _train_stage(out / name, StageConfig(**config["stage_configs"][name]), out, encoder, train_ds,
-                                         texts, val_ds, resume, max_steps, sr_max_steps, sample_every, train_kwargs)
+            results[name] = _train_stage(out / name, StageConfig(**config["stage_configs"][name]), tokenizer, encoder,
+                                         train_ds, texts, val_ds, resume, max_steps, sr_max_steps, sample_every,
+                                         train_kwargs)
             if results[name].status == "interrupted":
                 break
     return results
 
 
-def _train_stage(stage_dir: Path, stage_cfg: StageConfig, run: Path, encoder, train_ds, texts, val_ds, resume: bool,
+def _read_stage_config(stage_dir: Path) -> dict | None:
+    return json.loads((stage_dir / CONFIG_NAME).read_text()) if (stage_dir / CONFIG_NAME).is_file() else None
+
+
+def _train_stage(stage_dir: Path, stage_cfg: StageConfig, tokenizer, encoder, train_ds, texts, val_ds, resume: bool,
                  max_steps, sr_max_steps, sample_every, train_kwargs) -> TrainResult:
-    """Train (or resume) one stage in its own trainer run directory."""
+    """Train (or resume) one stage in its own trainer run directory (written by rank 0 alone)."""
+    main = current_process().is_main
     steps = sr_max_steps if (stage_cfg.is_sr and sr_max_steps) else max_steps
     if steps is None and train_kwargs.get("epochs") is None:
         steps = DEFAULT_T2I_STEPS["sr" if stage_cfg.is_sr else "base"]
     tcfg = stage_train_config({**train_kwargs, "max_steps": steps})
-    if (stage_dir / CONFIG_NAME).is_file():  # continuing: the stage's saved train config, with the changes allowed
-        saved = json.loads((stage_dir / CONFIG_NAME).read_text())
+    saved = from_main(_read_stage_config, stage_dir)
+    if saved is not None:  # continuing: the stage's saved train config, with the changes allowed
         given = {k: v for k, v in train_kwargs.items() if v is not None}
         if max_steps is not None or (stage_cfg.is_sr and sr_max_steps):
             given["max_steps"] = steps
@@ -169,17 +198,17 @@ def _train_stage(stage_dir: Path, stage_cfg: StageConfig, run: Path, encoder, tr
         tcfg = dataclasses.replace(old, **given)
         changes = [(f"train.{k}", v, to_dict(tcfg)[k]) for k, v in to_dict(old).items() if to_dict(tcfg)[k] != v]
         check_resume_changes(changes, stage_dir)
-        if changes:
+        if changes and main:
             write_json(stage_dir / CONFIG_NAME, {**saved, "train": to_dict(tcfg)})
-    else:
+    elif main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json(stage_dir / CONFIG_NAME, {"task": STAGE_TASK, "stage": stage_config_to_json(stage_cfg), "train": to_dict(tcfg)})
     seed_everything(tcfg.seed)
     if stage_cfg.text_encoder.get("kind") == "trainable":
-        encoder = text_encoder_for(run, stage_cfg.text_encoder)  # each stage trains its own copy
+        encoder = build_text_encoder(stage_cfg.text_encoder, tokenizer=tokenizer)  # each stage trains its own copy
     model = TextToImageStage(stage_cfg, encoder)
     size = stage_cfg.unet.image_size
-    split = T2ISplit(train_ds.fast_images(size), texts)
+    split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed)
     if model.text_encoder is None:
         split.precompute(model)
     val_images = val_ds.fast_images(size)
@@ -188,8 +217,8 @@ def _train_stage(stage_dir: Path, stage_cfg: StageConfig, run: Path, encoder, tr
         return resize_images(normalize_images(val_images), stage_cfg.lowres_size)
 
     task = TextToImageTask(sample_every=sample_every or max(1, (tcfg.max_steps or 1000) // 4), sample_prompts=val_ds.texts(),
-                           run_dir=stage_dir, lowres_source=lowres_source)
+                           run_dir=stage_dir if main else None, lowres_source=lowres_source)
     log.info("training stage %s (%dx%d, %.2fM parameters) in %s", stage_cfg.name, size, size,
              model.unet.num_parameters() / 1e6, stage_dir)
-    can_resume = resume and latest_checkpoint(stage_dir) is not None
+    can_resume = from_main(lambda: resume and latest_checkpoint(stage_dir) is not None)
     return Trainer(model, task, split, None, tcfg, stage_dir, collate_fn=task.collate).fit(resume=can_resume)
