@@ -84,9 +84,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", choices=("default", "best"), default="default")
     p.add_argument("--cnn", action="store_true", help="also train the small CNN for the same minutes")
+    p.add_argument("--cnn-only", type=float, default=None, metavar="MINUTES",
+                   help="train only the small CNN, for MINUTES (e.g. the encoder's minutes of an earlier run)")
     p.add_argument("--out", default="runs/bench-fmnist")
     p.add_argument("options", nargs="*", metavar="KEY=VALUE", help="extra imagen.finetune options")
     args = p.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if args.cnn_only is not None:
+        acc, steps = cnn_for_minutes(args.cnn_only)
+        print(f"| small CNN, {args.cnn_only:g} min | {steps} steps of 128, shift-flip | test accuracy {acc:.4f} | {commit} |")
+        return
     options = dict(BEST) if args.recipe == "best" else {}
     for pair in args.options:
         key, _, value = pair.partition("=")
@@ -103,7 +110,6 @@ def main():
     recipe = (f"{m['dim']}-d x {m['num_layers']} layers, {m['image_size']} px / patch {m['patch_size']}, stem "
               f"{m['stem_layers']}, {t['epochs']} epochs, batch {t['batch_size']}, lr {t['lr']:g}, {c['augment']}, "
               f"smoothing {c['label_smoothing']:g}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     extra = " ".join(args.options)
     print(f"| {args.recipe}{' ' + extra if extra else ''} | {recipe} | test accuracy {report['accuracy']:.4f}, macro-F1 "
           f"{report['macro_f1']:.4f} | {train_min:.1f} min, {images_seen / (train_min * 60):.0f} images/s, peak "
