@@ -11,6 +11,7 @@ lifecycle: write_report (imagen/reports/), init_registry and refresh (imagen/reg
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 from pathlib import Path
@@ -23,9 +24,6 @@ from imagen.config import EncoderConfig, TrainConfig, apply_overrides, encoder_c
 from imagen.data import Tokenizer, image_to_tensor, load_dataset, open_image, write_shapes
 from imagen.data.registry import builtin_key, recorded_spec
 from imagen.errors import ConfigError, DataError, RunError
-from imagen.export import ImagenModel, export_run
-from imagen.registry import Registry, init_registry, refresh
-from imagen.reports import write_report
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i, generate_to_files, read_prompts
 from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, check_resume_changes, check_run_dir,
                          load_tokenizer, open_run, read_config, run_in_use)
@@ -42,6 +40,20 @@ __all__ = ["finish_processes", "launch_processes", "run_in_use", "task_metrics",
            "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "generate_to_files",
            "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes", "export_run", "ImagenModel",
            "write_report", "Registry", "init_registry", "refresh"]
+
+# The model-lifecycle commands load on first use (huggingface_hub, onnx, jinja2 and matplotlib stay out of
+# `import imagen` until then).
+_LAZY = {"ImagenModel": "imagen.export", "export_run": "imagen.export", "Registry": "imagen.registry",
+         "init_registry": "imagen.registry", "refresh": "imagen.registry", "write_report": "imagen.reports"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(EncoderConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -95,11 +107,28 @@ def _load_splits(spec, seed: int, label: str | None, n: int | None, on_bad_sampl
     return train, (val if val is not None and len(val) else None)
 
 
-def _load_init(init_from, model_options: dict) -> LoadedRun | None:
+def _set_values(sets: Sequence[str], task_cls) -> dict[str, Any]:
+    """The values `--set model.KEY=V`, `train.KEY=V` and `<task>.KEY=V` give, by key (parsed as Python literals
+    where they are; apply_overrides checks and coerces them later)."""
+    values = {}
+    for item in sets:
+        dotted, _, text = item.partition("=")
+        section, _, key = dotted.partition(".")
+        if section in ("model", "train", task_cls.name) and key and "." not in key:
+            try:
+                values[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                values[key] = text
+    return values
+
+
+def _load_init(init_from, model_options: dict, preset: str | None = None) -> LoadedRun | None:
     """The finished run to start from (or None); it fixes the architecture, so only dropout and the image size (its
     position embeddings are resampled to the new patch grid) may be changed."""
     if init_from is None:
         return None
+    if preset is not None:
+        raise ConfigError(f"--init-from {init_from} fixes the model; drop --preset {preset}")
     if model_options.keys() - INIT_CHANGEABLE:
         raise ConfigError(f"--init-from fixes the model architecture; drop {sorted(model_options.keys() - INIT_CHANGEABLE)}")
     return load(init_from)
@@ -118,7 +147,7 @@ def _new_run_config(task_cls, data, *, init_from, preset, freeze, n, on_bad_samp
     """Everything a fresh run is made of: (run config, tokenizer, init run, decoded train, decoded val)."""
     model_opts, train_opts, task_opts = _split_options(options, task_cls)
     seed = train_opts.get("seed", TrainConfig.seed)
-    init = _load_init(init_from, model_opts)
+    init = _load_init(init_from, model_opts, preset)
     recipe = dict(task_cls.recipe)
     shapes_n = recipe.pop("shapes_n", None)
     if n is None and builtin_key(data) == "shapes":
@@ -127,11 +156,11 @@ def _new_run_config(task_cls, data, *, init_from, preset, freeze, n, on_bad_samp
     resolve_device(train_opts.get("device", "auto"))  # no such device: say so before reading any data
     train_ds, val_ds = _load_splits(data, seed, label, n, on_bad_sample)
     task_cls.check_data(train_ds, data)
-    # The recipe fitted to this data fills what the user left unset; a run started from another fixes its model.
-    given = {**model_opts, **train_opts, **task_opts, **({"preset": preset} if preset is not None else {})}
-    if init is not None:  # its architecture and resolution hold unless the user changes what may change
-        given = {**to_dict(init.config.model), **given}
-    fitted, notes = task_cls.fit_recipe(train_ds, data, given)
+    # The recipe fitted to this data fills what the user left unset (options or --set values). A run started from
+    # another keeps that run's model and the task's plain recipe: the fitted one is measured from scratch.
+    given = {**_set_values(sets, task_cls), **model_opts, **train_opts, **task_opts,
+             **({"preset": preset} if preset is not None else {})}
+    fitted, notes = task_cls.fit_recipe(train_ds, data, given) if init is None else ({}, [])
     preset = preset or fitted.pop("preset", None) or DEFAULT_PRESET
     fit_model, fit_train, fit_task = _split_options(fitted, task_cls)
     model_opts, train_opts = {**fit_model, **model_opts}, {**fit_train, **train_opts}

@@ -502,7 +502,10 @@ def _lost_peer(e: BaseException) -> bool:
     """A collective failed because another process of the job died (its own error is the one to read)."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not isinstance(e, RuntimeError):
         return False
-    return type(e).__module__.startswith("torch") or any(w in str(e) for w in ("Gloo", "gloo", "NCCL", "closed by peer", "Connection reset"))
+    # torch.distributed's own errors (DistError and its subclasses), or a backend's message about a lost peer; an
+    # error of this process's own (out of memory, a shape mismatch) is not one of them.
+    return (type(e).__module__.startswith("torch.distributed") or type(e).__name__.startswith("Dist")
+            or any(w in str(e) for w in ("Gloo", "gloo", "NCCL", "closed by peer", "Connection reset")))
 
 
 def main(argv=None) -> int:

@@ -62,6 +62,9 @@ def test_finetune_at_another_resolution_than_pretraining(capsys, shapes_dir, pre
     code, _, err = run(capsys, "finetune", "--task", "classify", "--data", shapes_dir, "--label", "shape", "--init-from",
                        pretrained, "--set", "model.dim=48", "--out", tmp_path / "bad", "--max-steps", "1")
     assert code != 0 and "fixes the model architecture" in err and not (tmp_path / "bad").exists()
+    code, _, err = run(capsys, "finetune", "--task", "classify", "--data", shapes_dir, "--label", "shape", "--init-from",
+                       pretrained, "--preset", "small", "--out", tmp_path / "bad", "--max-steps", "1")
+    assert code != 0 and "drop --preset small" in err and not (tmp_path / "bad").exists()
 
 
 # Each case draws random numbers its own way: dropout; MIM / MLM masks and ITM's sampled negatives; a partly frozen

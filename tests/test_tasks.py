@@ -103,3 +103,9 @@ def test_bare_finetune_on_a_folder_of_large_images_says_what_it_chose(tmp_path, 
     assert any("images are 96 px: training at 64 px" in r.getMessage() for r in caplog.records)
     report = imagen.evaluate(tmp_path / "run", str(data), split="val", echo=lambda *a, **k: None)
     assert 0 <= report["accuracy"] <= 1
+    # A value given with --set counts as given: the rest of the recipe follows from it.
+    imagen.finetune("classify", str(data), tmp_path / "run32", preset="tiny", max_steps=1, progress=False,
+                    sets=["model.image_size=32", "train.epochs=1"])
+    cfg = json.loads((tmp_path / "run32" / "config.json").read_text())
+    assert (cfg["model"]["image_size"], cfg["model"]["patch_size"]) == (32, 4)
+    assert cfg["train"]["epochs"] == 1 and cfg["train"]["early_stopping_patience"] is None

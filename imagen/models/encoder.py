@@ -20,9 +20,10 @@ from imagen.models.layers import Block
 class PatchEmbed(nn.Module):
     """Turn an image into patch tokens: an optional convolutional stem, then a strided projection to `dim`.
 
-    `stem_layers` 3x3 convolutions with `stem_channels` run first (0 channels: the plain ViT patch projection).
-    The first keeps the resolution; each later one halves it and doubles the channels while the patch size allows,
-    and the projection covers the rest of the patch (a 1x1 convolution once the stem has reached it). Early
+    `stem_layers` 3x3 convolutions run first (`stem_channels` 0: the plain ViT patch projection). The first keeps
+    the resolution and gives `stem_channels`; each later one halves the resolution while the patch size allows, and
+    the channels double after every halving (3 -> 32 -> 32 -> 64 for three layers and patch 4). The projection
+    covers the rest of the patch (a 1x1 convolution once the stem has reached it). Early
     convolutions make small ViTs learn shape far faster from little data (Xiao et al. 2021; the tokenizer of CCT,
     Hassani et al. 2021).
     """
@@ -47,9 +48,9 @@ class PatchEmbed(nn.Module):
 
     def _init_weights(self):
         """He initialisation of the stem, a unit-gain projection, zero biases: each layer keeps the variance of its
-        input, so patch tokens differ from image to image from the first step. (PyTorch's default convolution
-        init scales the variance by 1/3 per layer: behind three stem layers the tokens of all images were nearly
-        the same vector, and training stalled; bench/RESULTS.md, issue 12.)"""
+        input, so patch tokens differ from image to image from the first step. PyTorch's default convolution init
+        scales the variance by about 1/3 per layer, which behind a stem leaves the tokens of all images nearly the
+        same vector (measured in bench/RESULTS.md, "Encoder on real images")."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 if m is self.proj:

@@ -96,15 +96,26 @@ def load_registry_model(registry: str | Path, name: str, device: str = "auto") -
     return dataclasses.replace(model, registry=reg.path, version=version)
 
 
+# (registry, version) pairs that failed to load: tried once, not on every batch, until `current` moves on.
+_FAILED_VERSIONS: set[tuple[str, str]] = set()
+
+
 def follow_current(model: ServedModel, device: str = "auto") -> ServedModel:
     """`model`, or the registry's new current version when a refresh has promoted one since it was loaded."""
-    if model.registry is None or Registry(model.registry).current() == model.version:
+    if model.registry is None:
+        return model
+    try:
+        current = Registry(model.registry).current()
+    except (*USER_ERRORS, OSError):
+        return model  # the registry is unreadable right now: keep answering with the loaded version
+    if current == model.version or (str(model.registry), current) in _FAILED_VERSIONS:
         return model
     try:
         new = load_registry_model(model.registry, model.name, device)
     except (*USER_ERRORS, OSError) as e:  # a version that does not load: keep answering with the one that does
-        log.warning("%s: cannot load the new current version of %s (%s); still serving version %s",
-                    model.name, model.registry, e, model.version)
+        _FAILED_VERSIONS.add((str(model.registry), current))
+        log.warning("%s: cannot load the new current version %s of %s (%s); still serving version %s",
+                    model.name, current, model.registry, e, model.version)
         return model
     log.info("%s: now serving version %s of %s (was %s)", model.name, new.version, model.registry, model.version)
     return new

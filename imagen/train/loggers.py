@@ -124,5 +124,8 @@ class NullLogger:
     def log(self, *args, **kwargs) -> None:
         pass
 
+    def log_images(self, *args, **kwargs) -> None:
+        pass
+
     def close(self) -> None:
         pass
