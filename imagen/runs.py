@@ -35,18 +35,21 @@ RESUMABLE_TRAIN_OPTIONS = frozenset({"max_steps", "epochs", "eval_every", "early
 LOCK_NAME = ".lock"  # held (flock) by the process writing the run; the kernel releases it if the process dies
 
 
-def check_new_run_dir(out: Path) -> None:
-    """Refuse an --out that would overwrite something: it must be absent or an empty folder we can write in."""
+def check_new_run_dir(out: Path, error: type[Exception] = RunError,
+                      when_taken: str = "choose a new directory or pass --resume to continue it") -> None:
+    """Refuse an --out that would overwrite something: it must be absent or an empty folder we can write in (a lock
+    file left by an earlier attempt does not count). `error` and `when_taken` let other writers (export) say it
+    their way."""
     if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file; choose a directory path")
+        raise error(f"--out {out} is a file; choose a directory path")
     if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        raise RunError(f"--out {out} already exists and is not empty; choose a new directory or pass --resume to continue it")
+        raise error(f"--out {out} already exists and is not empty; {when_taken}")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise RunError(f"--out {out}: {parent} is a file, not a folder; choose another path")
+                raise error(f"--out {out}: {parent} is a file, not a folder; choose another path")
             if not os.access(parent, os.W_OK):
-                raise RunError(f"--out {out}: cannot write in {parent} (permission denied); choose a folder you can write to")
+                raise error(f"--out {out}: cannot write in {parent} (permission denied); choose a folder you can write to")
             break
 
 

@@ -1,5 +1,7 @@
 """Helpers shared by the command-line tests: run `imagen` in-process, check a one-line user error, interrupt a run."""
 
+from pathlib import Path
+
 from safetensors.torch import load_file
 
 from imagen.cli import main
@@ -55,3 +57,19 @@ def assert_same_weights(a_path, b_path):
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+        except (ValueError, OSError, IndexError):
+            continue
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree

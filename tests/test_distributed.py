@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import one_line_error, process_tree, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread per process: the two ranks may share one core.
@@ -112,22 +112,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT) -> N
         time.sleep(0.05)
 
 
-def _process_tree(pid: int) -> list[int]:
-    """`pid` and every process below it (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-        except (ValueError, OSError, IndexError):
-            continue
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    return tree
-
-
 def test_a_two_process_job_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path):
     args = [*CLASSIFY, "--max-steps", "40", "--checkpoint-every", "10", "--nproc", "2"]
     alone = imagen(*args, "--out", tmp_path / "alone")
@@ -139,7 +123,7 @@ def test_a_two_process_job_killed_after_a_checkpoint_resumes_to_the_same_weights
     try:
         _wait_for(out / "checkpoints" / "step-00000010" / "trainer_state.json", proc)
     finally:
-        for pid in _process_tree(proc.pid):  # the launcher and both ranks, at once
+        for pid in process_tree(proc.pid):  # the launcher and both ranks, at once
             os.kill(pid, signal.SIGKILL)
         proc.communicate(timeout=60)
     assert not (out / "model.safetensors").exists()

@@ -14,7 +14,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from cli_helpers import one_line_error, run_cli  # noqa: E402
+from cli_helpers import one_line_error, process_tree, run_cli  # noqa: E402
 from imagen.tune.search import STUDY_NAME  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,21 +61,6 @@ def test_three_tiny_trials_make_a_study_a_table_and_a_best_run(capsys, tmp_path,
     assert isinstance(json.loads((out / "importances.json").read_text()), dict)
 
 
-def _process_tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-        except (ValueError, OSError, IndexError):
-            continue
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    return tree
-
-
 def test_a_search_killed_mid_trial_resumes_without_rerunning_finished_trials(tmp_path):
     out = tmp_path / "search"
     args = [*TUNE, "--max-steps", "40", "--trials", "3", "--out", out]
@@ -87,7 +72,7 @@ def test_a_search_killed_mid_trial_resumes_without_rerunning_finished_trials(tmp
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
-        for pid in _process_tree(proc.pid):
+        for pid in process_tree(proc.pid):
             os.kill(pid, signal.SIGKILL)
         proc.communicate(timeout=60)
     first = load(out).trials

@@ -11,7 +11,6 @@ it (inputs, shapes, preprocessing), and for ONNX each graph's measured differenc
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from imagen.atomic import atomic_dir, write_json
 from imagen.errors import ConfigError, RunError
 from imagen.export.hub import ImagenModel, is_t2i_run
 from imagen.export.onnx import TOLERANCE, graph_for_stage, graphs_for_encoder_run, write_graphs
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME
+from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_new_run_dir
 from imagen.tasks.loading import load
 from imagen.tasks.text_to_image import load_stage, read_t2i_config, text_encoder_for
 
@@ -35,17 +34,7 @@ __all__ = ["export_run", "ImagenModel", "FORMATS", "MANIFEST_NAME", "TOLERANCE"]
 
 def check_target(out: Path) -> None:
     """Refuse an --out that would overwrite something or cannot be written, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder to create")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"--out {out}: {parent} is a file, not a folder; choose another path")
-            if not os.access(parent, os.W_OK):
-                raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied); choose a folder you can write to")
-            return
+    check_new_run_dir(out, error=ConfigError, when_taken="choose a new folder")
 
 
 def _check_t2i_finished(run: Path) -> dict[str, Any]:
