@@ -76,7 +76,26 @@ VARIANTS: dict[str, dict] = {
     "qknorm-lr1e-3": dict(qk_norm=True, lr=1e-3),
     "stem3-qknorm": dict(stem_layers=3, qk_norm=True),
 }
-MODEL_KEYS = ("patch_size", "stem_channels", "stem_layers", "qk_norm", "num_layers", "dim", "num_heads", "mlp_ratio", "dropout")
+# The classify recipe for real images (tasks/classify.py RECIPE_MODEL / RECIPE_OPTIONS) and changes to it.
+RECIPE = dict(preset="mini", stem_layers=3, stem_channels=32, qk_norm=True, augment="shift")
+VARIANTS.update({
+    "recipe": RECIPE,
+    "recipe-fp32": {**RECIPE, "precision": "fp32"},
+    "recipe-stem64": {**RECIPE, "stem_channels": 64},
+    "recipe-bn": {**RECIPE, "stem_norm": "batch"},
+    "recipe-bn-stem64": {**RECIPE, "stem_norm": "batch", "stem_channels": 64},
+    "recipe-stem4": {**RECIPE, "stem_layers": 4},
+    "recipe-bn-stem4": {**RECIPE, "stem_norm": "batch", "stem_layers": 4},
+    "recipe-lr3e-3": {**RECIPE, "lr": 3e-3},
+    "recipe-6layers": {**RECIPE, "num_layers": 6},
+    "recipe-stem64-lr3e-3": {**RECIPE, "stem_channels": 64, "lr": 3e-3},
+    "recipe-stem64-4layers": {**RECIPE, "stem_channels": 64, "stem_layers": 4},
+    "recipe-stem64-192d": {**RECIPE, "stem_channels": 64, "dim": 192, "num_heads": 6},
+    "recipe-stem96": {**RECIPE, "stem_channels": 96},
+    "recipe-bn-stem64-4layers": {**RECIPE, "stem_norm": "batch", "stem_channels": 64, "stem_layers": 4},
+    "recipe-bn-stem5": {**RECIPE, "stem_norm": "batch", "stem_layers": 5},
+})
+MODEL_KEYS = ("patch_size", "stem_channels", "stem_layers", "stem_norm", "qk_norm", "num_layers", "dim", "num_heads", "mlp_ratio", "dropout")
 
 
 def build(v: dict, num_classes: int) -> nn.Module:
@@ -160,7 +179,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"| variant | change | params (M) | val acc | train acc (last 50 steps) | images/s | minutes | commit |", flush=True)
+    print("| variant | change | params (M) | val acc | train acc (last 50 steps) | images/s | minutes | commit |", flush=True)
     for name in args.variants.split(","):
         r = run(name, args.steps, args.batch_size, args.seed)
         change = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-"

@@ -73,6 +73,7 @@ MAX_IMAGE_SIZE = 1024
 MAX_DIM = 8192
 MAX_LAYERS = 256
 MAX_HEADS = 256
+STEM_NORMS = ("none", "batch")
 MAX_TOKENS = 16384  # image patches + text tokens one attention sees
 
 
@@ -85,6 +86,7 @@ class EncoderConfig:
     in_channels: int = 3
     stem_channels: int = 32  # channels of the first 3x3 conv before the patch projection; 0 = plain ViT patches
     stem_layers: int = 1  # 3x3 convs in the stem; after the first, each halves the resolution (see PatchEmbed)
+    stem_norm: str = "none"  # "batch": BatchNorm after each stem conv (the convolutional stem of Xiao et al. 2021)
     qk_norm: bool = False  # LayerNorm of attention queries and keys (see models/layers.Attention)
     vocab_size: int = 1024
     max_text_len: int = 32
@@ -102,6 +104,8 @@ class EncoderConfig:
             check_range(f"model.{name}", getattr(self, name), 1, hi)
         check_range("model.stem_channels", self.stem_channels, 0, MAX_DIM)
         check_range("model.stem_layers", self.stem_layers, 0, 8)
+        if self.stem_norm not in STEM_NORMS:
+            raise ConfigError(f"model.stem_norm must be one of {', '.join(STEM_NORMS)}, got {self.stem_norm!r}")
         check_range("model.pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
         check_range("model.mlp_ratio", self.mlp_ratio, 0.001, 64, integer=False)
         check_range("model.dropout", self.dropout, 0, 1, integer=False)

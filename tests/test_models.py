@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from imagen.config import EncoderConfig, PretrainConfig
+from imagen.errors import ConfigError
 from imagen.models import EncoderForClassification, MultimodalEncoder, PretrainingModel, patchify
 from imagen.models.encoder import resample_pos_embed
 from imagen.models.pretraining import mask_tokens, random_patch_mask
@@ -50,6 +51,39 @@ def test_conv_stem_reaches_the_patch_grid(patch_size, stem_layers, grid):
     assert enc(images=torch.randn(2, 3, 16, 16)).image_states.shape == (2, 1 + grid * grid, 24)
     convs = [m for m in enc.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == stem_layers + 1  # the stem's 3x3 convs, then the projection
+
+
+def test_batch_norm_stem_normalises_each_conv():
+    cfg = EncoderConfig(image_size=16, patch_size=4, stem_channels=4, stem_layers=3, stem_norm="batch", vocab_size=37,
+                        max_text_len=9, dim=24, num_layers=1, num_heads=3)
+    enc = MultimodalEncoder(cfg)
+    norms = [m for m in enc.patch_embed.stem.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [m for m in enc.patch_embed.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(norms) == len(convs) == 3 and all(c.bias is None for c in convs)
+    enc(images=torch.randn(4, 3, 16, 16) * 5 + 3)  # training mode: batch statistics; the running ones move
+    assert norms[0].running_mean.abs().sum() > 0 and norms[0].num_batches_tracked == 1
+    with pytest.raises(ConfigError, match="stem_norm"):
+        EncoderConfig(stem_norm="layer")
+
+
+def test_masked_image_modelling_hides_masked_pixels_from_the_stem():
+    # A 3-layer stem sees past each 4 px patch; the masked patches' pixels must not reach the encoder.
+    cfg = EncoderConfig(image_size=16, patch_size=4, stem_channels=4, stem_layers=3, vocab_size=37, max_text_len=9,
+                        dim=24, num_layers=1, num_heads=3)
+    model = PretrainingModel(cfg, PretrainConfig(image_only=True, mim_mask_ratio=0.5)).eval()
+    seen = []
+    model.encoder.register_forward_hook(lambda m, args, kwargs, out: seen.append(out.image_states), with_kwargs=True)
+    images = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(0)
+    model.mim_loss(images)
+    torch.manual_seed(0)
+    mask = random_patch_mask(2, 16, 0.5, images.device)  # the same draw as inside mim_loss
+    changed = images.clone()
+    pixels = mask.view(2, 1, 4, 1, 4, 1).expand(-1, 3, -1, 4, -1, 4).reshape(2, 3, 16, 16)
+    changed[pixels] = torch.randn(int(pixels.sum()))
+    torch.manual_seed(0)
+    model.mim_loss(changed)
+    torch.testing.assert_close(seen[0], seen[1])  # every token, masked or not, is blind to the masked pixels
 
 
 def test_position_embeddings_resample_to_a_new_grid():

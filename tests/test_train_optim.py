@@ -94,6 +94,7 @@ def test_device_helpers():
     assert resolve_precision("fp32", cpu) == "fp32"
     assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
     assert resolve_precision("auto", cpu, num_params=3_000_000) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("auto", cpu, num_params=710_000) == ("bf16" if cpu_has_fast_bf16() else "fp32")  # mini
     assert resolve_precision("auto", cpu, num_params=170_000) == "fp32"  # tiny models run faster in fp32 on CPU
     assert resolve_precision("bf16", cpu, num_params=170_000) == "bf16"  # an explicit choice is kept
     with autocast_context(cpu, "bf16"):

@@ -22,14 +22,15 @@ class PatchEmbed(nn.Module):
 
     `stem_layers` 3x3 convolutions run first (`stem_channels` 0: the plain ViT patch projection). The first keeps
     the resolution and gives `stem_channels`; each later one halves the resolution while the patch size allows, and
-    the channels double after every halving (3 -> 32 -> 32 -> 64 for three layers and patch 4). The projection
+    the channels double after every halving (3 -> 32 -> 32 -> 64 for three layers and patch 4); `stem_norm`
+    "batch" puts BatchNorm between each conv and its activation. The projection
     covers the rest of the patch (a 1x1 convolution once the stem has reached it). Early
     convolutions make small ViTs learn shape far faster from little data (Xiao et al. 2021; the tokenizer of CCT,
     Hassani et al. 2021).
     """
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, stem_channels: int = 0,
-                 stem_layers: int = 1):
+                 stem_layers: int = 1, stem_norm: str = "none"):
         super().__init__()
         self.image_size = image_size
         self.patch_size = patch_size
@@ -40,7 +41,11 @@ class PatchEmbed(nn.Module):
             for i in range(stem_layers):
                 stride = 2 if i > 0 and stride_left % 2 == 0 else 1
                 stride_left //= stride
-                layers += [nn.Conv2d(in_channels, c, 3, stride=stride, padding=1), nn.GELU()]
+                if stem_norm == "batch":
+                    layers += [nn.Conv2d(in_channels, c, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c)]
+                else:
+                    layers.append(nn.Conv2d(in_channels, c, 3, stride=stride, padding=1))
+                layers.append(nn.GELU())
                 in_channels, c = c, c * stride
             self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=stride_left, stride=stride_left)
@@ -58,7 +63,8 @@ class PatchEmbed(nn.Module):
                     nn.init.trunc_normal_(m.weight, std=fan_in ** -0.5)
                 else:
                     nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, images):
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
@@ -113,7 +119,8 @@ class MultimodalEncoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = c = config
-        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim, c.stem_channels, c.stem_layers)
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim, c.stem_channels, c.stem_layers,
+                                      c.stem_norm)
         self.image_cls = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + c.num_patches, c.dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dim))  # replaces masked patches (MIM)
