@@ -508,7 +508,7 @@ class _HalfWeightD2(DPMSolverPP3MSampler):
     """DPM-Solver++(3M) as the authors' code writes its third-order step: D2 weighted by phi_3, not 2 phi_3."""
 
     def step(self, pred_x0, eps, t, t_prev, x_t, generator=None):
-        if len(self._x0s) < 2:
+        if len(self._x0s) < 2 or t_prev < 0 or t_prev == self.timesteps[-1]:  # steps of first or second order
             return super().step(pred_x0, eps, t, t_prev, x_t, generator)
         self._remember(t, pred_x0, keep=3)
         (l2, l1, l0), (m2, m1, m0) = self._lambdas, self._x0s
