@@ -226,7 +226,9 @@ class DPMSolverPP3MSampler(_MultistepSampler):
 class UniPCSampler(_MultistepSampler):
     """UniPC (Zhao et al. 2023): the UniP-2 predictor and the UniC corrector, B(h) = e^{-h} - 1 ("bh2"), data
     prediction. The corrector needs the model at the point the predictor reached, so it runs at the start of the
-    next step on that step's evaluation: no extra network call, and the step from there starts at the corrected x."""
+    next step on that step's evaluation: no extra network call, and the step from there starts at the corrected x.
+    Every update is per element, so under inpainting the known region, which `sample` resets after each step,
+    never reaches the generated one."""
 
     max_order = 2
 
@@ -415,8 +417,10 @@ def sample(
     first (1 - strength) of the steps, and sampling runs the rest. Inpainting (RePaint, Lugmayr et al. 2022):
     `inpaint_mask` is 1 where pixels are generated and 0 where `known_x0` is kept; after every step the known
     region is replaced by `known_x0` noised to the new timestep, so the result equals `known_x0` there.
-    `x_T` fixes the starting noise; `callback(i, t, x_t, pred_x0)` sees every step. `generator` is one
-    torch.Generator or a list of one per sample (`sample_generators`), so a sample's noise is its own.
+    `x_T` fixes the starting noise; `callback(i, t, x_t, pred_x0)` sees every step (with UniPC, x_t is the
+    predictor's point, where the model is evaluated next; the corrector refines it inside the next step).
+    `generator` is one torch.Generator or a list of one per sample (`sample_generators`), so a sample's noise is
+    its own.
     """
     config = config if config is not None else SamplingConfig()
     if objective not in OBJECTIVES:
