@@ -32,7 +32,7 @@ DEFAULT_T2I_CAPTIONS = "first"
 
 # Text-to-image sampling: the names the diffusion registries are keyed by, and the defaults of
 # `imagen.diffusion.SamplingConfig`. They live here, torch-free, so the CLI's help reads them without importing torch.
-SAMPLER_NAMES = ("dpmpp2m", "ddim", "ddpm")  # imagen.diffusion.SAMPLERS, in this order
+SAMPLER_NAMES = ("dpmpp2m", "ddim", "ddpm", "dpmpp3m", "unipc")  # imagen.diffusion.SAMPLERS, in this order
 THRESHOLD_NAMES = ("dynamic", "static", "none")  # imagen.diffusion.THRESHOLDS
 OBJECTIVE_NAMES = ("eps", "v", "x0")  # imagen.diffusion.OBJECTIVES
 SCHEDULE_NAMES = ("linear", "cosine")  # imagen.diffusion.BETA_SCHEDULES, in this order

@@ -233,6 +233,7 @@ def test_api_key(models):
     ({"prompt": "a", "sampler": "euler"}, 422, "sampler"),
     ({"prompt": "a", "steps": 1001}, 422, "steps"),
     ({"prompt": "a", "steps": 0}, 422, "steps"),
+    ({"prompt": "a", "steps": 1000, "sampler": "unipc"}, 422, "steps must be in [1, 996]"),  # skips the cosine tail
     ({"prompt": "a", "model": "/etc/passwd"}, 404, "no generate model"),
     ({"prompt": "a", "model": "cls"}, 422, "no generate model"),
     ({"prompt": "a", "out": "/tmp/x.png"}, 422, "out"),  # no field can name a server path

@@ -242,7 +242,7 @@ def test_generate_chunked_equals_unchunked(t2i_run):
 
     pipe = TextToImagePipeline.from_run(t2i_run)
     prompts = ["a red circle", "a blue square to the left of a green triangle"]
-    for sampler in ("dpmpp2m", "ddpm"):  # ddpm also draws fresh noise at every step
+    for sampler in ("dpmpp2m", "ddpm", "dpmpp3m", "unipc"):  # ddpm draws fresh noise at every step; the last two keep history
         config = SamplingConfig(steps=3, seed=5, n=3, sampler=sampler, batch_size=64)
         whole = pipe.generate(prompts, config)
         assert whole.shape == (6, 3, 16, 16)

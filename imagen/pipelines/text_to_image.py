@@ -25,7 +25,7 @@ from imagen.atomic import write_json_lines
 from imagen.data import image_to_tensor, open_image
 from imagen.data.images import normalize_images
 from imagen.data.image_files import resize_images, save_grid, save_image, to_uint8
-from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample, sample_generators
+from imagen.diffusion import SamplingConfig, classifier_free_guidance, make_sampler, sample, sample_generators
 from imagen.errors import GenerationError, RunError
 from imagen.models.text_to_image import TextToImageStage
 from imagen.runs import WEIGHTS_NAME
@@ -114,11 +114,13 @@ class TextToImagePipeline:
         return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None, progress)])
 
     def check_steps(self, config: SamplingConfig) -> None:
-        """GenerationError when a stage has fewer timesteps than config.steps."""
+        """GenerationError when config.steps exceeds a stage's timesteps, or the ones its sampler walks there."""
         too_few = [s.config for s in self.stages if s.config.timesteps < config.steps]
         if too_few:
             raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
                                   f"({too_few[0].timesteps} timesteps), got {config.steps}")
+        for stage in self.stages:  # dpmpp3m and unipc skip the cosine schedule's noisiest timesteps
+            make_sampler(config.sampler, stage.schedule, config.eta).set_timesteps(config.steps)
 
     def _generate_rows(self, rows, config, init_images, inpaint_mask, stop_at,
                        progress=None) -> Iterator[tuple[int, torch.Tensor]]:
