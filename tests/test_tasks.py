@@ -6,6 +6,7 @@ import torch
 
 import imagen
 from imagen.data.augment import augment, random_hflip, random_shift
+from imagen.tasks.classify import RECIPE_MODEL
 
 
 def test_random_shift_moves_content_and_keeps_size():
@@ -97,7 +98,8 @@ def test_bare_finetune_on_a_folder_of_large_images_says_what_it_chose(tmp_path, 
     with caplog.at_level("INFO", logger="imagen"):
         imagen.finetune("classify", str(data), tmp_path / "run", preset="tiny", max_steps=2, progress=False)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["model"]["image_size"] == 64 and cfg["model"]["patch_size"] == 8 and cfg["model"]["stem_layers"] == 3
+    assert cfg["model"]["image_size"] == 64 and cfg["model"]["patch_size"] == 8
+    assert cfg["model"]["stem_layers"] == RECIPE_MODEL["stem_layers"] and cfg["model"]["qk_norm"]
     assert cfg["task_config"]["augment"] == "shift" and cfg["task_config"]["label_smoothing"] > 0
     assert cfg["model"]["dim"] == 64  # the user's preset (tiny) wins over the recipe's
     assert any("images are 96 px: training at 64 px" in r.getMessage() for r in caplog.records)

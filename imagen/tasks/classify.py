@@ -30,7 +30,7 @@ MAX_AUTO_IMAGE_SIZE = 64  # larger pictures are downscaled to this unless --imag
 PATCH_GRID = 8  # about 8 x 8 patches
 TARGET_IMAGES_SEEN = 550_000  # 10 epochs of Fashion-MNIST
 MIN_EPOCHS, MAX_EPOCHS = 5, 100
-RECIPE_MODEL = {"preset": "mini", "stem_layers": 3, "stem_channels": 32, "qk_norm": True}
+RECIPE_MODEL = {"preset": "mini", "stem_layers": 4, "stem_channels": 64, "qk_norm": True}
 RECIPE_OPTIONS = {"lr": 2e-3, "batch_size": 128, "augment": "shift", "label_smoothing": 0.1}
 
 
