@@ -15,6 +15,10 @@ from pathlib import Path
 from imagen.config import (
     CAPTION_MODES,
     DEFAULT_AUG_LEVEL,
+    DEFAULT_DISTILL_GUIDANCE_RANGE,
+    DEFAULT_DISTILL_LR,
+    DEFAULT_DISTILL_STAGES,
+    DEFAULT_DISTILL_STEPS,
     DEFAULT_GUIDANCE,
     DEFAULT_PERCENTILE,
     DEFAULT_REFRESH_REPLAY,
@@ -167,6 +171,26 @@ def _sizes(text):
         raise ConfigError(f"--sizes {text!r} must be comma-separated integers, e.g. 16,32") from None
 
 
+def _names(text, option):
+    """A comma list of names, or None when the option was not given."""
+    if text is None:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"{option} {text!r} names nothing; give a comma list, e.g. base,sr1")
+    return names
+
+
+def _floats(text, option):
+    """A comma list of numbers, or None when the option was not given."""
+    if text is None:
+        return None
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} must be comma-separated numbers, e.g. 1,6") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="imagen", description="Imagen: multimodal pretraining, fine-tuning and text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
@@ -243,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sr-max-steps", type=_positive_int, default=None, help=f"optimiser steps for super-resolution stages (default: --max-steps when given, else {DEFAULT_T2I_STEPS['sr']})")
     p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
     p.add_argument("--captions", choices=CAPTION_MODES, default=DEFAULT_T2I_CAPTIONS, help=f"all: each visit of an image draws one of its captions (rows about one image, Shapes paraphrases); first: only its first caption (default: {DEFAULT_T2I_CAPTIONS})")
+
+    p = sub.add_parser("distill", help="guidance-distil a finished text-to-image run: one U-Net call per sampling step")
+    p.add_argument("run", metavar="RUN", help="a finished text-to-image run (the teacher)")
+    _add_train_args(p, lr=DEFAULT_DISTILL_LR, batch_size=32, steps_note=f"{DEFAULT_DISTILL_STEPS} per stage", image_size=False)
+    p.add_argument("--stages", default=None, help=f"comma list of stages to distil, e.g. base,sr1; the others are copied (default: {','.join(DEFAULT_DISTILL_STAGES)})")
+    p.add_argument("--guidance-range", default=None, metavar="LOW,HIGH", help="guidance scales the student learns, drawn uniformly; "
+                   f"sampling then accepts any in this range (default: {DEFAULT_DISTILL_GUIDANCE_RANGE[0]:g},{DEFAULT_DISTILL_GUIDANCE_RANGE[1]:g})")
+    p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
+    p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable training samples (named in a warning) or stop (default: skip)")
 
     p = sub.add_parser("generate", help="sample images from text with a trained cascade")
     p.add_argument("--run", required=True, help="text-to-image run directory")
@@ -420,6 +453,24 @@ def run_command(args) -> int:
                 return _exit_code(result.stopped_by)
             print(f"stage {name}: {result.status} at step {result.step}")
         print(f"run saved to {args.out}; sample with: imagen generate --run {args.out} \"PROMPT\" --out grid.png")
+        return 0
+    if args.command == "distill":
+        fixed = [flag for flag, value in (("--preset", args.preset), ("--dropout", args.dropout), ("--set", args.sets)) if value]
+        if fixed:
+            raise ConfigError(f"imagen distill takes no {fixed[0]}: the student keeps its teacher's architecture")
+        results = api.distill_t2i(args.run, args.out, stages=_names(args.stages, "--stages"), resume=args.resume,
+                                  guidance_range=_floats(args.guidance_range, "--guidance-range"), sample_every=args.sample_every,
+                                  on_bad_sample=args.on_bad_sample, **_train_kwargs(args))
+        for name, result in results.items():
+            if result.status == "interrupted":
+                if os.environ.get("RANK", "0") != "0":
+                    return _exit_code(result.stopped_by)
+                print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
+                      f"Continue with: imagen distill {args.run} --out {args.out} --resume", file=sys.stderr)
+                return _exit_code(result.stopped_by)
+            print(f"stage {name}: distilled, {result.status} at step {result.step}")
+        print(f"run saved to {args.out}; it samples with one U-Net call per step at its distilled stages: "
+              f"imagen generate --run {args.out} \"PROMPT\" --out grid.png")
         return 0
     if args.command == "generate":
         prompts = api.read_prompts(args.prompt, args.prompts)

@@ -3,8 +3,8 @@
     pipe = TextToImagePipeline.from_run("runs/t2i", device="cuda")
     images = pipe.generate(["a red circle"], SamplingConfig(n=4, seed=0))   # (4, 3, S, S) in [-1, 1]
 
-Each stage exposes its denoiser (EMA U-Net + low-res input); the pipeline encodes the prompts, wraps the
-denoiser in classifier-free guidance and runs `imagen.diffusion.sample`, lowest resolution first, each stage's
+Each stage exposes its denoiser (EMA U-Net + low-res input); the pipeline encodes the prompts, takes the stage's
+guided denoiser (classifier-free guidance, or one call of a guidance-distilled stage) and runs `imagen.diffusion.sample`, lowest resolution first, each stage's
 output the next one's low-res input. `generate_to_files` is what `imagen generate` does.
 """
 
@@ -25,7 +25,7 @@ from imagen.atomic import write_json_lines
 from imagen.data import image_to_tensor, open_image
 from imagen.data.images import normalize_images
 from imagen.data.image_files import resize_images, save_grid, save_image, to_uint8
-from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample, sample_generators
+from imagen.diffusion import SamplingConfig, sample, sample_generators
 from imagen.errors import GenerationError, RunError
 from imagen.models.text_to_image import TextToImageStage
 from imagen.runs import WEIGHTS_NAME
@@ -148,10 +148,8 @@ class TextToImagePipeline:
         both = stage.encode_text(texts)  # one call, so prompt and negative share a padded length
         cond = {k: v[:B] for k, v in both.items()}
         negative_cond = {k: v[B:] for k, v in both.items()} if negative is not None else None
-        denoiser = stage.denoiser(lowres, aug_level=config.aug_level, generator=generator)
-        if config.guidance != 1.0:
-            denoiser = classifier_free_guidance(denoiser, stage.null_condition(B, cond), scale=config.guidance,
-                                                negative_cond=negative_cond)
+        denoiser = stage.guided_denoiser(cond, config.guidance, lowres, aug_level=config.aug_level, generator=generator,
+                                         negative_cond=negative_cond)
         size = c.unet.image_size
         init = mask = None
         if init_images is not None:
