@@ -81,12 +81,17 @@ class GuidanceDistillationTask(TextToImageTask):
                                           snr_floor=c.snr_floor, noise=d["noise"])
 
 
+def student_config(teacher: StageConfig, guidance_range: Sequence[float]) -> StageConfig:
+    """The teacher's stage config, conditioned on the guidance scale and marked guidance-distilled."""
+    return dataclasses.replace(teacher, unet=dataclasses.replace(teacher.unet, guidance_cond=True), guidance_distilled=True,
+                               guidance_range=tuple(guidance_range))
+
+
 def student_stage(teacher: TextToImageStage, guidance_range: tuple[float, float]) -> TextToImageStage:
     """A guidance-conditioned copy of `teacher`: its EMA U-Net's weights (online and EMA copies), the same text
     encoder (frozen), and a zero-initialised guidance embedding, so it predicts the teacher's conditional branch."""
     tc = teacher.config
-    config = dataclasses.replace(tc, unet=dataclasses.replace(tc.unet, guidance_cond=True), guidance_distilled=True,
-                                 guidance_range=tuple(guidance_range))
+    config = student_config(tc, guidance_range)
     # A text encoder trained with the stage is the student's own copy (saved with it), kept as the teacher had it.
     encoder = copy.deepcopy(teacher.text_encoder) if teacher.text_encoder is not None else teacher.encoder
     student = TextToImageStage(config, encoder)
@@ -148,10 +153,7 @@ def _write_new_run(run: Path, out: Path, config: dict[str, Any], names: list[str
     """The new run's config.json, tokenizer and copied stages (rank 0 only); returns its config."""
     stage_configs = dict(config["stage_configs"])
     for name in names:
-        teacher_cfg = StageConfig(**stage_configs[name])
-        student_cfg = dataclasses.replace(teacher_cfg, unet=dataclasses.replace(teacher_cfg.unet, guidance_cond=True),
-                                          guidance_distilled=True, guidance_range=tuple(guidance_range))
-        stage_configs[name] = stage_config_to_json(student_cfg)
+        stage_configs[name] = stage_config_to_json(student_config(StageConfig(**stage_configs[name]), guidance_range))
     new = {**config, "stage_configs": stage_configs,
            "distillation": {"teacher": str(run.resolve()), "stages": names, "guidance_range": list(guidance_range)}}
     if (run / TOKENIZER_NAME).is_file():
@@ -217,7 +219,6 @@ def _distill_stage(stage_dir: Path, teacher: TextToImageStage, guidance_range, t
     saved = from_main(lambda: json.loads((stage_dir / CONFIG_NAME).read_text()) if (stage_dir / CONFIG_NAME).is_file() else None)
     steps = max_steps if max_steps is not None or train_kwargs.get("epochs") is not None else DEFAULT_DISTILL_STEPS
     tcfg = stage_train_config({"lr": DEFAULT_DISTILL_LR, "warmup_steps": 0, **train_kwargs, "max_steps": steps})
-    student = student_stage(teacher, guidance_range)
     if saved is not None:  # continuing: the saved train config, with the changes --resume allows
         given = {k: v for k, v in train_kwargs.items() if v is not None}
         if max_steps is not None:
@@ -230,9 +231,10 @@ def _distill_stage(stage_dir: Path, teacher: TextToImageStage, guidance_range, t
             write_json(stage_dir / CONFIG_NAME, {**saved, "train": to_dict(tcfg)})
     elif main:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        write_json(stage_dir / CONFIG_NAME, {"task": STAGE_TASK, "stage": stage_config_to_json(student.config),
+        write_json(stage_dir / CONFIG_NAME, {"task": STAGE_TASK, "stage": stage_config_to_json(student_config(teacher.config, guidance_range)),
                                              "train": to_dict(tcfg)})
-    seed_everything(tcfg.seed)
+    seed_everything(tcfg.seed)  # the guidance embedding's first layer is drawn at random
+    student = student_stage(teacher, guidance_range)
     size = student.config.unet.image_size
     split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed)
     split.precompute(student)  # the teacher's encoder, frozen: every caption encoded once
