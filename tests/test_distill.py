@@ -235,3 +235,5 @@ def test_a_distilled_run_refuses_what_it_cannot_do(capsys, teacher, student, tmp
     # --resume names the teacher it continues.
     code, _, err = run(capsys, "distill", tmp_path / "other", "--out", student, "--resume")
     assert "was distilled from" in one_line_error(code, err, ignore_logs=True)
+    code, _, err = run(capsys, "distill", teacher, "--out", student, "--resume", "--guidance-range", "2,4")
+    assert "as it was started (--guidance-range 1.0,6.0)" in one_line_error(code, err, ignore_logs=True)

@@ -4,8 +4,9 @@
     images = pipe.generate(["a red circle"], SamplingConfig(n=4, seed=0))   # (4, 3, S, S) in [-1, 1]
 
 Each stage exposes its denoiser (EMA U-Net + low-res input); the pipeline encodes the prompts, takes the stage's
-guided denoiser (classifier-free guidance, or one call of a guidance-distilled stage) and runs `imagen.diffusion.sample`, lowest resolution first, each stage's
-output the next one's low-res input. `generate_to_files` is what `imagen generate` does.
+guided denoiser (classifier-free guidance, or one call of a guidance-distilled stage) and runs
+`imagen.diffusion.sample`, lowest resolution first, each stage's output the next one's low-res input.
+`generate_to_files` is what `imagen generate` does.
 """
 
 from __future__ import annotations

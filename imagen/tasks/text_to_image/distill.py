@@ -139,6 +139,13 @@ def _check_start(run: Path, out: Path, resume: bool, stages, guidance_range) -> 
             raise RunError(f"{out} is not a distilled run; --resume continues an interrupted `imagen distill`")
         if Path(record["teacher"]).resolve() != run.resolve():
             raise RunError(f"{out} was distilled from {record['teacher']}, not {run}; pass that run")
+        changed = [(option, recorded) for option, given, recorded, same in (
+            ("--stages", stages, record["stages"], lambda a, b: set(a) == set(b)),
+            ("--guidance-range", guidance_range, record["guidance_range"], lambda a, b: [float(v) for v in a] == b))
+            if given is not None and not same(given, recorded)]
+        for option, recorded in changed[:1]:
+                raise RunError(f"--resume continues {out} as it was started ({option} {','.join(map(str, recorded))}); "
+                               f"drop {option} or distil into a new --out")
         return _check_teacher(run), list(record["stages"]), tuple(record["guidance_range"])
     if out.resolve() == run.resolve():
         raise RunError(f"--out {out} is the teacher run itself; choose a new directory")
