@@ -59,7 +59,8 @@ def main():
     p.add_argument("--timing-prompts", type=int, default=32, help="prompts timed (one image each, one batch)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
     quiet = lambda *a, **k: None  # noqa: E731
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

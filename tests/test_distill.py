@@ -16,6 +16,7 @@ from imagen.models.text_to_image import StageConfig, TextToImageStage
 from imagen.models.unet import UNetConfig, unet_preset
 from imagen.pipelines import TextToImagePipeline
 from imagen.data import load_dataset
+from imagen.errors import GenerationError
 from imagen.tasks.text_to_image import GuidanceDistillationTask, T2ISplit, student_stage
 from imagen.tasks.text_to_image.cascade_run import load_stage
 
@@ -229,6 +230,9 @@ def test_a_distilled_run_refuses_what_it_cannot_do(capsys, teacher, student, tmp
     for extra, expect in ((["--guidance", "7"], "guidance in [1, 6], got 7"), (["--negative", "a circle"], "no negative prompt")):
         code, _, err = run(capsys, "generate", "--run", student, "a red circle", "--out", tmp_path / "g.png", "--steps", "2", *extra)
         assert expect in one_line_error(code, err, ignore_logs=True)
+    # The server checks a request the same way before queueing it (a 422, not a failed batch).
+    with pytest.raises(GenerationError, match="guidance-distilled for guidance in"):
+        TextToImagePipeline.from_run(student).check_config(SamplingConfig(guidance=0.5))
     # A distilled stage is not distilled again: distil its teacher.
     code, _, err = run(capsys, "distill", student, "--out", tmp_path / "again")
     assert "already guidance-distilled" in one_line_error(code, err, ignore_logs=True)

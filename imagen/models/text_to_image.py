@@ -74,6 +74,18 @@ class StageConfig:
     def is_sr(self) -> bool:
         return self.unet.lowres_cond
 
+    def check_guidance(self, guidance: float, negative: bool = False) -> None:
+        """GenerationError when a guidance-distilled stage cannot sample at `guidance` (or with a negative prompt)."""
+        if not self.guidance_distilled:
+            return
+        low, high = self.guidance_range
+        if not low <= guidance <= high:
+            raise GenerationError(f"stage {self.name} is guidance-distilled for guidance in [{low:g}, {high:g}], got "
+                                  f"{guidance:g}; ask for one in that range")
+        if negative:
+            raise GenerationError(f"stage {self.name} is guidance-distilled: it folds the empty prompt into one call, "
+                                  "so it takes no negative prompt; drop the negative prompt or use the undistilled run")
+
 
 def check_guidance_range(value, what: str = "guidance range") -> tuple[float, float]:
     """(low, high) guidance scales with 0 <= low <= high, finite; a ConfigError naming the value otherwise."""
@@ -182,13 +194,7 @@ class TextToImageStage(nn.Module):
         per call (Ho & Salimans 2022; none at scale 1), or one call for a guidance-distilled stage."""
         c = self.config
         if c.guidance_distilled:
-            low, high = c.guidance_range
-            if not low <= guidance <= high:
-                raise GenerationError(f"stage {c.name} is guidance-distilled for guidance in [{low:g}, {high:g}], got "
-                                      f"{guidance:g}; ask for one in that range")
-            if negative_cond is not None:
-                raise GenerationError(f"stage {c.name} is guidance-distilled: it folds the empty prompt into one call, "
-                                      "so it takes no negative prompt; drop --negative or use the undistilled run")
+            c.check_guidance(guidance, negative=negative_cond is not None)
             return self.denoiser(lowres, aug_level=aug_level, generator=generator, guidance=guidance)
         denoiser = self.denoiser(lowres, aug_level=aug_level, generator=generator)
         if guidance != 1.0:

@@ -96,7 +96,7 @@ class TextToImagePipeline:
         config = config if config is not None else SamplingConfig()
         if stop_at is not None and stop_at not in self.stage_names:
             raise RunError(f"{self.path} has no trained stage {stop_at!r}; trained: {', '.join(self.stage_names)}")
-        self.check_steps(config)
+        self.check_config(config)
         if inpaint_mask is not None:
             config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
         rows = [(p, config.seed, k) for p in prompts for k in range(config.n)]  # prompt-major
@@ -111,15 +111,18 @@ class TextToImagePipeline:
         `progress(stage, step, steps)` is called after every sampling step of every stage (step counts from 1).
         """
         config = config if config is not None else SamplingConfig()
-        self.check_steps(config)
+        self.check_config(config)
         return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None, progress)])
 
-    def check_steps(self, config: SamplingConfig) -> None:
-        """GenerationError when a stage has fewer timesteps than config.steps."""
+    def check_config(self, config: SamplingConfig) -> None:
+        """GenerationError when a stage cannot sample with `config`: fewer timesteps than config.steps, or a
+        guidance-distilled stage asked for a guidance outside its range or a negative prompt."""
         too_few = [s.config for s in self.stages if s.config.timesteps < config.steps]
         if too_few:
             raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
                                   f"({too_few[0].timesteps} timesteps), got {config.steps}")
+        for stage in self.stages:
+            stage.config.check_guidance(config.guidance, negative=config.negative is not None)
 
     def _generate_rows(self, rows, config, init_images, inpaint_mask, stop_at,
                        progress=None) -> Iterator[tuple[int, torch.Tensor]]:
