@@ -242,3 +242,33 @@ def test_a_distilled_run_refuses_what_it_cannot_do(capsys, teacher, student, tmp
     assert "was distilled from" in one_line_error(code, err, ignore_logs=True)
     code, _, err = run(capsys, "distill", teacher, "--out", student, "--resume", "--guidance-range", "2,4")
     assert "as it was started (--guidance-range 1.0,6.0)" in one_line_error(code, err, ignore_logs=True)
+
+
+def test_hf_export_of_a_distilled_run_samples_the_same(capsys, student, tmp_path):
+    from imagen.export import ImagenModel
+
+    out = tmp_path / "hf"
+    assert run(capsys, "export", student, "--format", "hf", "--out", out)[0] == 0
+    config = SamplingConfig(steps=3, guidance=4.0)
+    got = ImagenModel.from_pretrained(str(out)).model.generate(["a red circle"], config)
+    assert torch.equal(got, TextToImagePipeline.from_run(student).generate(["a red circle"], config))
+
+
+@pytest.mark.slow
+def test_onnx_graph_of_a_distilled_stage_takes_the_guidance_scale(capsys, student, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    assert run(capsys, "export", student, "--format", "onnx", "--out", out)[0] == 0
+    graph = json.loads((out / "export.json").read_text())["graphs"]["unet_base"]
+    assert graph["guidance_distilled"] is True and "guidance" in graph["inputs"]
+    stage = load_stage(student, "base")
+    g = torch.Generator().manual_seed(3)
+    cond = _condition(3, 5, stage.config.unet.text_dim, g)
+    inputs = {"x_t": torch.randn(3, 3, 8, 8, generator=g), "t": torch.tensor([0, 400, 999]), "text_states": cond["text_states"],
+              "text_mask": cond["text_mask"].long(), "text_embed": cond["text_embed"], "guidance": torch.tensor([1.0, 3.0, 6.0])}
+    with torch.no_grad():
+        want = stage.ema_unet(inputs["x_t"], inputs["t"], text_states=cond["text_states"], text_mask=cond["text_mask"],
+                              text_embed=cond["text_embed"], guidance=inputs["guidance"]).numpy()
+    session = ort.InferenceSession(str(out / "unet_base.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    assert abs(got - want).max() < 1e-4
