@@ -157,7 +157,7 @@ def main():
     try:
         base_config = SamplingConfig(guidance=args.guidance, batch_size=args.batch_size)
         pipe = TextToImagePipeline.from_run(args.run, device=args.device)
-        pipe.check_steps(dataclasses.replace(base_config, steps=max(args.steps + [REFERENCE[1]])))
+        pipe.check_config(dataclasses.replace(base_config, steps=max(args.steps + [REFERENCE[1]])))
         if DEFAULT_SAMPLER_STEPS[1] not in args.steps and DEFAULT_SAMPLER_STEPS[0] in args.samplers:
             print(f"note: without {DEFAULT_SAMPLER_STEPS[1]} in --steps there is no paired column", file=sys.stderr)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

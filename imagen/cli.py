@@ -15,6 +15,10 @@ from pathlib import Path
 from imagen.config import (
     CAPTION_MODES,
     DEFAULT_AUG_LEVEL,
+    DEFAULT_DISTILL_GUIDANCE_RANGE,
+    DEFAULT_DISTILL_LR,
+    DEFAULT_DISTILL_STAGES,
+    DEFAULT_DISTILL_STEPS,
     DEFAULT_GUIDANCE,
     DEFAULT_PERCENTILE,
     DEFAULT_REFRESH_REPLAY,
@@ -79,7 +83,7 @@ def _add_data_args(p):
 
 
 def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, steps_note=None, image_size=True,
-                    search=False):
+                    search=False, model_options=True):
     """Training options; a default left None is TrainConfig's (shown in the help) or, with `recipe_note`, the
     task's recipe. Nothing is filled in here, so the library sees only what the user gave. With `search` (imagen
     tune) they are the options every trial shares, and --out / --resume name the search's directory."""
@@ -87,8 +91,9 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
     g = p.add_argument_group("training (every trial's, unless searched)" if search else "training")
     g.add_argument("--out", required=True, help="search directory to create, join or continue with --resume" if search
                    else "run directory to create (or continue with --resume)")
-    g.add_argument("--preset", default=None, choices=tuple(ENCODER_PRESETS),
-                   help="model size (default: the task's recipe for the data; tiny where it names none)")
+    if model_options:  # distill keeps its teacher's model
+        g.add_argument("--preset", default=None, choices=tuple(ENCODER_PRESETS),
+                       help="model size (default: the task's recipe for the data; tiny where it names none)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help=f"optimiser (default: {d('optimizer')})")
     g.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: {recipe_note or lr or d('lr')})")
     g.add_argument("--batch-size", type=_positive_int, default=None, help=f"batch size (default: {batch_size or d('batch_size')})")
@@ -97,7 +102,8 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
     g.add_argument("--max-steps", type=_positive_int, default=None, help="optimiser steps; overrides --epochs" + (f" (default: {steps_note})" if steps_note else ""))
     g.add_argument("--warmup-steps", type=int, default=None, help=f"linear warmup steps (default: {d('warmup_ratio') * 100:g}%% of the run)")
     g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW/SGD weight decay, never on norms, biases or embeddings (default: {d('weight_decay')})")
-    g.add_argument("--dropout", type=float, default=None, help="dropout in the encoder and head (default: 0)")
+    if model_options:
+        g.add_argument("--dropout", type=float, default=None, help="dropout in the encoder and head (default: 0)")
     if image_size:  # train-t2i sets its stages' sizes with --sizes
         g.add_argument("--image-size", type=_positive_int, default=None,
                        help="side in pixels the images are resized to (default: chosen from the data, or the --init-from "
@@ -118,13 +124,14 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
         g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
         return
     g.add_argument("--nproc", type=_positive_int, default=None, help="train with N processes on this machine (what `torchrun --standalone --nproc-per-node N` launches); --batch-size is then the global batch (default: 1)")
-    g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
+    if model_options:
+        g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value, e.g. --set model.dim=96")
 
 
 def _train_kwargs(args) -> dict:
     kw = dict(
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, dropout=args.dropout,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, dropout=getattr(args, "dropout", None),
         image_size=getattr(args, "image_size", None), grad_clip=args.grad_clip,
         grad_accum=args.grad_accum, eval_every=args.eval_every, early_stopping_patience=args.early_stopping_patience,
         checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision, device=args.device,
@@ -165,6 +172,26 @@ def _sizes(text):
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--sizes {text!r} must be comma-separated integers, e.g. 16,32") from None
+
+
+def _names(text, option):
+    """A comma list of names, or None when the option was not given."""
+    if text is None:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"{option} {text!r} names nothing; give a comma list, e.g. base,sr1")
+    return names
+
+
+def _floats(text, option):
+    """A comma list of numbers, or None when the option was not given."""
+    if text is None:
+        return None
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} must be comma-separated numbers, e.g. 1,6") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sr-max-steps", type=_positive_int, default=None, help=f"optimiser steps for super-resolution stages (default: --max-steps when given, else {DEFAULT_T2I_STEPS['sr']})")
     p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
     p.add_argument("--captions", choices=CAPTION_MODES, default=DEFAULT_T2I_CAPTIONS, help=f"all: each visit of an image draws one of its captions (rows about one image, Shapes paraphrases); first: only its first caption (default: {DEFAULT_T2I_CAPTIONS})")
+
+    p = sub.add_parser("distill", help="guidance-distil a finished text-to-image run: one U-Net call per sampling step")
+    p.add_argument("run", metavar="RUN", help="a finished text-to-image run (the teacher)")
+    _add_train_args(p, lr=DEFAULT_DISTILL_LR, batch_size=32, steps_note=f"{DEFAULT_DISTILL_STEPS} per stage", image_size=False,
+                    model_options=False)
+    p.add_argument("--stages", default=None, help=f"comma list of stages to distil, e.g. base,sr1; the others are copied (default: {','.join(DEFAULT_DISTILL_STAGES)})")
+    p.add_argument("--guidance-range", default=None, metavar="LOW,HIGH", help="guidance scales the student learns, drawn uniformly; "
+                   f"sampling then accepts any in this range (default: {DEFAULT_DISTILL_GUIDANCE_RANGE[0]:g},{DEFAULT_DISTILL_GUIDANCE_RANGE[1]:g})")
+    p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps (default: 4 per stage)")
+    p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable training samples (named in a warning) or stop (default: skip)")
 
     p = sub.add_parser("generate", help="sample images from text with a trained cascade")
     p.add_argument("--run", required=True, help="text-to-image run directory")
@@ -420,6 +457,21 @@ def run_command(args) -> int:
                 return _exit_code(result.stopped_by)
             print(f"stage {name}: {result.status} at step {result.step}")
         print(f"run saved to {args.out}; sample with: imagen generate --run {args.out} \"PROMPT\" --out grid.png")
+        return 0
+    if args.command == "distill":
+        results = api.distill_t2i(args.run, args.out, stages=_names(args.stages, "--stages"), resume=args.resume,
+                                  guidance_range=_floats(args.guidance_range, "--guidance-range"), sample_every=args.sample_every,
+                                  on_bad_sample=args.on_bad_sample, **_train_kwargs(args))
+        for name, result in results.items():
+            if result.status == "interrupted":
+                if os.environ.get("RANK", "0") != "0":
+                    return _exit_code(result.stopped_by)
+                print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
+                      f"Continue with: imagen distill {args.run} --out {args.out} --resume", file=sys.stderr)
+                return _exit_code(result.stopped_by)
+            print(f"stage {name}: distilled, {result.status} at step {result.step}")
+        print(f"run saved to {args.out}; it samples with one U-Net call per step at its distilled stages: "
+              f"imagen generate --run {args.out} \"PROMPT\" --out grid.png")
         return 0
     if args.command == "generate":
         prompts = api.read_prompts(args.prompt, args.prompts)

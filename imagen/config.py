@@ -30,6 +30,14 @@ DEFAULT_T2I_STEPS = {"base": 14000, "sr": 1500}
 CAPTION_MODES = ("all", "first")
 DEFAULT_T2I_CAPTIONS = "first"
 
+# Guidance distillation (`imagen distill`): which stages, the guidance scales the student learns (drawn uniformly:
+# 1 = no guidance, up to twice the default), and its optimiser steps (batch 32) and peak learning rate; the student
+# starts as the teacher, so it fine-tunes more gently than a stage trains.
+DEFAULT_DISTILL_STAGES = ("base",)
+DEFAULT_DISTILL_GUIDANCE_RANGE = (1.0, 2 * DEFAULT_GUIDANCE)
+DEFAULT_DISTILL_STEPS = 2000
+DEFAULT_DISTILL_LR = 1e-4
+
 # Text-to-image sampling: the names the diffusion registries are keyed by, and the defaults of
 # `imagen.diffusion.SamplingConfig`. They live here, torch-free, so the CLI's help reads them without importing torch.
 SAMPLER_NAMES = ("dpmpp2m", "ddim", "ddpm", "dpmpp3m", "unipc")  # imagen.diffusion.SAMPLERS, in this order

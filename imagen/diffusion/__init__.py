@@ -4,6 +4,7 @@ Nothing here owns a network: a denoiser is any callable `denoiser(x_t, t, **cond
 options travel as one `SamplingConfig` (validated once) into `sample`, the one denoising loop.
 """
 
+from imagen.diffusion.distillation import guidance_distillation_loss
 from imagen.diffusion.guidance import classifier_free_guidance
 from imagen.diffusion.process import (
     OBJECTIVES,
@@ -17,6 +18,7 @@ from imagen.diffusion.process import (
     sample_generators,
     training_loss,
     uniform_timesteps,
+    weighted_mse,
     v_target,
 )
 from imagen.diffusion.samplers import (
@@ -61,8 +63,10 @@ __all__ = [
     "predict_eps_from_v",
     "min_snr_weight",
     "training_loss",
+    "weighted_mse",
     "uniform_timesteps",
     "classifier_free_guidance",
+    "guidance_distillation_loss",
     "THRESHOLDS",
     "static_threshold",
     "dynamic_threshold",

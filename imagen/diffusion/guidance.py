@@ -26,11 +26,12 @@ def classifier_free_guidance(
     denoiser: Callable[..., torch.Tensor],
     null_cond: dict,
     *,
-    scale: float,
+    scale: float | torch.Tensor,
     negative_cond: dict | None = None,
 ) -> Callable[..., torch.Tensor]:
     """Guided denoiser uncond + scale * (cond - uncond) (Ho & Salimans 2022, eq. 6), both halves in one call.
 
+    `scale` is a number, or a tensor that broadcasts against the output (one scale per sample: (B, 1, 1, 1)).
     `negative_cond` (e.g. a negative prompt), when given, takes the place of `null_cond`.
     """
     uncond_source = null_cond if negative_cond is None else negative_cond

@@ -124,6 +124,13 @@ def training_loss(
     target = {"eps": noise, "x0": x0}.get(objective)
     if target is None:
         target = v_target(schedule, x0, noise, t)
+    return weighted_mse(pred, target, t, schedule=schedule, objective=objective, min_snr_gamma=min_snr_gamma,
+                        snr_floor=snr_floor)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, *, schedule: NoiseSchedule, objective: str,
+                 min_snr_gamma: float | None = None, snr_floor: float | None = None) -> torch.Tensor:
+    """Mean over the batch of each sample's squared error, weighted by `min_snr_weight` at its timestep."""
     loss = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
     if min_snr_gamma is not None or snr_floor is not None:
         snr = schedule.log_snr.to(t.device)[t].exp()  # (B,)

@@ -54,7 +54,9 @@ def _onnx_t2i(run: Path, config: dict[str, Any], tmp: Path, echo) -> dict[str, A
                 "text_encoder": config["text_encoder"],
                 "note": "each graph is one U-Net step of its stage (EMA weights); prompts are encoded by the run's text "
                         "encoder (text_states: its per-token states, zero at padding; text_embed: its pooled vector; "
-                        "an all-zero text_mask and text_embed is the unconditional input of classifier-free guidance)"}
+                        "an all-zero text_mask and text_embed is the unconditional input of classifier-free guidance; a "
+                        "guidance-distilled stage's graph also takes `guidance`, the scale, and predicts the guided "
+                        "output in one call)"}
     if (run / TOKENIZER_NAME).is_file():
         shutil.copy2(run / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
     return manifest

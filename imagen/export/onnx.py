@@ -74,15 +74,18 @@ class TextEmbeddingGraph(nn.Module):
 
 class UNetStepGraph(nn.Module):
     """One denoising step of a cascade stage's EMA U-Net; SR stages also take the (upsampled, noise-augmented)
-    low-resolution image and its noise level."""
+    low-resolution image and its noise level, guidance-distilled stages the guidance scale."""
 
-    def __init__(self, unet: nn.Module, sr: bool):
+    def __init__(self, unet: nn.Module, sr: bool, guidance: bool = False):
         super().__init__()
         self.unet = unet
         self.sr = sr
+        self.guidance = guidance
 
-    def forward(self, x_t, t, text_states, text_mask, text_embed, lowres_image=None, lowres_noise_level=None):
+    def forward(self, x_t, t, text_states, text_mask, text_embed, lowres_image=None, lowres_noise_level=None, guidance=None):
         extra = {"lowres_image": lowres_image, "lowres_noise_level": lowres_noise_level} if self.sr else {}
+        if self.guidance:
+            extra["guidance"] = guidance
         return self.unet(x_t, t, text_states=text_states, text_mask=text_mask.bool(), text_embed=text_embed, **extra).float()
 
 
@@ -154,6 +157,9 @@ def graph_for_stage(stage, text_len: int) -> Graph:
         if c.is_sr:
             inputs["lowres_image"] = torch.randn(b, u.in_channels, size, size, generator=g)
             inputs["lowres_noise_level"] = torch.rand(b, generator=g)
+        if c.guidance_distilled:
+            low, high = c.guidance_range
+            inputs["guidance"] = low + (high - low) * torch.rand(b, generator=g)
         return inputs
 
     dynamic = {"x_t": {0: "batch"}, "t": {0: "batch"}, "text_states": {0: "batch", 1: "text_len"},
@@ -162,7 +168,11 @@ def graph_for_stage(stage, text_len: int) -> Graph:
         dynamic.update(lowres_image={0: "batch"}, lowres_noise_level={0: "batch"})
     info = {"stage": c.name, "image_size": size, "objective": c.objective, "schedule": c.schedule,
             "timesteps": c.timesteps, "lowres_size": c.lowres_size}
-    return Graph(f"unet_{c.name}", UNetStepGraph(stage.ema_unet, c.is_sr), make_inputs, ["prediction"], dynamic, info=info)
+    if c.guidance_distilled:  # one call per step: the guided prediction at input `guidance`, no unconditional branch
+        dynamic["guidance"] = {0: "batch"}
+        info.update(guidance_distilled=True, guidance_range=list(c.guidance_range))
+    return Graph(f"unet_{c.name}", UNetStepGraph(stage.ema_unet, c.is_sr, c.guidance_distilled), make_inputs, ["prediction"],
+                 dynamic, info=info)
 
 
 # --- export and check ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 from imagen.data.image_files import resize_images
-from imagen.diffusion import BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, q_sample, randn
+from imagen.diffusion import BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, classifier_free_guidance, q_sample, randn
 from imagen.config import check_range
-from imagen.errors import ConfigError
+from imagen.errors import ConfigError, GenerationError
 from imagen.models.unet import EfficientUNet, UNetConfig
 
 
@@ -41,10 +42,15 @@ class StageConfig:
     lowres_size: int | None = None  # SR stages: the resolution of the stage below
     aug_level_max: float = 0.5  # SR training: noise-augmentation level drawn uniformly in [0, max]
     text_encoder: dict[str, Any] = field(default_factory=dict)  # spec() of the text encoder
+    # A guidance-distilled student (`imagen distill`): one U-Net call per step at a guidance scale in guidance_range.
+    guidance_distilled: bool = False
+    guidance_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
             self.unet = UNetConfig(**self.unet)
+        if self.guidance_range is not None:
+            self.guidance_range = tuple(float(v) for v in self.guidance_range)
         check_range(f"{self.name}.timesteps", self.timesteps, 2, 100_000)
         for name in ("cond_drop_prob", "ema_decay", "aug_level_max"):
             check_range(f"{self.name}.{name}", getattr(self, name), 0, 1, integer=False)
@@ -58,10 +64,38 @@ class StageConfig:
             raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.unet.lowres_cond and not self.lowres_size:
             raise ConfigError(f"stage {self.name} is super-resolution but has no lowres_size")
+        if self.guidance_distilled != self.unet.guidance_cond:
+            raise ConfigError(f"stage {self.name}: guidance_distilled={self.guidance_distilled} needs "
+                              f"unet.guidance_cond={self.guidance_distilled} (got {self.unet.guidance_cond})")
+        if self.guidance_distilled:
+            check_guidance_range(self.guidance_range, f"stage {self.name} guidance_range")
 
     @property
     def is_sr(self) -> bool:
         return self.unet.lowres_cond
+
+    def check_guidance(self, guidance: float, negative: bool = False) -> None:
+        """GenerationError when a guidance-distilled stage cannot sample at `guidance` (or with a negative prompt)."""
+        if not self.guidance_distilled:
+            return
+        low, high = self.guidance_range
+        if not low <= guidance <= high:
+            raise GenerationError(f"stage {self.name} is guidance-distilled for guidance in [{low:g}, {high:g}], got "
+                                  f"{guidance:g}; ask for one in that range")
+        if negative:
+            raise GenerationError(f"stage {self.name} is guidance-distilled: it folds the empty prompt into one call, "
+                                  "so it takes no negative prompt; drop the negative prompt or use the undistilled run")
+
+
+def check_guidance_range(value, what: str = "guidance range") -> tuple[float, float]:
+    """(low, high) guidance scales with 0 <= low <= high, finite; a ConfigError naming the value otherwise."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r} must be two numbers LOW,HIGH, e.g. 1,6") from None
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+        raise ConfigError(f"{what} {low:g},{high:g} must be two finite numbers with 0 <= LOW <= HIGH, e.g. 1,6")
+    return low, high
 
 
 class TextToImageStage(nn.Module):
@@ -123,11 +157,13 @@ class TextToImageStage(nn.Module):
 
     # --- the denoiser -------------------------------------------------------------------------------
 
-    def denoiser(self, lowres: torch.Tensor | None = None, aug_level: float = 0.0, generator=None, use_ema: bool = True):
+    def denoiser(self, lowres: torch.Tensor | None = None, aug_level: float = 0.0, generator=None, use_ema: bool = True,
+                 guidance: float | None = None):
         """The stage as a denoiser callable `(x_t, t, **cond) -> prediction` for `imagen.diffusion.sample`.
 
         A super-resolution stage takes the stage below's images `lowres` (B, C, s, s); they are noise-augmented
-        to `aug_level` here, once (drawing from `generator` before the sampler does), and upsampled.
+        to `aug_level` here, once (drawing from `generator` before the sampler does), and upsampled. A
+        guidance-distilled stage takes the guidance scale its predictions are for.
         """
         unet = self.ema_unet if use_ema else self.unet
         c = self.config
@@ -138,14 +174,34 @@ class TextToImageStage(nn.Module):
             device = next(unet.parameters()).device
             level = torch.full((lowres.shape[0],), float(aug_level), device=device)
             extra = {"lowres_image": self.lowres_input(lowres.to(device), level, generator), "lowres_noise_level": level}
+        scale = {}
+        if c.guidance_distilled:
+            if guidance is None:
+                raise ValueError(f"stage {c.name} is guidance-distilled: pass the guidance scale")
+            scale = {"guidance": torch.tensor(float(guidance), device=next(unet.parameters()).device)}
 
         def denoise(x_t, t, **cond):
             t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
             # Classifier-free guidance stacks the batch (conditional, then unconditional): repeat the low-res input.
             more = {k: v.repeat(x_t.shape[0] // v.shape[0], *([1] * (v.dim() - 1))) for k, v in extra.items()}
-            return unet(x_t, t, **cond, **more).float()
+            return unet(x_t, t, **cond, **more, **scale).float()
 
         return denoise
+
+    def guided_denoiser(self, cond: dict[str, torch.Tensor], guidance: float, lowres: torch.Tensor | None = None,
+                        aug_level: float = 0.0, generator=None, negative_cond: dict[str, torch.Tensor] | None = None):
+        """The denoiser at classifier-free guidance scale `guidance` for prompts encoded as `cond`: two U-Net branches
+        per call (Ho & Salimans 2022; none at scale 1), or one call for a guidance-distilled stage."""
+        c = self.config
+        if c.guidance_distilled:
+            c.check_guidance(guidance, negative=negative_cond is not None)
+            return self.denoiser(lowres, aug_level=aug_level, generator=generator, guidance=guidance)
+        denoiser = self.denoiser(lowres, aug_level=aug_level, generator=generator)
+        if guidance != 1.0:
+            B = cond["text_mask"].shape[0]
+            denoiser = classifier_free_guidance(denoiser, self.null_condition(B, cond), scale=guidance,
+                                                negative_cond=negative_cond)
+        return denoiser
 
     @torch.no_grad()
     def update_ema(self, step: int | None = None) -> None:

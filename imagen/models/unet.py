@@ -13,6 +13,9 @@ level of the low-resolution image are summed into one vector that modulates ever
 the per-token text states are attended to by cross-attention at the levels named in `attn_levels` (with
 self-attention) and `cross_attn_levels` (cross-attention alone, without the costly self-attention over many
 pixels; on Shapes, adding it at the base stage's 16x16 level measured worse, so no default uses it).
+A guidance-distilled student (`guidance_cond`) also adds an embedding of the classifier-free guidance scale to that
+vector (Meng et al. 2023, "On Distillation of Guided Diffusion Models", sec. 4.1), so one call predicts what the
+guided teacher's two branches would.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class UNetConfig:
     dropout: float = 0.0
     lowres_cond: bool = False  # super-resolution stage: conditioned on an upsampled low-resolution image
     groups: int = 8  # GroupNorm groups
+    guidance_cond: bool = False  # conditioned on the guidance scale (a guidance-distilled student)
 
     def __post_init__(self):
         # JSON round-trips turn tuples into lists.
@@ -123,6 +127,11 @@ def unet_preset(name: str, **overrides) -> UNetConfig:
     if name not in UNET_PRESETS:
         raise ConfigError(f"unknown U-Net preset {name!r}; choose from {sorted(UNET_PRESETS)}")
     return UNetConfig(**{**UNET_PRESETS[name], **overrides})
+
+
+# Guidance scales (a few units) are spread over the timestep range before the sinusoidal embedding, as the
+# low-res noise levels are, so its frequencies resolve them: scale 10 lands where timestep 1000 does.
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -280,6 +289,13 @@ class EfficientUNet(nn.Module):
         self.lowres_noise_mlp = (
             nn.Sequential(nn.Linear(c.dim, c.time_dim), nn.SiLU(), nn.Linear(c.time_dim, c.time_dim)) if c.lowres_cond else None
         )
+        self.guidance_mlp = None
+        if c.guidance_cond:
+            self.guidance_mlp = nn.Sequential(nn.Linear(c.dim, c.time_dim), nn.SiLU(), nn.Linear(c.time_dim, c.time_dim))
+            # Zero-init the last layer: a student made from a teacher's weights starts as the teacher's conditional
+            # branch exactly, at every guidance scale, and learns only the difference guidance makes.
+            nn.init.zeros_(self.guidance_mlp[-1].weight)
+            nn.init.zeros_(self.guidance_mlp[-1].bias)
         # A learned always-visible text token: a fully padded caption (classifier-free guidance drops the text by
         # masking every token) still leaves a key to attend to instead of an all-masked softmax (NaN).
         self.null_text = nn.Parameter(torch.randn(1, 1, c.text_dim) * 0.02)
@@ -309,8 +325,8 @@ class EfficientUNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def conditioning(self, t, text_states, text_mask, text_embed, lowres_noise_level) -> torch.Tensor:
-        """One (B, time_dim) vector: time embedding + pooled text + [low-res noise level], summed."""
+    def conditioning(self, t, text_states, text_mask, text_embed, lowres_noise_level, guidance=None) -> torch.Tensor:
+        """One (B, time_dim) vector: time embedding + pooled text + [low-res noise level] + [guidance scale], summed."""
         c = self.config
         cond = self.time_mlp(timestep_embedding(t, c.dim))
         if text_embed is None and text_states is not None:
@@ -322,10 +338,17 @@ class EfficientUNet(nn.Module):
         if self.lowres_noise_mlp is not None:
             # Levels in [0, 1] are spread over the timestep range so the sinusoid frequencies suit them.
             cond = cond + self.lowres_noise_mlp(timestep_embedding(lowres_noise_level * 1000, c.dim))
+        if self.guidance_mlp is not None:
+            cond = cond + self.guidance_mlp(timestep_embedding(guidance * GUIDANCE_EMBED_SCALE, c.dim))
         return cond
 
-    def forward(self, x_t, t, *, text_states=None, text_mask=None, text_embed=None, lowres_image=None, lowres_noise_level=None):
-        """(B, in_channels, H, W) noisy images at timesteps t (B,) -> (B, out_channels, H, W) prediction."""
+    def forward(self, x_t, t, *, text_states=None, text_mask=None, text_embed=None, lowres_image=None, lowres_noise_level=None,
+                guidance=None):
+        """(B, in_channels, H, W) noisy images at timesteps t (B,) -> (B, out_channels, H, W) prediction.
+
+        A guidance-conditioned U-Net also takes `guidance` (B,) (or a scalar): the classifier-free guidance scale whose
+        guided prediction it makes.
+        """
         c = self.config
         B, _, H, W = x_t.shape
         factor = 2 ** (len(c.dim_mults) - 1)
@@ -338,6 +361,14 @@ class EfficientUNet(nn.Module):
         elif lowres_image is not None:
             raise ValueError("lowres_image given but the U-Net was built with lowres_cond=False")
         t = t.expand(B) if t.dim() == 0 else t
+        if c.guidance_cond:
+            if guidance is None:
+                raise ValueError("a guidance-distilled U-Net needs the guidance scale (guidance=...)")
+            guidance = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device)
+            guidance = guidance.expand(B) if guidance.dim() == 0 else guidance
+        elif guidance is not None:
+            raise ValueError("guidance given but the U-Net was built with guidance_cond=False; guide it with "
+                             "classifier-free guidance instead")
 
         context = context_mask = None
         if text_states is not None:
@@ -346,7 +377,7 @@ class EfficientUNet(nn.Module):
             text_mask = text_mask.bool()
             context = torch.cat([self.null_text.expand(B, -1, -1).to(text_states.dtype), text_states], dim=1)  # (B, 1+S, text_dim)
             context_mask = F.pad(text_mask, (1, 0), value=True)  # (B, 1+S), the null token always visible
-        cond = self.conditioning(t, text_states, text_mask, text_embed, lowres_noise_level)
+        cond = self.conditioning(t, text_states, text_mask, text_embed, lowres_noise_level, guidance)
 
         x = self.init_conv(x_t)
         skips = []

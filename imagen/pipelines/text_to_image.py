@@ -3,9 +3,10 @@
     pipe = TextToImagePipeline.from_run("runs/t2i", device="cuda")
     images = pipe.generate(["a red circle"], SamplingConfig(n=4, seed=0))   # (4, 3, S, S) in [-1, 1]
 
-Each stage exposes its denoiser (EMA U-Net + low-res input); the pipeline encodes the prompts, wraps the
-denoiser in classifier-free guidance and runs `imagen.diffusion.sample`, lowest resolution first, each stage's
-output the next one's low-res input. `generate_to_files` is what `imagen generate` does.
+Each stage exposes its denoiser (EMA U-Net + low-res input); the pipeline encodes the prompts, takes the stage's
+guided denoiser (classifier-free guidance, or one call of a guidance-distilled stage) and runs
+`imagen.diffusion.sample`, lowest resolution first, each stage's output the next one's low-res input.
+`generate_to_files` is what `imagen generate` does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from imagen.atomic import write_json_lines
 from imagen.data import image_to_tensor, open_image
 from imagen.data.images import normalize_images
 from imagen.data.image_files import resize_images, save_grid, save_image, to_uint8
-from imagen.diffusion import SamplingConfig, classifier_free_guidance, make_sampler, sample, sample_generators
+from imagen.diffusion import SamplingConfig, make_sampler, sample, sample_generators
 from imagen.errors import GenerationError, RunError
 from imagen.models.text_to_image import TextToImageStage
 from imagen.runs import WEIGHTS_NAME
@@ -95,7 +96,7 @@ class TextToImagePipeline:
         config = config if config is not None else SamplingConfig()
         if stop_at is not None and stop_at not in self.stage_names:
             raise RunError(f"{self.path} has no trained stage {stop_at!r}; trained: {', '.join(self.stage_names)}")
-        self.check_steps(config)
+        self.check_config(config)
         if inpaint_mask is not None:
             config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
         rows = [(p, config.seed, k) for p in prompts for k in range(config.n)]  # prompt-major
@@ -110,17 +111,20 @@ class TextToImagePipeline:
         `progress(stage, step, steps)` is called after every sampling step of every stage (step counts from 1).
         """
         config = config if config is not None else SamplingConfig()
-        self.check_steps(config)
+        self.check_config(config)
         return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None, progress)])
 
-    def check_steps(self, config: SamplingConfig) -> None:
-        """GenerationError when config.steps exceeds a stage's timesteps, or the ones its sampler walks there."""
+    def check_config(self, config: SamplingConfig) -> None:
+        """GenerationError when a stage cannot sample with `config`: more steps than its timesteps or than the ones
+        its sampler walks there, or a guidance-distilled stage asked for a guidance outside its range or a
+        negative prompt."""
         too_few = [s.config for s in self.stages if s.config.timesteps < config.steps]
         if too_few:
             raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
                                   f"({too_few[0].timesteps} timesteps), got {config.steps}")
         for stage in self.stages:  # dpmpp3m and unipc skip the cosine schedule's noisiest timesteps
             make_sampler(config.sampler, stage.schedule, config.eta).set_timesteps(config.steps)
+            stage.config.check_guidance(config.guidance, negative=config.negative is not None)
 
     def _generate_rows(self, rows, config, init_images, inpaint_mask, stop_at,
                        progress=None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -150,10 +154,8 @@ class TextToImagePipeline:
         both = stage.encode_text(texts)  # one call, so prompt and negative share a padded length
         cond = {k: v[:B] for k, v in both.items()}
         negative_cond = {k: v[B:] for k, v in both.items()} if negative is not None else None
-        denoiser = stage.denoiser(lowres, aug_level=config.aug_level, generator=generator)
-        if config.guidance != 1.0:
-            denoiser = classifier_free_guidance(denoiser, stage.null_condition(B, cond), scale=config.guidance,
-                                                negative_cond=negative_cond)
+        denoiser = stage.guided_denoiser(cond, config.guidance, lowres, aug_level=config.aug_level, generator=generator,
+                                         negative_cond=negative_cond)
         size = c.unet.image_size
         init = mask = None
         if init_images is not None:

@@ -236,7 +236,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
         try:
             config = api.SamplingConfig(sampler=body.sampler, steps=body.steps, guidance=body.guidance,
                                         negative=body.negative or None)
-            model.pipeline.check_steps(config)
+            model.pipeline.check_config(config)
         except USER_ERRORS as exc:
             raise RequestError(422, str(exc)) from None
         key, payload = ("generate", model.name, config), (body.prompt.strip(), body.seed, body.n)

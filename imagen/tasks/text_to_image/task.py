@@ -18,7 +18,7 @@ from PIL import Image
 
 from imagen.data.image_files import resize_images, save_grid
 from imagen.data.images import normalize_images
-from imagen.diffusion import SamplingConfig, classifier_free_guidance, sample, training_loss
+from imagen.diffusion import SamplingConfig, sample, training_loss
 
 
 class T2ISplit(torch.utils.data.Dataset):
@@ -137,6 +137,7 @@ class TextToImageTask:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.sample_steps = sample_steps
         self.lowres_source = lowres_source  # SR grids: callable(prompts) -> low-res images of the stage below
+        self.grid_sampling: dict = {}  # SamplingConfig fields of the sample grids other than the defaults
 
     def collate(self, batch):
         return batch
@@ -146,7 +147,9 @@ class TextToImageTask:
             return {k: batch[k] for k in ("text_states", "text_mask", "text_embed")}
         return model.encode_text(batch["texts"])
 
-    def _loss(self, model, batch):
+    def _draw(self, model, batch) -> dict:
+        """A batch's clean images and random draws: x0, t, caption-drop mask, noise, the SR stage's low-res input
+        (`extra`), and the per-sample generators (`draws`) for any further draw."""
         c = model.config
         x0 = normalize_images(batch["images"])
         B = x0.shape[0]
@@ -157,7 +160,6 @@ class TextToImageTask:
         cond = self._condition(model, batch)
         t = draws.integers(c.timesteps).to(x0.device)
         drop = draws.uniform().to(x0.device) < c.cond_drop_prob
-        cond = model.drop_condition(cond, drop)
         noise = draws.normal(x0.shape[1:]).to(x0)
         extra = {}
         if c.is_sr:
@@ -165,12 +167,18 @@ class TextToImageTask:
             level = draws.uniform().to(x0.device) * c.aug_level_max
             lowres_noise = draws.normal(lowres.shape[1:]).to(lowres)
             extra = {"lowres_image": model.lowres_input(lowres, level, noise=lowres_noise), "lowres_noise_level": level}
+        return {"x0": x0, "t": t, "drop": drop, "noise": noise, "extra": extra, "draws": draws, "cond": cond}
+
+    def _loss(self, model, batch):
+        c = model.config
+        d = self._draw(model, batch)
+        cond = model.drop_condition(d["cond"], d["drop"])
 
         def denoiser(x_t, t, **kw):
-            return model.unet(x_t, t, **kw, **extra).float()
+            return model.unet(x_t, t, **kw, **d["extra"]).float()
 
-        return training_loss(denoiser, x0, t, cond, schedule=model.schedule, objective=c.objective,
-                             min_snr_gamma=c.min_snr_gamma, snr_floor=c.snr_floor, noise=noise)
+        return training_loss(denoiser, d["x0"], d["t"], cond, schedule=model.schedule, objective=c.objective,
+                             min_snr_gamma=c.min_snr_gamma, snr_floor=c.snr_floor, noise=d["noise"])
 
     def training_step(self, model, batch):
         return {"loss": self._loss(model, batch)}
@@ -193,7 +201,7 @@ class TextToImageTask:
 
     def write_grid(self, model, step: int) -> Path:
         """Samples for the fixed validation prompts (own generator: the training RNG stream is untouched)."""
-        config = SamplingConfig(steps=self.sample_steps)  # the default sampler, guidance and thresholding
+        config = SamplingConfig(steps=self.sample_steps, **self.grid_sampling)  # by default: the default sampler, guidance, thresholding
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(0)
         was_training = model.training
@@ -202,10 +210,8 @@ class TextToImageTask:
             with torch.no_grad():
                 cond = model.encode_text(self.sample_prompts)
                 lowres = self.lowres_source(self.sample_prompts) if model.config.is_sr and self.lowres_source else None
-                denoiser = model.denoiser(lowres, aug_level=config.aug_level, generator=generator)
+                denoiser = model.guided_denoiser(cond, config.guidance, lowres, aug_level=config.aug_level, generator=generator)
                 B, c = len(self.sample_prompts), model.config
-                if config.guidance != 1.0:
-                    denoiser = classifier_free_guidance(denoiser, model.null_condition(B, cond), scale=config.guidance)
                 images = sample(denoiser, (B, c.unet.in_channels, c.unet.image_size, c.unet.image_size), schedule=model.schedule,
                                 config=config, objective=c.objective, cond=cond, generator=generator, device=device)
         finally:

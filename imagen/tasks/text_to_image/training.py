@@ -56,7 +56,7 @@ def stage_train_config(overrides: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{**STAGE_TRAIN_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def _caption_sets(ds, mode: str) -> list[list[str]]:
+def caption_sets(ds, mode: str) -> list[list[str]]:
     """Each image's captions: all of them ("all"), or only its first ("first")."""
     sets = ds.caption_sets()
     return [cs[:1] for cs in sets] if mode == "first" else sets
@@ -73,7 +73,7 @@ def _new_run(out: Path, data: str, sizes: Sequence[int], text_encoder: str, n: i
     train_ds = load_dataset(data, "train", seed=seed, n=n, on_bad_sample=on_bad_sample)
     if not train_ds.has_text:
         raise DataError(f"data {data!r} has no captions; text-to-image needs image-text pairs")
-    texts = _caption_sets(train_ds, captions)
+    texts = caption_sets(train_ds, captions)
     tokenizer = None
     if text_encoder == "trainable":
         tokenizer = Tokenizer.train([t for cs in texts for t in cs], vocab_size=1024)
@@ -159,7 +159,7 @@ def train_t2i(
             d = config["data"]
             train_ds = load_dataset(d["spec"], "train", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
             encoder = build_text_encoder(config["text_encoder"], tokenizer=tokenizer)
-            texts = _caption_sets(train_ds, d.get("captions", "first"))  # runs made before the option used "first"
+            texts = caption_sets(train_ds, d.get("captions", "first"))  # runs made before the option used "first"
         if stage is not None and stage not in config["stages"]:
             raise RunError(f"{out} has no stage {stage!r}; its stages are {', '.join(config['stages'])}")
         d = config["data"]

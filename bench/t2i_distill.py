@@ -1,0 +1,117 @@
+"""Guidance distillation (`imagen distill`) on Shapes: the distilled run against its teacher at the same sampling
+steps - compositional accuracy, FID, sampling time per image (teacher: 2 U-Net evaluations per step at a guided
+stage, student: 1), and how far the student's pictures are from the teacher's guided ones from the same seed.
+
+    python bench/t2i_distill.py --teacher runs/bench-t2i                  # distil a trained run (copied, not touched)
+    python bench/t2i_distill.py --train-max-steps 14000                   # train the teacher first (the default recipe)
+    python bench/t2i_distill.py --teacher /tmp/demo-full/text-to-image --distill-steps 50 --n-per-category 8 \
+        --fid-samples 32 --timing-prompts 8                               # a smoke run, minutes on one core
+
+Prints one Markdown table (rows: teacher, student, and the teacher's unguided conditional branch - what one call
+per step gives without distillation) for bench/RESULTS.md, with the CPU model and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from imagen.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLING_STEPS
+from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i
+from imagen.tasks.text_to_image import distill_t2i, train_t2i
+from imagen.eval.t2i import compositional_prompts
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def seconds_per_image(pipe: TextToImagePipeline, prompts: list[str], config: SamplingConfig, stop_at=None) -> float:
+    """Wall seconds per image of `pipe.generate` (after one warm-up call)."""
+    pipe.generate(prompts[:1], config, stop_at=stop_at)
+    start = time.perf_counter()
+    pipe.generate(prompts, config, stop_at=stop_at)
+    return (time.perf_counter() - start) / len(prompts)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default=None, help="a finished text-to-image run to distil (copied into --out)")
+    p.add_argument("--out", default="runs/bench-distill", help="folder for the teacher copy and the student (replaced)")
+    p.add_argument("--train-max-steps", type=int, default=None, help="without --teacher: base steps of the teacher (default: the recipe's)")
+    p.add_argument("--train-sr-max-steps", type=int, default=None, help="without --teacher: super-resolution steps (default: the recipe's)")
+    p.add_argument("--distill-steps", type=int, default=None, help="distillation steps per stage (default: imagen distill's)")
+    p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: imagen distill's)")
+    p.add_argument("--stages", default="base", help="stages to distil (default: base)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale of every comparison")
+    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS, help="sampling steps of every comparison")
+    p.add_argument("--n-per-category", type=int, default=200, help="held-out prompts per category for compositional accuracy")
+    p.add_argument("--fid-samples", type=int, default=500)
+    p.add_argument("--timing-prompts", type=int, default=32, help="prompts timed (one image each, one batch)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    quiet = lambda *a, **k: None  # noqa: E731
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    teacher = out / "teacher"  # evaluate-t2i writes into a run's eval/: never into the run we were given
+    if args.teacher:
+        shutil.copytree(args.teacher, teacher, ignore=shutil.ignore_patterns("checkpoints", "eval", "samples", "tensorboard"))
+    else:
+        start = time.perf_counter()
+        train_t2i("shapes", teacher, max_steps=args.train_max_steps, sr_max_steps=args.train_sr_max_steps, progress=False,
+                  device=args.device)
+        print(f"teacher trained in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+
+    student = out / "student"
+    wall, cpu = time.perf_counter(), time.process_time()
+    distill_t2i(teacher, student, stages=args.stages.split(","), max_steps=args.distill_steps, progress=False,
+                device=args.device, **({"lr": args.lr} if args.lr else {}))
+    distill_wall, distill_cpu = (time.perf_counter() - wall) / 60, (time.process_time() - cpu) / 60
+
+    guided = SamplingConfig(steps=args.steps, guidance=args.guidance, batch_size=args.timing_prompts)
+    unguided = SamplingConfig(steps=args.steps, guidance=1.0, batch_size=args.timing_prompts)
+    prompts = [p["prompt"] for p in compositional_prompts(args.timing_prompts // 3 + 1, seed=7)][:args.timing_prompts]
+    rows = []
+    reference = None
+    for name, run, config in (("teacher (guided)", teacher, guided), ("student (distilled)", student, guided),
+                              ("teacher, conditional branch only (guidance 1)", teacher, unguided)):
+        pipe = TextToImagePipeline.from_run(run, device=args.device)
+        with torch.no_grad():
+            images = pipe.generate(prompts, config)
+        reference = images if reference is None else reference
+        rmse = float((images - reference).square().mean().sqrt())  # pixels in [-1, 1]
+        base_s = seconds_per_image(pipe, prompts, config, stop_at="base")
+        full_s = seconds_per_image(pipe, prompts, config)
+        calls = sum(1 if (s.config.guidance_distilled or config.guidance == 1.0) else 2 for s in pipe.stages)
+        r = evaluate_t2i(run, "shapes", config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
+                         device=args.device, echo=quiet)
+        rows.append((name, calls, base_s, full_s, r, rmse))
+
+    print(f"\nCPU: {cpu_model()}; torch threads {torch.get_num_threads()}; commit {commit}")
+    print(f"distillation ({args.stages}, {args.distill_steps or 'default'} steps): {distill_wall:.1f} wall min, "
+          f"{distill_cpu:.1f} CPU min of this process")
+    print(f"sampling: {args.steps} {guided.sampler} steps, guidance {args.guidance:g}; accuracy on {args.n_per_category} "
+          f"prompts per category; FID on {args.fid_samples} test images; RMSE vs the guided teacher on {len(prompts)} "
+          "prompts, same seed, pixels in [-1, 1]\n")
+    print("| run | U-Net calls per step (all stages) | s/image base | s/image cascade | compositional | single | relation "
+          "| count | FID | RMSE vs teacher |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, calls, base_s, full_s, r, rmse in rows:
+        print(f"| {name} | {calls} | {base_s:.3f} | {full_s:.3f} | {r['compositional_accuracy']:.3f} | {r['single_accuracy']:.3f} "
+              f"| {r['relation_accuracy']:.3f} | {r['count_accuracy']:.3f} | {r['fid']:.2f} | {rmse:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
