@@ -117,8 +117,11 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
         # A registry's model follows its `current` link: a promoted version answers from the next batch on.
         models[name] = follow_current(models[name], settings.device)
         if kind == "generate":
-            report = None if progress is None else (lambda stage, step, steps: progress(
-                {"step": step, "steps": steps, "stage": stage}))
+            def report(stage, step, steps):  # after every sampling step; raises when the batch is to stop
+                metrics.step(name)
+                if progress is not None:
+                    progress({"step": step, "steps": steps, "stage": stage})
+
             return run_generate(models[name], options, payloads, progress=report)
         return run_predict(models[name], dict(options), payloads)
 
@@ -127,7 +130,10 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
     def on_batch(key, rows):
         metrics.batch(key[1], rows)
 
-    batcher = Batcher(run_batch, settings.batch, on_batch=on_batch)
+    def on_cancel(key):
+        metrics.cancel(key[1])
+
+    batcher = Batcher(run_batch, settings.batch, on_batch=on_batch, on_cancel=on_cancel)
     metrics = Metrics(queue_depth=lambda: batcher.waiting, running=lambda: batcher.running)
 
     @contextlib.asynccontextmanager
@@ -210,9 +216,11 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
                                f"model: no {kind} model named {name!r}; loaded: " + (", ".join(m.name for m in fitting) or "none"))
         return model
 
-    async def submit(key, payload, rows, progress=None):
+    async def submit(key, payload, rows, progress=None, request: Request | None = None):
+        """The answer of a batched request; with `request`, a client that closes the connection drops it (499)."""
         try:
-            return await batcher.submit(key, payload, rows, progress)
+            work = batcher.submit(key, payload, rows, progress)
+            return await (work if request is None else _unless_gone(work, request))
         except QueueFull:
             metrics.reject("queue_full")
             retry = max(1, round(settings.batch.max_wait_ms / 1000 + 1))
@@ -241,7 +249,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
             raise RequestError(422, str(exc)) from None
         key, payload = ("generate", model.name, config), (body.prompt.strip(), body.seed, body.n)
         if not (body.stream or "text/event-stream" in request.headers.get("accept", "")):
-            images = await submit(key, payload, body.n)
+            images = await submit(key, payload, body.n, request=request)
             return {"images": images, "seed": body.seed, "model": model.name}
         return await stream_generate(key, payload, body, model.name)
 
@@ -280,7 +288,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/predict")
-    async def predict(image: UploadFile = File(...), model: str | None = Form(None), question: str | None = Form(None),
+    async def predict(request: Request, image: UploadFile = File(...), model: str | None = Form(None), question: str | None = Form(None),
                       instruction: str | None = Form(None), texts: list[str] | None = Form(None), top_k: int = Form(1)):
         served = pick(model, generates=False)
         if not 1 <= top_k <= settings.max_top_k:
@@ -307,9 +315,33 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
         options = {**{k: tuple(v) if isinstance(v, list) else v for k, v in inputs.items()}, "top_k": top_k}
         key = ("predict", served.name, tuple(sorted(options.items())))  # hashable: requests that can share a batch
         name = Path(image.filename or "upload").name  # only a label for the answer's "file"
-        return await submit(key, (picture, name), 1)
+        return await submit(key, (picture, name), 1, request=request)
 
     return app
+
+
+async def _unless_gone(work, request: Request):
+    """The result of `work`, unless the client closes the connection first: then `work` is cancelled (the batcher
+    drops the request) and the answer is a 499, which nobody reads but the log and /metrics. A streamed answer needs
+    no watch: its next event fails to send, and that drops it."""
+
+    async def gone():
+        # the body has been read by now, so the only message left to come is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise RequestError(499, "the client closed the connection; the request was dropped")
+    return task.result()
 
 
 ENDPOINTS = {"/", "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/generate", "/v1/predict"}
