@@ -91,6 +91,17 @@ async def load(base: str, kind: str, n: int, concurrency: int, steps: int, cap: 
             "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "codes": sorted(set(codes))}
 
 
+def batch_rows(base: str) -> tuple[float, int]:
+    """Rows and batches run so far, summed over the models (from /metrics: imagen_batch_size)."""
+    rows = batches = 0
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("imagen_batch_size_sum"):
+            rows += float(line.split()[-1])
+        elif line.startswith("imagen_batch_size_count"):
+            batches += int(line.split()[-1])
+    return rows, batches
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=32, help="requests per phase")
@@ -106,10 +117,13 @@ def main():
         try:
             for kind in ("generate", "predict"):
                 for conc in (1, 4, 16):
+                    before = batch_rows(base)
                     r = asyncio.run(load(base, kind, args.requests, conc, args.steps, args.time_cap))
+                    after = batch_rows(base)
+                    per_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
                     rps[(label, kind, conc)] = r["rps"]
                     rows.append(f"| {kind} | {label} | {conc} | {r['n']} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
-                                f"{r['p99']:.0f} | {r['errors']} |")
+                                f"{r['p99']:.0f} | {per_batch:.1f} | {r['errors']} |")
                     print(rows[-1], flush=True)
         finally:
             proc.terminate()
@@ -124,8 +138,8 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(f"\ncommit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{args.requests} requests a phase, {args.steps} sampling steps, demo-sized cascade (16px + 32px)\n")
-    print("| endpoint | batching | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| endpoint | batching | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | rows/batch | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     for kind in ("generate", "predict"):
         print(f"\n{kind}: batching gain at concurrency 16 = {rps[('batching', kind, 16)] / max(rps[('off', kind, 16)], 1e-9):.2f}x")

@@ -28,6 +28,7 @@ from pathlib import Path
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -148,28 +149,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
     app.state.ready = False
     app.state.batcher, app.state.metrics, app.state.models, app.state.settings = batcher, metrics, models, settings
 
-    @app.middleware("http")
-    async def guard_and_log(request: Request, call_next):
-        start = time.perf_counter()
-        path = request.url.path
-        response = None
-        try:
-            if path.startswith("/v1/"):
-                response = _check_auth(request, settings.api_key)
-                length = request.headers.get("content-length")
-                if response is None and length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
-                    metrics.reject("too_large")
-                    response = _error(413, f"the request is {int(length)} bytes, over the limit of {settings.max_upload_bytes}")
-            if response is None:
-                response = await call_next(request)
-        finally:
-            seconds = time.perf_counter() - start
-            status = response.status_code if response is not None else 500
-            endpoint = path if path in ENDPOINTS else "other"
-            metrics.request(endpoint, status, seconds)
-            log.info(json.dumps({"time": round(time.time(), 3), "method": request.method, "path": path, "status": status,
-                                 "ms": round(seconds * 1000, 1), "client": request.client.host if request.client else None}))
-        return response
+    app.add_middleware(GuardAndLog, api_key=settings.api_key, max_upload_bytes=settings.max_upload_bytes, metrics=metrics)
 
     @app.exception_handler(RequestError)
     async def request_error(request, exc: RequestError):
@@ -347,11 +327,51 @@ async def _unless_gone(work, request: Request):
 ENDPOINTS = {"/", "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/generate", "/v1/predict"}
 
 
-def _check_auth(request: Request, api_key: str | None) -> JSONResponse | None:
+def _check_auth(headers: Headers, api_key: str | None) -> JSONResponse | None:
     """None when the request may go on; a 401 otherwise (constant-time comparison of the key)."""
     if api_key is None:
         return None
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode()):
         return None
     return _error(401, "missing or wrong API key; send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
+
+
+class GuardAndLog:
+    """Every HTTP request: /v1/* needs the API key (401) and a body under the limit (413, from Content-Length); then
+    one JSON log line and the request metrics, once the answer has been sent. A plain ASGI middleware: Starlette's
+    @app.middleware("http") costs a task group and a memory stream per request, more than a small model's forward."""
+
+    def __init__(self, app, api_key: str | None, max_upload_bytes: int, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        path, status = scope["path"], 500  # 500 unless an answer starts
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = None
+            if path.startswith("/v1/"):
+                headers = Headers(scope=scope)
+                refusal = _check_auth(headers, self.api_key)
+                length = headers.get("content-length")
+                # 64 KiB over the upload limit leaves room for a multipart request's other fields
+                if refusal is None and length and length.isdigit() and int(length) > self.max_upload_bytes + 65536:
+                    self.metrics.reject("too_large")
+                    refusal = _error(413, f"the request is {int(length)} bytes, over the limit of {self.max_upload_bytes}")
+            await (refusal or self.app)(scope, receive, send_noting_status)
+        finally:
+            seconds = time.perf_counter() - start
+            self.metrics.request(path if path in ENDPOINTS else "other", status, seconds)
+            client = scope.get("client")
+            log.info(json.dumps({"time": round(time.time(), 3), "method": scope["method"], "path": path, "status": status,
+                                 "ms": round(seconds * 1000, 1), "client": client[0] if client else None}))
