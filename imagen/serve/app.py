@@ -10,6 +10,7 @@
     POST /v1/predict  multipart image + question / instruction / texts + model -> what `imagen predict --json` prints
 
 A request names a model by its name in /v1/models, never by a path, so no request can reach a server file.
+A request whose client closes the connection before its answer is dropped like one that timed out (logged as 499).
 """
 
 from __future__ import annotations
