@@ -399,7 +399,10 @@ def predict_images(loaded: LoadedRun, images: Sequence, names: Sequence[str], to
     batch = torch.stack([image_to_tensor(img, size) for img in images])
     task = task_cls(loaded.config, loaded.tokenizer)
     with torch.no_grad():
-        return task.predict(loaded.model, batch, [str(n) for n in names], top_k=top_k, **inputs)
+        # `sizes`: the pictures' own (width, height), for answers in their pixels (detect's boxes); `names` are only
+        # labels (the server's come from clients), never opened
+        return task.predict(loaded.model, batch, [str(n) for n in names], top_k=top_k,
+                            sizes=[img.size for img in images], **inputs)
 
 
 def predict(run: str | Path, files: Sequence[str | Path], top_k: int = 1, **inputs) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import io
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -364,8 +365,126 @@ def test_real_server_in_a_subprocess(runs):
                        headers={"Authorization": "Bearer k3y"}, timeout=60)
         assert r.status_code == 200, r.text
         assert len(r.json()["images"]) == 2 and pixels(r.json()["images"][0]).shape == (16, 16, 3)
+        # A client that goes away stops its batch: 2 stages x 1000 steps would take a minute.
+        long = {"prompt": "a red circle", "n": 8, "steps": 1000}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(base + "/v1/generate", json=long, headers={"Authorization": "Bearer k3y"}, timeout=0.5)
+        wait_for_metric(base, CANCELLED_METRIC, 1)
+        with httpx.stream("POST", base + "/v1/generate", json={**long, "stream": True},
+                          headers={"Authorization": "Bearer k3y"}, timeout=30) as stream:
+            assert next(stream.iter_lines()) == "event: progress"  # then the client closes the connection
+        text = wait_for_metric(base, CANCELLED_METRIC, 2)
+        assert metric(text, STEPS_METRIC) < 1000 and 'imagen_requests_total{endpoint="/v1/generate",code="499"} 1' in text
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         logged = [json.loads(line) for line in err.splitlines() if '"path"' in line]  # one JSON object a line
-        assert {"path": "/v1/generate", "status": 200}.items() <= logged[-1].items()
+        assert [line["status"] for line in logged if line["path"] == "/v1/generate"] == [200, 499, 200]
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line of Prometheus text (0 when absent)."""
+    line = next((line for line in text.splitlines() if line.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line is not None else 0.0
+
+
+def slowed(batcher, seconds: float):
+    """Make every sampling step of `batcher`'s batches take at least `seconds` more."""
+    import time
+
+    real = batcher.run
+
+    def run(key, payloads, progress):
+        def slow_progress(*event):
+            time.sleep(seconds)
+            progress(*event)
+
+        return real(key, payloads, slow_progress)
+
+    batcher.run = run
+
+
+async def idle(batcher):
+    """Wait until no batch runs (at most 20 s)."""
+    for _ in range(2000):
+        if not batcher.running and not batcher.waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the batch is still running")
+
+
+STEPS_METRIC = 'imagen_sampling_steps_total{model="t2i"}'
+CANCELLED_METRIC = 'imagen_cancelled_batches_total{model="t2i"}'
+
+
+def test_a_batch_whose_requests_all_timed_out_stops_between_steps(models):
+    async def check(client, app):
+        batcher = app.state.batcher
+        real = batcher.run
+        slowed(batcher, 0.02)
+        body = {"model": "t2i", "prompt": "a red circle", "steps": 200}  # 2 stages: 400 steps, 8 s at least
+        late = await client.post("/v1/generate", json=body)
+        await idle(batcher)
+        after_timeout = (await client.get("/metrics")).text
+        batcher.run = real
+        nxt = await client.post("/v1/generate", json={**body, "steps": 2})
+        return late, after_timeout, nxt, (await client.get("/metrics")).text
+
+    late, after_timeout, nxt, final = serve(models, check, timeout_s=1.0, max_wait_ms=0)
+    assert late.status_code == 504 and "no answer within 1 s" in late.json()["error"]
+    assert metric(after_timeout, CANCELLED_METRIC) == 1
+    ran = metric(after_timeout, STEPS_METRIC)
+    assert 1 <= ran < 400  # stopped before its last step
+    assert nxt.status_code == 200 and len(nxt.json()["images"]) == 1  # the server goes on
+    assert metric(final, STEPS_METRIC) == ran + 4 and metric(final, CANCELLED_METRIC) == 1
+
+
+def test_a_batch_runs_on_while_one_of_its_requests_waits(models):
+    """Of two requests in one batch, one client goes away: the other gets its whole answer, equal to the one it gets
+    alone; when both go away, the batch stops."""
+    steps = 10
+    body = {"model": "t2i", "prompt": "a blue square", "steps": steps}
+
+    async def check(client, app):
+        batcher = app.state.batcher
+        slowed(batcher, 0.01)
+        sizes, real = [], batcher.run
+
+        def counted(key, payloads, progress):
+            sizes.append(len(payloads))
+            return real(key, payloads, progress)
+
+        batcher.run = counted
+        going = asyncio.ensure_future(client.post("/v1/generate", json={**body, "seed": 1}))
+        staying = asyncio.ensure_future(client.post("/v1/generate", json={**body, "seed": 2}))
+        while not batcher.running:
+            await asyncio.sleep(0.01)
+        going.cancel()  # its client goes away mid-batch
+        kept = await staying
+        await idle(batcher)
+        both = [asyncio.ensure_future(client.post("/v1/generate", json={**body, "seed": s})) for s in (3, 4)]
+        while not batcher.running:
+            await asyncio.sleep(0.01)
+        for request in both:
+            request.cancel()
+        await asyncio.gather(*both, return_exceptions=True)
+        await idle(batcher)
+        alone = await client.post("/v1/generate", json={**body, "seed": 2})
+        return sizes, kept, alone, (await client.get("/metrics")).text
+
+    sizes, kept, alone, text = serve(models, check, max_wait_ms=300)
+    assert sizes == [2, 2, 1]
+    assert kept.status_code == 200 and len(kept.json()["images"]) == 1
+    assert np.abs(pixels(kept.json()["images"][0]) - pixels(alone.json()["images"][0])).max() <= 1
+    # the first batch ran all its 2 x 10 steps, the second stopped early, the last ran 20
+    assert metric(text, CANCELLED_METRIC) == 1 and 40 < metric(text, STEPS_METRIC) < 60
+
+
+def wait_for_metric(base: str, name: str, value: float) -> str:
+    """/metrics once `name` reads `value` (at most 30 s)."""
+    for _ in range(300):
+        text = httpx.get(base + "/metrics", timeout=5).text
+        if metric(text, name) == value:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{name} is {metric(text, name)}, not {value}")

@@ -1,16 +1,21 @@
 """The page of `imagen serve` in a real browser: headless Chromium (Debian's `chromium`, driven by Playwright through
-its executable path) loads `/`, generates from a prompt, and a picture appears. CI installs both
+its executable path) loads `/`, generates from a prompt, and a picture appears; uploads a picture to a detect run, and
+its boxes are drawn on it. CI installs both
 (scripts/install-data.sh installs chromium, the `test` extra playwright); elsewhere the test is skipped."""
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageDraw
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
+import imagen.api as api  # noqa: E402
 from serve_helpers import serve_subprocess, train_tiny_t2i  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -67,3 +72,65 @@ def test_page_generates_a_picture_in_chromium(tmp_path):
     assert [label for label in labels if label][-1].startswith("stage 2 (") and labels[-1].endswith("step 3 / 3")
     assert "stage 1 (base): step 1 / 3" in labels and bar_hidden
     assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def test_page_draws_detect_boxes_on_the_picture_in_chromium(tmp_path):
+    playwright = sync_playwright()
+    import torch
+
+    torch.set_num_threads(1)
+    run = tmp_path / "detect"
+    # 2 steps learn nothing; predict_threshold 0 makes the run answer its 8 best boxes, enough to draw
+    api.finetune("detect", "shapes", run, preset="tiny", n=32, max_steps=2, batch_size=8, predict_threshold=0.0,
+                 max_detections=8, progress=False, report_to=("jsonl",))
+    picture = tmp_path / "scene.png"  # not square and not the model's size: boxes come back in its own pixels
+    img = Image.new("RGB", (40, 24), (16, 16, 16))
+    ImageDraw.Draw(img).rectangle([4, 4, 14, 14], fill=(220, 40, 40))
+    ImageDraw.Draw(img).ellipse([22, 8, 34, 20], fill=(40, 80, 220))
+    img.save(picture)
+    with serve_subprocess(run) as (proc, base), playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(base + "/", timeout=20_000)
+            page.wait_for_selector("#predict-form:not(.hidden)", timeout=10_000)
+            assert page.is_visible("#min-score") and not page.is_visible("#question")
+            page.set_input_files("#image", str(picture))
+            page.click("#predict")
+            page.wait_for_selector("#result-box:not(.hidden)", timeout=20_000)
+            assert page.locator("#figure .box").count() == 0  # below the page's default threshold, 0.3
+            answer = json.loads(page.text_content("#result"))
+            counts = {}
+            for threshold in (0.0, statistics.median(d["score"] for d in answer["detections"]), 1.0):
+                page.fill("#min-score", repr(threshold))
+                counts[threshold] = (page.locator("#figure .box").count(), page.locator("#labels li").count(),
+                                     sum(d["score"] >= threshold for d in answer["detections"]))
+            page.fill("#min-score", "0")
+            # each box's place on the screen, mapped back to the picture's own pixels
+            placed = page.evaluate("""() => {
+                const img = document.getElementById("picture").getBoundingClientRect();
+                const natural = document.getElementById("picture");
+                const sx = natural.naturalWidth / img.width, sy = natural.naturalHeight / img.height;
+                return [...document.querySelectorAll("#figure .box")].map((b) => {
+                    const r = b.getBoundingClientRect();
+                    return {box: [(r.left - img.left) * sx, (r.top - img.top) * sy, (r.right - img.left) * sx,
+                                  (r.bottom - img.top) * sy],
+                            text: b.textContent, shown: [img.width, img.height]};
+                });
+            }""")
+            page.screenshot(path=str(tmp_path / "detect-page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    detections = answer["detections"]
+    assert answer["file"] == "scene.png" and len(detections) == 8
+    for threshold, (boxes, listed, above) in counts.items():
+        assert boxes == listed == above, (threshold, boxes, listed, above)
+    assert 0 < counts[statistics.median(d["score"] for d in detections)][0] < 8 and counts[1.0][0] == 0
+    assert len(placed) == 8 and placed[0]["shown"] == [256, round(24 * 256 / 40)]  # scaled up, the shape kept
+    for d, shown in zip(detections, placed):
+        assert max(abs(a - b) for a, b in zip(shown["box"], d["box"])) < 0.5, (shown, d)
+        assert shown["text"] == f"{d['label']} {d['score']:.2f}"
+    assert (tmp_path / "detect-page.png").stat().st_size > 0

@@ -10,6 +10,7 @@
     POST /v1/predict  multipart image + question / instruction / texts + model -> what `imagen predict --json` prints
 
 A request names a model by its name in /v1/models, never by a path, so no request can reach a server file.
+A request whose client closes the connection before its answer is dropped like one that timed out (logged as 499).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -117,8 +119,11 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
         # A registry's model follows its `current` link: a promoted version answers from the next batch on.
         models[name] = follow_current(models[name], settings.device)
         if kind == "generate":
-            report = None if progress is None else (lambda stage, step, steps: progress(
-                {"step": step, "steps": steps, "stage": stage}))
+            def report(stage, step, steps):  # after every sampling step; raises when the batch is to stop
+                metrics.step(name)
+                if progress is not None:
+                    progress({"step": step, "steps": steps, "stage": stage})
+
             return run_generate(models[name], options, payloads, progress=report)
         return run_predict(models[name], dict(options), payloads)
 
@@ -127,7 +132,10 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
     def on_batch(key, rows):
         metrics.batch(key[1], rows)
 
-    batcher = Batcher(run_batch, settings.batch, on_batch=on_batch)
+    def on_cancel(key):
+        metrics.cancel(key[1])
+
+    batcher = Batcher(run_batch, settings.batch, on_batch=on_batch, on_cancel=on_cancel)
     metrics = Metrics(queue_depth=lambda: batcher.waiting, running=lambda: batcher.running)
 
     @contextlib.asynccontextmanager
@@ -142,28 +150,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
     app.state.ready = False
     app.state.batcher, app.state.metrics, app.state.models, app.state.settings = batcher, metrics, models, settings
 
-    @app.middleware("http")
-    async def guard_and_log(request: Request, call_next):
-        start = time.perf_counter()
-        path = request.url.path
-        response = None
-        try:
-            if path.startswith("/v1/"):
-                response = _check_auth(request, settings.api_key)
-                length = request.headers.get("content-length")
-                if response is None and length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
-                    metrics.reject("too_large")
-                    response = _error(413, f"the request is {int(length)} bytes, over the limit of {settings.max_upload_bytes}")
-            if response is None:
-                response = await call_next(request)
-        finally:
-            seconds = time.perf_counter() - start
-            status = response.status_code if response is not None else 500
-            endpoint = path if path in ENDPOINTS else "other"
-            metrics.request(endpoint, status, seconds)
-            log.info(json.dumps({"time": round(time.time(), 3), "method": request.method, "path": path, "status": status,
-                                 "ms": round(seconds * 1000, 1), "client": request.client.host if request.client else None}))
-        return response
+    app.add_middleware(GuardAndLog, api_key=settings.api_key, max_upload_bytes=settings.max_upload_bytes, metrics=metrics)
 
     @app.exception_handler(RequestError)
     async def request_error(request, exc: RequestError):
@@ -210,9 +197,11 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
                                f"model: no {kind} model named {name!r}; loaded: " + (", ".join(m.name for m in fitting) or "none"))
         return model
 
-    async def submit(key, payload, rows, progress=None):
+    async def submit(key, payload, rows, progress=None, request: Request | None = None):
+        """The answer of a batched request; with `request`, a client that closes the connection drops it (499)."""
         try:
-            return await batcher.submit(key, payload, rows, progress)
+            work = batcher.submit(key, payload, rows, progress)
+            return await (work if request is None else _unless_gone(work, request))
         except QueueFull:
             metrics.reject("queue_full")
             retry = max(1, round(settings.batch.max_wait_ms / 1000 + 1))
@@ -241,7 +230,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
             raise RequestError(422, str(exc)) from None
         key, payload = ("generate", model.name, config), (body.prompt.strip(), body.seed, body.n)
         if not (body.stream or "text/event-stream" in request.headers.get("accept", "")):
-            images = await submit(key, payload, body.n)
+            images = await submit(key, payload, body.n, request=request)
             return {"images": images, "seed": body.seed, "model": model.name}
         return await stream_generate(key, payload, body, model.name)
 
@@ -280,7 +269,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/predict")
-    async def predict(image: UploadFile = File(...), model: str | None = Form(None), question: str | None = Form(None),
+    async def predict(request: Request, image: UploadFile = File(...), model: str | None = Form(None), question: str | None = Form(None),
                       instruction: str | None = Form(None), texts: list[str] | None = Form(None), top_k: int = Form(1)):
         served = pick(model, generates=False)
         if not 1 <= top_k <= settings.max_top_k:
@@ -307,19 +296,83 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
         options = {**{k: tuple(v) if isinstance(v, list) else v for k, v in inputs.items()}, "top_k": top_k}
         key = ("predict", served.name, tuple(sorted(options.items())))  # hashable: requests that can share a batch
         name = Path(image.filename or "upload").name  # only a label for the answer's "file"
-        return await submit(key, (picture, name), 1)
+        return await submit(key, (picture, name), 1, request=request)
 
     return app
+
+
+async def _unless_gone(work, request: Request):
+    """The result of `work`, unless the client closes the connection first: then `work` is cancelled (the batcher
+    drops the request) and the answer is a 499, which nobody reads but the log and /metrics. A streamed answer needs
+    no watch: its next event fails to send, and that drops it."""
+
+    async def gone():
+        # the body has been read by now, so the only message left to come is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise RequestError(499, "the client closed the connection; the request was dropped")
+    return task.result()
 
 
 ENDPOINTS = {"/", "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/generate", "/v1/predict"}
 
 
-def _check_auth(request: Request, api_key: str | None) -> JSONResponse | None:
+def _check_auth(headers: Headers, api_key: str | None) -> JSONResponse | None:
     """None when the request may go on; a 401 otherwise (constant-time comparison of the key)."""
     if api_key is None:
         return None
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode()):
         return None
     return _error(401, "missing or wrong API key; send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
+
+
+class GuardAndLog:
+    """Every HTTP request: /v1/* needs the API key (401) and a body under the limit (413, from Content-Length); then
+    one JSON log line and the request metrics, once the answer has been sent. A plain ASGI middleware: Starlette's
+    @app.middleware("http") costs a task group and a memory stream per request, more than a small model's forward."""
+
+    def __init__(self, app, api_key: str | None, max_upload_bytes: int, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        path, status = scope["path"], 500  # 500 unless an answer starts
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = None
+            if path.startswith("/v1/"):
+                headers = Headers(scope=scope)
+                refusal = _check_auth(headers, self.api_key)
+                length = headers.get("content-length")
+                # 64 KiB over the upload limit leaves room for a multipart request's other fields
+                if refusal is None and length and length.isdigit() and int(length) > self.max_upload_bytes + 65536:
+                    self.metrics.reject("too_large")
+                    refusal = _error(413, f"the request is {int(length)} bytes, over the limit of {self.max_upload_bytes}")
+            await (refusal or self.app)(scope, receive, send_noting_status)
+        finally:
+            seconds = time.perf_counter() - start
+            self.metrics.request(path if path in ENDPOINTS else "other", status, seconds)
+            client = scope.get("client")
+            log.info(json.dumps({"time": round(time.time(), 3), "method": scope["method"], "path": path, "status": status,
+                                 "ms": round(seconds * 1000, 1), "client": client[0] if client else None}))

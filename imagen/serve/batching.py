@@ -6,6 +6,12 @@ runs it on one model thread. With `queue` requests waiting, `submit` refuses at 
 not answered within `timeout_s` is dropped (Timeout -> 504) and, if it has not started, never runs.
 A request may listen to the progress of the batch it runs in: `run` reports events from the model thread and each
 listener of the batch gets them on the event loop.
+
+A running batch stops at its next progress event (a sampling step) once every one of its requests has been dropped
+(timed out, or its client went away): the progress call raises, and the compute ends there. While one request of a
+batch still waits for its answer, the whole batch runs on, the dropped requests' rows included: every row has its
+own noise, so taking rows out would change no answer, but it saves only their share of a step, and the rows of a
+sampling loop are not ours to slice from here.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ class Timeout(Exception):
     """A request was not answered within timeout_s; its work was dropped."""
 
 
+class _Cancelled(Exception):
+    """Raised on the model thread by a batch's progress call when no request of the batch wants its answer."""
+
+
 @dataclass
 class BatchSettings:
     max_batch: int = DEFAULT_SERVE_MAX_BATCH  # rows (samples or images) run at once; a larger request runs alone
@@ -43,6 +53,7 @@ class _Item:
     future: asyncio.Future
     progress: Callable[..., None] | None = None  # called on the event loop with the batch's progress events
     arrived: float = field(default_factory=time.monotonic)
+    dropped: bool = False  # timed out or its client went away; read by the model thread between steps
 
 
 # run(key, payloads, progress) -> one result per payload; it runs on the model thread, never on the event loop,
@@ -53,10 +64,12 @@ RunFn = Callable[[Hashable, Sequence[Any], Callable[..., None]], Sequence[Any]]
 class Batcher:
     """Groups submitted payloads by key and runs each group through `run` in batches (see the module docstring)."""
 
-    def __init__(self, run: RunFn, settings: BatchSettings, on_batch: Callable[[Hashable, int], None] | None = None):
+    def __init__(self, run: RunFn, settings: BatchSettings, on_batch: Callable[[Hashable, int], None] | None = None,
+                 on_cancel: Callable[[Hashable], None] | None = None):
         self.run = run
         self.settings = settings
         self.on_batch = on_batch  # called with (key, rows) for each batch run: metrics
+        self.on_cancel = on_cancel  # called with the key of each batch stopped before its end: metrics
         self.groups: dict[Hashable, list[_Item]] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagen-model")
         self._wake: asyncio.Event | None = None
@@ -100,13 +113,16 @@ class Batcher:
         try:
             return await asyncio.wait_for(asyncio.shield(item.future), self.settings.timeout_s)
         except asyncio.TimeoutError:
-            item.future.cancel()  # a queued item is skipped; a running one's result is thrown away
-            self._discard(key, item)
+            self._drop(key, item)  # a queued item is skipped; a running one's batch may stop (module docstring)
             raise Timeout() from None
         except asyncio.CancelledError:  # the client went away: drop the work as for a timeout
-            item.future.cancel()
-            self._discard(key, item)
+            self._drop(key, item)
             raise
+
+    def _drop(self, key, item) -> None:
+        item.dropped = True
+        item.future.cancel()
+        self._discard(key, item)
 
     def _discard(self, key, item) -> None:
         items = self.groups.get(key)
@@ -152,12 +168,17 @@ class Batcher:
                 self.on_batch(key, sum(i.rows for i in batch))
             listeners = [i.progress for i in batch if i.progress is not None]
 
-            def progress(*event, listeners=listeners):
+            def progress(*event, listeners=listeners, batch=batch):  # on the model thread
+                if all(item.dropped for item in batch):
+                    raise _Cancelled()
                 for listener in listeners:
                     loop.call_soon_threadsafe(listener, *event)
 
             try:
                 results = await loop.run_in_executor(self.executor, self.run, key, [i.payload for i in batch], progress)
+            except _Cancelled:  # nobody is waiting for this batch: its requests have had their 504 or gone
+                if self.on_cancel is not None:
+                    self.on_cancel(key)
             except Exception as exc:  # one bad batch answers its own requests with the error, the server goes on
                 for item in batch:
                     if not item.future.done():

@@ -1,5 +1,5 @@
 """Prometheus text-format metrics, written by hand: request counts, latency and batch-size histograms, queue depth,
-rejections (https://prometheus.io/docs/instrumenting/exposition_formats/)."""
+rejections, sampling steps run and batches cancelled (https://prometheus.io/docs/instrumenting/exposition_formats/)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ class Metrics:
         self.latency = defaultdict(lambda: Histogram(LATENCY_BUCKETS))  # endpoint -> seconds
         self.batches = defaultdict(lambda: Histogram(BATCH_BUCKETS))  # model -> rows per batch
         self.rejections = defaultdict(int)  # reason -> count
+        self.steps = defaultdict(int)  # model -> sampling steps run (one step of one batch, every stage counted)
+        self.cancelled = defaultdict(int)  # model -> batches stopped before their end: nobody waited for them
         self.queue_depth = queue_depth
         self.running = running
 
@@ -58,6 +60,14 @@ class Metrics:
         with self.lock:
             self.rejections[reason] += 1
 
+    def step(self, model: str) -> None:
+        with self.lock:
+            self.steps[model] += 1
+
+    def cancel(self, model: str) -> None:
+        with self.lock:
+            self.cancelled[model] += 1
+
     def text(self) -> str:
         with self.lock:
             lines = ["# HELP imagen_requests_total HTTP requests by endpoint and status code.",
@@ -73,6 +83,12 @@ class Metrics:
             lines += ["# HELP imagen_rejections_total Requests refused: queue_full (429), timeout (504), too_large (413).",
                       "# TYPE imagen_rejections_total counter"]
             lines += [f'imagen_rejections_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejections.items())]
+            lines += ["# HELP imagen_sampling_steps_total Sampling steps run (one step of one batch; each stage counts).",
+                      "# TYPE imagen_sampling_steps_total counter"]
+            lines += [f'imagen_sampling_steps_total{{model="{m}"}} {n}' for m, n in sorted(self.steps.items())]
+            lines += ["# HELP imagen_cancelled_batches_total Batches stopped between sampling steps because every "
+                      "request in them had timed out or gone away.", "# TYPE imagen_cancelled_batches_total counter"]
+            lines += [f'imagen_cancelled_batches_total{{model="{m}"}} {n}' for m, n in sorted(self.cancelled.items())]
             lines += ["# HELP imagen_queue_depth Requests waiting for a batch.", "# TYPE imagen_queue_depth gauge",
                       f"imagen_queue_depth {self.queue_depth()}",
                       "# HELP imagen_running Requests in the batch being run.", "# TYPE imagen_running gauge",

@@ -195,6 +195,8 @@ class Task:
         return RunScore(self.evaluate(model, split), len(split))
 
     def predict(self, model, images: torch.Tensor, files: list[str], **inputs) -> list[dict[str, Any]]:
+        """One answer per image; `files` label the answers, `inputs` hold top_k, the task's predict_inputs and
+        `sizes`, each picture's own (width, height) before it was resized to the model's size."""
         raise NotImplementedError
 
 

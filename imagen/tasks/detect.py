@@ -268,9 +268,7 @@ class DetectTask(Task):
         return metrics
 
     @torch.no_grad()
-    def predict(self, model, images, files, out_dir=None, top_k=1, score_threshold=None, **_):
-        from PIL import Image
-
+    def predict(self, model, images, files, sizes, out_dir=None, top_k=1, score_threshold=None, **_):
         model.eval()
         c = self.cfg
         threshold = c.predict_threshold if score_threshold is None else float(score_threshold)
@@ -278,9 +276,8 @@ class DetectTask(Task):
         probs = out.logits.float().sigmoid()
         size = images.shape[-1]
         results, drawn = [], set()
-        for f, det, p in zip(files, decode_detections(out.logits, out.boxes, threshold, c.max_detections, c.nms_iou), probs):
-            with Image.open(f) as img:
-                width, height = img.size
+        dets = decode_detections(out.logits, out.boxes, threshold, c.max_detections, c.nms_iou)
+        for f, (width, height), det, p in zip(files, sizes, dets, probs):
             detections = []
             for box, score, label, cell in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), det.cells.tolist()):
                 top = p[cell].topk(min(top_k, p.shape[-1]))
