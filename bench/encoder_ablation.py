@@ -76,7 +76,8 @@ VARIANTS: dict[str, dict] = {
     "qknorm-lr1e-3": dict(qk_norm=True, lr=1e-3),
     "stem3-qknorm": dict(stem_layers=3, qk_norm=True),
 }
-# The classify recipe for real images (tasks/classify.py RECIPE_MODEL / RECIPE_OPTIONS) and changes to it.
+# The classify recipe for real images as it stood before the second round of ablations (three-layer 32-channel stem;
+# tasks/classify.py RECIPE_MODEL holds the current one: `recipe-stem64-4layers` below) and changes to it.
 RECIPE = dict(preset="mini", stem_layers=3, stem_channels=32, qk_norm=True, augment="shift")
 VARIANTS.update({
     "recipe": RECIPE,

@@ -3,7 +3,7 @@ fine-tune on 1 % of the labels, and compare with the same model trained from scr
 
     python bench/label_efficiency.py [--labels 550] [--pretrain-steps 2000] [--finetune-steps 400] [--mask-ratio 0.75]
 
-The model is the classify recipe's for real images (tasks/classify.py RECIPE_MODEL: `mini`, a 3-layer stem,
+The model is the classify recipe's for real images (tasks/classify.py RECIPE_MODEL: `mini` behind a four-layer 64-channel stem,
 QK-norm). Rows: the pretraining run's linear probe (scikit-learn logistic regression on the frozen pooled encoder,
 fit on the first 5,000 labelled training images, the pretrain task's own evaluation); pretrained + fine-tuned on the
 labelled images; from scratch with the same fine-tuning schedule; and from scratch with the bare command's recipe for

@@ -63,6 +63,8 @@ def main():
                             cwd=Path(__file__).parent).stdout.strip()
     quiet = lambda *a, **k: None  # noqa: E731
     out = Path(args.out)
+    if args.teacher and Path(args.teacher).resolve().is_relative_to(out.resolve()):
+        p.error(f"--teacher {args.teacher} lies inside --out {out}, which this bench clears; choose another --out")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     teacher = out / "teacher"  # evaluate-t2i writes into a run's eval/: never into the run we were given

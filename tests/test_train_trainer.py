@@ -262,3 +262,25 @@ def test_ctrl_c_during_validation_reruns_it_on_resume(tmp_path):
     Trainer(classifier(5), Classify(), train, val, config, tmp_path / "b").fit(resume=True)
     assert_same_weights(weights(tmp_path / "a" / "model.safetensors"), weights(tmp_path / "b" / "model.safetensors"))
     assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_in(tmp_path, monkeypatch):
+    # `auto` is resolved once, when a run starts, and recorded in its checkpoints: a rule that now resolves
+    # differently (another release, another threshold) must not change the precision of a resumed run.
+    import imagen.train.trainer as trainer_module
+
+    train, val = class_data(38), class_data(12, seed=1)
+    crashing = Trainer(classifier(0), Crashing(21, RuntimeError("crash")), train, val, cfg(precision="auto"), tmp_path / "b")
+    with pytest.raises(RuntimeError):
+        crashing.fit()
+    state = json.loads((latest_checkpoint(tmp_path / "b") / "trainer_state.json").read_text())
+    assert state["precision"] == crashing.precision == "fp32"  # a toy model resolves to fp32 on every device here
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda *a, **k: "bf16")  # the rule has changed
+    resumed = Trainer(classifier(0), Classify(), train, val, cfg(precision="auto"), tmp_path / "b")
+    assert resumed.precision == "bf16"  # what a new run would use...
+    resumed.fit(resume=True)
+    assert resumed.precision == "fp32"  # ...but the resumed one keeps its own
+    fresh = Trainer(classifier(0), Classify(), train, val, cfg(precision="auto"), tmp_path / "c")
+    fresh.fit()
+    assert fresh.precision == "bf16" and json.loads(
+        (latest_checkpoint(tmp_path / "c") / "trainer_state.json").read_text())["precision"] == "bf16"

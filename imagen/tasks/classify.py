@@ -105,7 +105,7 @@ class ClassifyTask(Task):
     def fit_recipe(cls, dataset, spec, given):
         """Real images: a model, resolution and schedule fitted to the data (Shapes keeps `recipe`, measured there).
 
-        The image size is the data's own up to MAX_AUTO_IMAGE_SIZE, the patch grid about 8 x 8 behind a three-layer
+        The image size is the data's own up to MAX_AUTO_IMAGE_SIZE, the patch grid about 8 x 8 behind a four-layer
         convolutional stem, and the schedule a number of images seen (TARGET_IMAGES_SEEN) spread over between
         MIN_EPOCHS and MAX_EPOCHS epochs, so 1,000 images get many epochs and 50,000 a few; the best validated weights
         are kept and patience stops a run that no longer improves. Figures: bench/RESULTS.md ("Encoder on real

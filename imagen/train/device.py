@@ -66,9 +66,11 @@ def cpu_has_fast_bf16() -> bool:
 # (`imagen finetune --task classify --data fashion-mnist --max-steps 80 --precision fp32|bf16`, one core: 250 vs
 # 430 images/s). `auto` therefore keeps fp32 on CPU below this many parameters, where it was last measured faster.
 CPU_BF16_MIN_PARAMS = 500_000
+LEGACY_CPU_BF16_MIN_PARAMS = 1_000_000  # the rule before; checkpoints that predate the recorded precision used it
 
 
-def resolve_precision(precision: str, device: torch.device, num_params: int | None = None) -> str:
+def resolve_precision(precision: str, device: torch.device, num_params: int | None = None, *,
+                      cpu_min_params: int = CPU_BF16_MIN_PARAMS) -> str:
     """Turn "auto" | "fp32" | "bf16" into "fp32" or "bf16" for this device (and, on CPU, this model size)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
@@ -77,7 +79,7 @@ def resolve_precision(precision: str, device: torch.device, num_params: int | No
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        small = num_params is not None and num_params < CPU_BF16_MIN_PARAMS
+        small = num_params is not None and num_params < cpu_min_params
         return "bf16" if cpu_has_fast_bf16() and not small else "fp32"
     return "fp32"  # mps bf16 autocast coverage is patchy; fp32 is the safe default there
 

@@ -37,8 +37,8 @@ from . import distributed
 from .batching import check_shares, make_loader, num_batches
 from .checkpoint import (CheckpointError, best_weights_path, check_world_size, latest_checkpoint, load_checkpoint,
                          load_weights, save_best, save_checkpoint, save_weights)
-from .device import (autocast_context, batch_size_of, move_to_device, peak_memory_mb, resolve_device,
-                     resolve_precision)
+from .device import (LEGACY_CPU_BF16_MIN_PARAMS, autocast_context, batch_size_of, move_to_device, peak_memory_mb,
+                     resolve_device, resolve_precision)
 from .loggers import MetricsLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .rng import get_rng_state, seed_everything, set_rng_state
@@ -78,6 +78,7 @@ class LoopState:
     window_counts: dict[str, int] = field(default_factory=dict)
     val_metrics: dict[str, float] = field(default_factory=dict)
     world_size: int = 1  # processes that trained it; a resume needs as many (each has its own RNG stream)
+    precision: str | None = None  # what "auto" resolved to when the run started; a resume keeps it
 
 
 class Trainer:
@@ -131,6 +132,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to the end (or early stop / Ctrl-C); with `resume`, continue from the latest checkpoint."""
         state = self._restore() if resume else self._start()
+        self._keep_precision(state)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._snapshot = self._capture(state)
@@ -203,6 +205,15 @@ class Trainer:
         # augmentation. DDP gave every rank rank 0's initial weights.
         seed_everything(distributed.rank_seed(self.cfg.seed, self.dist.rank))
         return LoopState(world_size=self.dist.world_size)
+
+    def _keep_precision(self, state: LoopState) -> None:
+        """A resumed run trains in the precision it started in, even where `auto` now resolves otherwise (exact
+        resume); checkpoints from before the precision was recorded resolved `auto` by the earlier rule."""
+        if self.cfg.precision == "auto" and state.step > 0:
+            num_params = sum(p.numel() for p in self.model.parameters())
+            self.precision = state.precision or resolve_precision(
+                "auto", self.device, num_params, cpu_min_params=LEGACY_CPU_BF16_MIN_PARAMS)
+        state.precision = self.precision
 
     def _restore(self) -> LoopState:
         """Load the latest complete checkpoint into model, optimiser, schedule and RNGs."""

@@ -100,8 +100,8 @@ def student_stage(teacher: TextToImageStage, guidance_range: tuple[float, float]
         missing, unexpected = unet.load_state_dict(weights, strict=False)
         if unexpected or any(not k.startswith("guidance_mlp.") for k in missing):
             raise RunError(f"stage {tc.name}: the teacher's U-Net does not match its config ({(unexpected or missing)[0]})")
-    if student.text_encoder is not None:
-        student.text_encoder.requires_grad_(False)
+    if student.text_encoder is not None:  # fixed, and in eval mode: captions are encoded as at sampling time
+        student.text_encoder.requires_grad_(False).eval()
     return student
 
 
@@ -143,9 +143,10 @@ def _check_start(run: Path, out: Path, resume: bool, stages, guidance_range) -> 
             ("--stages", stages, record["stages"], lambda a, b: set(a) == set(b)),
             ("--guidance-range", guidance_range, record["guidance_range"], lambda a, b: [float(v) for v in a] == b))
             if given is not None and not same(given, recorded)]
-        for option, recorded in changed[:1]:
-                raise RunError(f"--resume continues {out} as it was started ({option} {','.join(map(str, recorded))}); "
-                               f"drop {option} or distil into a new --out")
+        if changed:
+            option, recorded = changed[0]
+            raise RunError(f"--resume continues {out} as it was started ({option} {','.join(map(str, recorded))}); "
+                           f"drop {option} or distil into a new --out")
         return _check_teacher(run), list(record["stages"]), tuple(record["guidance_range"])
     if out.resolve() == run.resolve():
         raise RunError(f"--out {out} is the teacher run itself; choose a new directory")
@@ -253,7 +254,7 @@ def _distill_stage(stage_dir: Path, teacher: TextToImageStage, guidance_range, t
     task = GuidanceDistillationTask(teacher.ema_unet, tuple(guidance_range),
                                     sample_every=sample_every or max(1, (tcfg.max_steps or 1000) // 4), sample_prompts=val_ds.texts(),
                                     run_dir=stage_dir if main else None, lowres_source=lowres_source)
-    log.info("distilling stage %s (guidance %g-%g, %d steps) into %s", student.config.name, *guidance_range,
+    log.info("distilling stage %s (guidance %g-%g, %s steps) into %s", student.config.name, *guidance_range,
              tcfg.max_steps, stage_dir)
     can_resume = from_main(lambda: resume and latest_checkpoint(stage_dir) is not None)
     return Trainer(student, task, split, None, tcfg, stage_dir, collate_fn=task.collate).fit(resume=can_resume)
