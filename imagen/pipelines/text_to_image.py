@@ -96,7 +96,7 @@ class TextToImagePipeline:
         config = config if config is not None else SamplingConfig()
         if stop_at is not None and stop_at not in self.stage_names:
             raise RunError(f"{self.path} has no trained stage {stop_at!r}; trained: {', '.join(self.stage_names)}")
-        self.check_config(config)
+        self.check_config(config, stop_at)
         if inpaint_mask is not None:
             config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
         rows = [(p, config.seed, k) for p in prompts for k in range(config.n)]  # prompt-major
@@ -114,15 +114,17 @@ class TextToImagePipeline:
         self.check_config(config)
         return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None, progress)])
 
-    def check_config(self, config: SamplingConfig) -> None:
-        """GenerationError when a stage cannot sample with `config`: more steps than its timesteps or than the ones
-        its sampler walks there, or a guidance-distilled stage asked for a guidance outside its range or a
-        negative prompt."""
-        too_few = [s.config for s in self.stages if s.config.timesteps < config.steps]
+    def check_config(self, config: SamplingConfig, stop_at: str | None = None) -> None:
+        """GenerationError when a stage that will run (all, or those up to `stop_at`) cannot sample with `config`:
+        more steps than its timesteps or than the ones its sampler walks there, or a guidance-distilled stage asked
+        for a guidance outside its range or a negative prompt."""
+        names = self.stage_names
+        stages = self.stages[:names.index(stop_at) + 1] if stop_at in names else self.stages
+        too_few = [s.config for s in stages if s.config.timesteps < config.steps]
         if too_few:
             raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
                                   f"({too_few[0].timesteps} timesteps), got {config.steps}")
-        for stage in self.stages:  # dpmpp3m and unipc skip the cosine schedule's noisiest timesteps
+        for stage in stages:  # dpmpp3m and unipc skip the cosine schedule's noisiest timesteps
             make_sampler(config.sampler, stage.schedule, config.eta).set_timesteps(config.steps)
             stage.config.check_guidance(config.guidance, negative=config.negative is not None)
 
