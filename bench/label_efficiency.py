@@ -31,6 +31,8 @@ def main():
     p.add_argument("--pretrain-batch-size", type=int, default=256)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches masked in pretraining")
+    p.add_argument("--blank-pixels", action=argparse.BooleanOptionalAction, default=True,
+                   help="hide the masked patches' pixels from the stem too (pretrain.mim_blank_pixels)")
     p.add_argument("--finetune-steps", type=int, default=400)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--out", default="runs/bench-label-efficiency")
@@ -45,7 +47,8 @@ def main():
     start = time.time()
     imagen.pretrain("fashion-mnist", out / "pretrain", preset=RECIPE_MODEL["preset"], image_only=True,
                     max_steps=args.pretrain_steps, batch_size=args.pretrain_batch_size, lr=args.pretrain_lr,
-                    weight_decay=0.05, mim_mask_ratio=args.mask_ratio, **model, **common)
+                    weight_decay=0.05, mim_mask_ratio=args.mask_ratio, mim_blank_pixels=args.blank_pixels,
+                    **model, **common)
     pretrain_min = (time.time() - start) / 60
     rows = {"linear probe (5,000 labels)": imagen.evaluate(out / "pretrain", "fashion-mnist", split="test", **quiet)}
     schedule = dict(n=args.labels, max_steps=args.finetune_steps, batch_size=64, augment="shift", label_smoothing=0.1,

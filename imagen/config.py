@@ -151,6 +151,9 @@ class PretrainConfig:
     itm_weight: float = 1.0
     mlm_probability: float = 0.15
     mim_mask_ratio: float = 0.5
+    # Blank the masked patches in the pixels too, so a convolutional stem (whose receptive field reaches past its
+    # patch) cannot see them. Off by default: on the demo it lowered the fine-tuned accuracy (bench/RESULTS.md).
+    mim_blank_pixels: bool = False
     # Image-only pretraining (e.g. unlabelled images whose captions would leak labels).
     image_only: bool = False
 

@@ -70,7 +70,7 @@ def test_masked_image_modelling_hides_masked_pixels_from_the_stem():
     # A 3-layer stem sees past each 4 px patch; the masked patches' pixels must not reach the encoder.
     cfg = EncoderConfig(image_size=16, patch_size=4, stem_channels=4, stem_layers=3, vocab_size=37, max_text_len=9,
                         dim=24, num_layers=1, num_heads=3)
-    model = PretrainingModel(cfg, PretrainConfig(image_only=True, mim_mask_ratio=0.5)).eval()
+    model = PretrainingModel(cfg, PretrainConfig(image_only=True, mim_mask_ratio=0.5, mim_blank_pixels=True)).eval()
     seen = []
     model.encoder.register_forward_hook(lambda m, args, kwargs, out: seen.append(out.image_states), with_kwargs=True)
     images = torch.randn(2, 3, 16, 16)
@@ -84,6 +84,10 @@ def test_masked_image_modelling_hides_masked_pixels_from_the_stem():
     torch.manual_seed(0)
     model.mim_loss(changed)
     torch.testing.assert_close(seen[0], seen[1])  # every token, masked or not, is blind to the masked pixels
+    model.pretrain.mim_blank_pixels = False  # the default: the stem's view of the masked pixels reaches the tokens
+    torch.manual_seed(0)
+    model.mim_loss(changed)
+    assert not torch.allclose(seen[0], seen[2])
 
 
 def test_position_embeddings_resample_to_a_new_grid():

@@ -72,11 +72,11 @@ class PretrainingModel(nn.Module):
         c = self.config
         B = images.shape[0]
         patch_mask = random_patch_mask(B, c.num_patches, self.pretrain.mim_mask_ratio, images.device)
-        # Masked patches are blanked in the pixels too: a convolutional stem sees past a patch's edges, so its
-        # visible neighbours would otherwise carry the masked pixels into the encoder.
-        grid = c.image_size // c.patch_size
-        pixel_mask = patch_mask.view(B, 1, grid, 1, grid, 1).expand(-1, -1, -1, c.patch_size, -1, c.patch_size)
-        visible = images.masked_fill(pixel_mask.reshape(B, 1, c.image_size, c.image_size), 0.0)
+        visible = images
+        if self.pretrain.mim_blank_pixels:  # a conv stem sees past a patch's edges: hide masked pixels from it too
+            grid = c.image_size // c.patch_size
+            pixel_mask = patch_mask.view(B, 1, grid, 1, grid, 1).expand(-1, -1, -1, c.patch_size, -1, c.patch_size)
+            visible = images.masked_fill(pixel_mask.reshape(B, 1, c.image_size, c.image_size), 0.0)
         out = self.encoder(images=visible, patch_mask=patch_mask)
         pred = self.mim_head(out.image_states[:, 1:]).float()  # (B, N, p*p*C)
         target = patchify(images.float(), c.patch_size)
