@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from imagen.atomic import write_json
 from imagen.config import (DEFAULT_GUIDANCE, DEFAULT_DISTILL_GUIDANCE_RANGE, DEFAULT_DISTILL_LR, DEFAULT_DISTILL_STAGES,
-                           DEFAULT_DISTILL_STEPS, TrainConfig, from_dict, to_dict)
+                           DEFAULT_DISTILL_STEPS)
 from imagen.data import Tokenizer, load_dataset
 from imagen.data.image_files import resize_images
 from imagen.data.images import normalize_images
@@ -34,10 +33,10 @@ from imagen.diffusion import guidance_distillation_loss
 from imagen.errors import RunError
 from imagen.models.text_encoders import build_text_encoder
 from imagen.models.text_to_image import StageConfig, TextToImageStage, check_guidance_range, stage_config_to_json
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_new_run_dir, check_resume_changes, open_run
-from imagen.tasks.text_to_image.cascade_run import STAGE_TASK, load_stage, read_t2i_config
+from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_new_run_dir, open_run
+from imagen.tasks.text_to_image.cascade_run import load_stage, read_t2i_config
 from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
-from imagen.tasks.text_to_image.training import caption_sets, stage_train_config
+from imagen.tasks.text_to_image.training import caption_sets, stage_run_train_config, stage_train_config
 from imagen.train import Trainer, TrainResult, current_process, from_main, init_distributed, latest_checkpoint, resolve_device, seed_everything
 
 log = logging.getLogger("imagen")
@@ -224,23 +223,13 @@ def _distill_stage(stage_dir: Path, teacher: TextToImageStage, guidance_range, t
                    max_steps, sample_every, train_kwargs) -> TrainResult:
     """Distil one stage into its own trainer run directory (written by rank 0 alone)."""
     main = current_process().is_main
-    saved = from_main(lambda: json.loads((stage_dir / CONFIG_NAME).read_text()) if (stage_dir / CONFIG_NAME).is_file() else None)
     steps = max_steps if max_steps is not None or train_kwargs.get("epochs") is not None else DEFAULT_DISTILL_STEPS
-    tcfg = stage_train_config({"lr": DEFAULT_DISTILL_LR, "warmup_steps": 0, **train_kwargs, "max_steps": steps})
-    if saved is not None:  # continuing: the saved train config, with the changes --resume allows
-        given = {k: v for k, v in train_kwargs.items() if v is not None}
-        if max_steps is not None:
-            given["max_steps"] = max_steps
-        old = from_dict(TrainConfig, saved["train"])
-        tcfg = dataclasses.replace(old, **given)
-        changes = [(f"train.{k}", v, to_dict(tcfg)[k]) for k, v in to_dict(old).items() if to_dict(tcfg)[k] != v]
-        check_resume_changes(changes, stage_dir)
-        if changes and main:
-            write_json(stage_dir / CONFIG_NAME, {**saved, "train": to_dict(tcfg)})
-    elif main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_json(stage_dir / CONFIG_NAME, {"task": STAGE_TASK, "stage": stage_config_to_json(student_config(teacher.config, guidance_range)),
-                                             "train": to_dict(tcfg)})
+    given = {k: v for k, v in train_kwargs.items() if v is not None}
+    if max_steps is not None:
+        given["max_steps"] = max_steps
+    tcfg = stage_run_train_config(
+        stage_dir, stage_train_config({"lr": DEFAULT_DISTILL_LR, "warmup_steps": 0, **train_kwargs, "max_steps": steps}),
+        given, stage_config_to_json(student_config(teacher.config, guidance_range)))
     seed_everything(tcfg.seed)  # the guidance embedding's first layer is drawn at random
     student = student_stage(teacher, guidance_range)
     size = student.config.unet.image_size

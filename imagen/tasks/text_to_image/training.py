@@ -181,6 +181,25 @@ def _read_stage_config(stage_dir: Path) -> dict | None:
     return json.loads((stage_dir / CONFIG_NAME).read_text()) if (stage_dir / CONFIG_NAME).is_file() else None
 
 
+def stage_run_train_config(stage_dir: Path, new: TrainConfig, given: dict, stage_json: dict) -> TrainConfig:
+    """A stage's train config: `new` for a stage not started yet (its config.json written with `stage_json`), or the
+    saved one with the options `given` again, checked against what --resume allows (and written back if changed)."""
+    main = current_process().is_main
+    saved = from_main(_read_stage_config, stage_dir)
+    if saved is None:
+        if main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_json(stage_dir / CONFIG_NAME, {"task": STAGE_TASK, "stage": stage_json, "train": to_dict(new)})
+        return new
+    old = from_dict(TrainConfig, saved["train"])
+    tcfg = dataclasses.replace(old, **given)
+    changes = [(f"train.{k}", v, to_dict(tcfg)[k]) for k, v in to_dict(old).items() if to_dict(tcfg)[k] != v]
+    check_resume_changes(changes, stage_dir)
+    if changes and main:
+        write_json(stage_dir / CONFIG_NAME, {**saved, "train": to_dict(tcfg)})
+    return tcfg
+
+
 def _train_stage(stage_dir: Path, stage_cfg: StageConfig, tokenizer, encoder, train_ds, texts, val_ds, resume: bool,
                  max_steps, sr_max_steps, sample_every, train_kwargs) -> TrainResult:
     """Train (or resume) one stage in its own trainer run directory (written by rank 0 alone)."""
@@ -188,21 +207,11 @@ def _train_stage(stage_dir: Path, stage_cfg: StageConfig, tokenizer, encoder, tr
     steps = sr_max_steps if (stage_cfg.is_sr and sr_max_steps) else max_steps
     if steps is None and train_kwargs.get("epochs") is None:
         steps = DEFAULT_T2I_STEPS["sr" if stage_cfg.is_sr else "base"]
-    tcfg = stage_train_config({**train_kwargs, "max_steps": steps})
-    saved = from_main(_read_stage_config, stage_dir)
-    if saved is not None:  # continuing: the stage's saved train config, with the changes allowed
-        given = {k: v for k, v in train_kwargs.items() if v is not None}
-        if max_steps is not None or (stage_cfg.is_sr and sr_max_steps):
-            given["max_steps"] = steps
-        old = from_dict(TrainConfig, saved["train"])
-        tcfg = dataclasses.replace(old, **given)
-        changes = [(f"train.{k}", v, to_dict(tcfg)[k]) for k, v in to_dict(old).items() if to_dict(tcfg)[k] != v]
-        check_resume_changes(changes, stage_dir)
-        if changes and main:
-            write_json(stage_dir / CONFIG_NAME, {**saved, "train": to_dict(tcfg)})
-    elif main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_json(stage_dir / CONFIG_NAME, {"task": STAGE_TASK, "stage": stage_config_to_json(stage_cfg), "train": to_dict(tcfg)})
+    given = {k: v for k, v in train_kwargs.items() if v is not None}
+    if max_steps is not None or (stage_cfg.is_sr and sr_max_steps):
+        given["max_steps"] = steps
+    tcfg = stage_run_train_config(stage_dir, stage_train_config({**train_kwargs, "max_steps": steps}), given,
+                                  stage_config_to_json(stage_cfg))
     seed_everything(tcfg.seed)
     if stage_cfg.text_encoder.get("kind") == "trainable":
         encoder = build_text_encoder(stage_cfg.text_encoder, tokenizer=tokenizer)  # each stage trains its own copy
