@@ -211,7 +211,7 @@ def test_bad_input_is_refused_before_anything_is_written(capsys, teacher, tmp_pa
     unfinished = tmp_path / "unfinished"
     shutil.copytree(teacher, unfinished)
     (unfinished / "sr1" / "model.safetensors").unlink()
-    refused(unfinished, "--out", out, expect="is not finished (stage sr1")
+    refused(unfinished, "--out", out, expect="is not a finished run (stage sr1")
     refused(teacher, "--out", out, "--stages", "base,sr9", expect="no stage 'sr9'")
     refused(teacher, "--out", out, "--guidance-range", "6,1", expect="--guidance-range 6,1")
     refused(teacher, "--out", out, "--guidance-range", "1,x", expect="comma-separated numbers")

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from imagen.atomic import atomic_dir, write_json
-from imagen.errors import ConfigError, RunError
+from imagen.errors import ConfigError
 from imagen.export.hub import ImagenModel, is_t2i_run
 from imagen.export.onnx import TOLERANCE, graph_for_stage, graphs_for_encoder_run, write_graphs
 from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_new_run_dir
 from imagen.tasks.loading import load
-from imagen.tasks.text_to_image import load_stage, read_t2i_config, text_encoder_for
+from imagen.tasks.text_to_image import load_stage, read_finished_t2i_config, text_encoder_for
 
 FORMATS = ("onnx", "hf")
 MANIFEST_NAME = "export.json"
@@ -35,15 +35,6 @@ __all__ = ["export_run", "ImagenModel", "FORMATS", "MANIFEST_NAME", "TOLERANCE"]
 def check_target(out: Path) -> None:
     """Refuse an --out that would overwrite something or cannot be written, before any work is done."""
     check_new_run_dir(out, error=ConfigError, when_taken="choose a new folder")
-
-
-def _check_t2i_finished(run: Path) -> dict[str, Any]:
-    config = read_t2i_config(run)
-    missing = [s for s in config["stages"] if not (run / s / WEIGHTS_NAME).is_file()]
-    if missing:
-        raise RunError(f"{run} is not a finished run (stage {missing[0]} has no {WEIGHTS_NAME}); finish it with "
-                       f"`imagen train-t2i --out {run} --resume`")
-    return config
 
 
 def _onnx_t2i(run: Path, config: dict[str, Any], tmp: Path, echo) -> dict[str, Any]:
@@ -82,7 +73,7 @@ def export_run(run: str | Path, format: str, out: str | Path, echo=print) -> Pat
     check_target(out)
     t2i = is_t2i_run(run)
     if t2i:
-        config = _check_t2i_finished(run)
+        config = read_finished_t2i_config(run)
     elif not (run / WEIGHTS_NAME).is_file():
         load(run)  # the one-line reason: no such folder, not a run, or not finished
     manifest: dict[str, Any] = {"format": format, "source": str(run), "task": "text-to-image" if t2i else

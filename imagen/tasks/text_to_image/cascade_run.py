@@ -39,6 +39,17 @@ def read_t2i_config(run: str | Path) -> dict[str, Any]:
     return config
 
 
+def read_finished_t2i_config(run: str | Path) -> dict[str, Any]:
+    """`read_t2i_config` of a run every stage of which has its final weights, or a one-line RunError."""
+    run = Path(run)
+    config = read_t2i_config(run)
+    missing = [s for s in config["stages"] if not (run / s / WEIGHTS_NAME).is_file()]
+    if missing:
+        raise RunError(f"{run} is not a finished run (stage {missing[0]} has no {WEIGHTS_NAME}); finish it with "
+                       f"`imagen train-t2i --out {run} --resume`")
+    return config
+
+
 def text_encoder_for(run: Path, spec: dict[str, Any]) -> TextEncoder:
     """The run's text encoder rebuilt from its spec (a trainable one with the run's tokenizer.json)."""
     tokenizer = Tokenizer.load(run / TOKENIZER_NAME) if (run / TOKENIZER_NAME).is_file() else None

@@ -34,7 +34,7 @@ from imagen.errors import RunError
 from imagen.models.text_encoders import build_text_encoder
 from imagen.models.text_to_image import StageConfig, TextToImageStage, check_guidance_range, stage_config_to_json
 from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_new_run_dir, open_run
-from imagen.tasks.text_to_image.cascade_run import load_stage, read_t2i_config
+from imagen.tasks.text_to_image.cascade_run import load_stage, read_finished_t2i_config, read_t2i_config
 from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
 from imagen.tasks.text_to_image.training import caption_sets, stage_run_train_config, stage_train_config
 from imagen.train import Trainer, TrainResult, current_process, from_main, init_distributed, latest_checkpoint, resolve_device, seed_everything
@@ -119,12 +119,7 @@ def _check_teacher(run: Path) -> dict[str, Any]:
     """The config of a finished text-to-image run, or a one-line RunError."""
     if not run.is_dir():
         raise RunError(f"run directory {run} does not exist; pass a finished `imagen train-t2i` run")
-    config = read_t2i_config(run)
-    missing = [s for s in config["stages"] if not (run / s / WEIGHTS_NAME).is_file()]
-    if missing:
-        raise RunError(f"{run} is not finished (stage {missing[0]} has no {WEIGHTS_NAME}); finish it with "
-                       f"`imagen train-t2i --out {run} --resume` first")
-    return config
+    return read_finished_t2i_config(run)
 
 
 def _check_start(run: Path, out: Path, resume: bool, stages, guidance_range) -> tuple[dict, list[str], tuple]:
