@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import io
@@ -61,10 +62,11 @@ from unet_throughput import training_step  # noqa: E402
 TEXT_TOKENS = 8
 TEXT_DIM = 384
 
-# Each row set: our preset (its image size is the preset's), the batch it trains at, and the peers' sizes that match its parameter
-# count. Our base32 is 48/96/96 channels with (1, 2, 3) residual blocks, base16 the same widths with (1, 2, 2).
-# imagen-pytorch's residual blocks are heavier (each carries global-context attention), so at our widths it
-# matches with fewer of them; diffusers' up levels add one block per level, so it is narrower or shallower.
+# Each row set: our preset (its image size is the preset's), the batch it trains at, and the peers' sizes that match
+# its parameter count. Our base32 is 48/96/96 channels with (1, 2, 3) residual blocks, base16 the same widths with
+# (1, 2, 2). imagen-pytorch's residual blocks are heavier (each carries global-context attention), so at our widths
+# it matches with fewer of them; diffusers' up levels add one block per level, so it has fewer blocks (base32) or
+# fewer channels (base16, 40/80/80).
 ROW_SETS = {
     "base32": dict(batch_size=64,
                    imagen_pytorch=dict(dim=48, num_resnet_blocks=(1, 1, 2)),
@@ -75,6 +77,7 @@ ROW_SETS = {
 }
 
 
+@functools.cache
 def import_imagen_pytorch_unet():
     """imagen-pytorch's Unet class, loaded without its package __init__, torchvision, kornia or the T5 hub lookup.
 
@@ -158,7 +161,8 @@ def diffusers_step(size: dict, image_size: int, batch_size: int, precision: str)
     torch.manual_seed(0)
     dim = size["dim"]
     model = UNet2DConditionModel(
-        sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=(dim, 2 * dim, 2 * dim), layers_per_block=size["layers_per_block"],
+        sample_size=image_size, in_channels=3, out_channels=3,
+        block_out_channels=(dim, 2 * dim, 2 * dim), layers_per_block=size["layers_per_block"],
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=4,  # this argument is the number of heads here
@@ -204,8 +208,9 @@ def run_set(preset: str, warmup: int, rounds: int, precisions: list[str]) -> Non
         "imagen-pytorch Unet": lambda p: imagen_pytorch_step(spec["imagen_pytorch"], image_size, batch_size, p),
         "diffusers UNet2DConditionModel": lambda p: diffusers_step(spec["diffusers"], image_size, batch_size, p),
     }
-    print(f"\n### {preset}: {image_size}x{image_size}, batch {batch_size}, {TEXT_TOKENS} text tokens of width {TEXT_DIM}\n",
-          flush=True)
+    print(f"\n### {preset}: {image_size}x{image_size}, batch {batch_size}, "
+          f"{TEXT_TOKENS} text tokens of width {TEXT_DIM}\n", flush=True)
+    ours = f"ours ({preset})"
     steps, params = {}, {}
     for name, build in builders.items():
         try:
@@ -213,13 +218,16 @@ def run_set(preset: str, warmup: int, rounds: int, precisions: list[str]) -> Non
                 steps[(name, p)], params[name] = build(p)
                 steps[(name, p)]()  # a first, untimed step: a peer that builds but cannot train is skipped too
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported and skipped
-            print(f"{name}: skipped, it cannot be built or imported here ({type(e).__name__}: {str(e).splitlines()[0]})")
+            if name == ours:
+                raise
+            why = (str(e).splitlines() or [""])[0]
+            print(f"{name}: skipped, it cannot be built or imported here ({type(e).__name__}: {why})")
             steps = {k: v for k, v in steps.items() if k[0] != name}
             params.pop(name, None)
     seconds = time_round_robin(steps, warmup, rounds)
     ips = {key: batch_size / s for key, s in seconds.items()}
-    ours = f"ours ({preset})"
-    header = "| model | params (M) | params vs ours |" + "".join(f" images/s {p} | ratio to ours {p} |" for p in precisions)
+    header = "| model | params (M) | params vs ours |"
+    header += "".join(f" images/s {p} | ratio to ours {p} |" for p in precisions)
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     for name in builders:
@@ -227,8 +235,7 @@ def run_set(preset: str, warmup: int, rounds: int, precisions: list[str]) -> Non
             continue
         row = f"| {name} | {params[name] / 1e6:.2f} | {params[name] / params[ours] - 1:+.0%} |"
         for p in precisions:
-            ratio = f"{ips[(name, p)] / ips[(ours, p)]:.2f}" if (ours, p) in ips else "-"
-            row += f" {ips[(name, p)]:.1f} | {ratio} |"
+            row += f" {ips[(name, p)]:.1f} | {ips[(name, p)] / ips[(ours, p)]:.2f} |"
         print(row, flush=True)
 
 
