@@ -5,6 +5,7 @@ its boxes are drawn on it. CI installs both
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -33,12 +34,11 @@ def sync_playwright():
     return sync_playwright
 
 
-def test_page_generates_a_picture_in_chromium(tmp_path):
+@contextlib.contextmanager
+def served_page(run: Path):
+    """(page, errors): headless Chromium on `/` of `imagen serve RUN` in a subprocess; errors collects the page's
+    uncaught JavaScript errors. The browser and the server stop when the block ends."""
     playwright = sync_playwright()
-    import torch
-
-    torch.set_num_threads(1)
-    run = train_tiny_t2i(tmp_path / "t2i")
     with serve_subprocess(run) as (proc, base), playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
@@ -46,26 +46,36 @@ def test_page_generates_a_picture_in_chromium(tmp_path):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(base + "/", timeout=20_000)
-            page.wait_for_selector("#generate-form:not(.hidden)", timeout=10_000)
-            page.fill("#prompt", "a blue square")
-            page.fill("#n", "2")
-            page.fill("#steps", "3")
-            page.evaluate("""() => {  // every text the progress label shows, however briefly
-                window.labels = [];
-                new MutationObserver(() => window.labels.push(document.getElementById("progress-label").textContent))
-                    .observe(document.getElementById("progress-label"), {childList: true, characterData: true, subtree: true});
-            }""")
-            page.click("#generate")
-            page.wait_for_selector("#images img[src^='data:image/png;base64,']", timeout=20_000)
-            page.wait_for_function("() => [...document.querySelectorAll('#images img')].every(i => i.complete)",
-                                   timeout=10_000)
-            widths = page.eval_on_selector_all("#images img", "imgs => imgs.map(i => i.naturalWidth)")
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-            status = page.text_content("#status")
-            labels = page.evaluate("() => window.labels")
-            bar_hidden = page.is_hidden("#progress-box")
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_page_generates_a_picture_in_chromium(tmp_path):
+    sync_playwright()  # skips before training when the browser is missing
+    import torch
+
+    torch.set_num_threads(1)
+    run = train_tiny_t2i(tmp_path / "t2i")
+    with served_page(run) as (page, errors):
+        page.wait_for_selector("#generate-form:not(.hidden)", timeout=10_000)
+        page.fill("#prompt", "a blue square")
+        page.fill("#n", "2")
+        page.fill("#steps", "3")
+        page.evaluate("""() => {  // every text the progress label shows, however briefly
+            window.labels = [];
+            new MutationObserver(() => window.labels.push(document.getElementById("progress-label").textContent))
+                .observe(document.getElementById("progress-label"), {childList: true, characterData: true, subtree: true});
+        }""")
+        page.click("#generate")
+        page.wait_for_selector("#images img[src^='data:image/png;base64,']", timeout=20_000)
+        page.wait_for_function("() => [...document.querySelectorAll('#images img')].every(i => i.complete)",
+                               timeout=10_000)
+        widths = page.eval_on_selector_all("#images img", "imgs => imgs.map(i => i.naturalWidth)")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        status = page.text_content("#status")
+        labels = page.evaluate("() => window.labels")
+        bar_hidden = page.is_hidden("#progress-box")
     assert len(widths) == 2 and all(w == 16 for w in widths), (widths, status)
     assert "2 picture(s)" in status and not errors
     # the progress bar went through the sampling steps of both stages (server-sent events), then hid itself
@@ -75,7 +85,7 @@ def test_page_generates_a_picture_in_chromium(tmp_path):
 
 
 def test_page_draws_detect_boxes_on_the_picture_in_chromium(tmp_path):
-    playwright = sync_playwright()
+    sync_playwright()  # skips before training when the browser is missing
     import torch
 
     torch.set_num_threads(1)
@@ -88,41 +98,33 @@ def test_page_draws_detect_boxes_on_the_picture_in_chromium(tmp_path):
     ImageDraw.Draw(img).rectangle([4, 4, 14, 14], fill=(220, 40, 40))
     ImageDraw.Draw(img).ellipse([22, 8, 34, 20], fill=(40, 80, 220))
     img.save(picture)
-    with serve_subprocess(run) as (proc, base), playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(base + "/", timeout=20_000)
-            page.wait_for_selector("#predict-form:not(.hidden)", timeout=10_000)
-            assert page.is_visible("#min-score") and not page.is_visible("#question")
-            page.set_input_files("#image", str(picture))
-            page.click("#predict")
-            page.wait_for_selector("#result-box:not(.hidden)", timeout=20_000)
-            assert page.locator("#figure .box").count() == 0  # below the page's default threshold, 0.3
-            answer = json.loads(page.text_content("#result"))
-            counts = {}
-            for threshold in (0.0, statistics.median(d["score"] for d in answer["detections"]), 1.0):
-                page.fill("#min-score", repr(threshold))
-                counts[threshold] = (page.locator("#figure .box").count(), page.locator("#labels li").count(),
-                                     sum(d["score"] >= threshold for d in answer["detections"]))
-            page.fill("#min-score", "0")
-            # each box's place on the screen, mapped back to the picture's own pixels
-            placed = page.evaluate("""() => {
-                const img = document.getElementById("picture").getBoundingClientRect();
-                const natural = document.getElementById("picture");
-                const sx = natural.naturalWidth / img.width, sy = natural.naturalHeight / img.height;
-                return [...document.querySelectorAll("#figure .box")].map((b) => {
-                    const r = b.getBoundingClientRect();
-                    return {box: [(r.left - img.left) * sx, (r.top - img.top) * sy, (r.right - img.left) * sx,
-                                  (r.bottom - img.top) * sy],
-                            text: b.textContent, shown: [img.width, img.height]};
-                });
-            }""")
-            page.screenshot(path=str(tmp_path / "detect-page.png"), full_page=True)
-        finally:
-            browser.close()
+    with served_page(run) as (page, errors):
+        page.wait_for_selector("#predict-form:not(.hidden)", timeout=10_000)
+        assert page.is_visible("#min-score") and not page.is_visible("#question")
+        page.set_input_files("#image", str(picture))
+        page.click("#predict")
+        page.wait_for_selector("#result-box:not(.hidden)", timeout=20_000)
+        assert page.locator("#figure .box").count() == 0  # below the page's default threshold, 0.3
+        answer = json.loads(page.text_content("#result"))
+        counts = {}
+        for threshold in (0.0, statistics.median(d["score"] for d in answer["detections"]), 1.0):
+            page.fill("#min-score", repr(threshold))
+            counts[threshold] = (page.locator("#figure .box").count(), page.locator("#labels li").count(),
+                                 sum(d["score"] >= threshold for d in answer["detections"]))
+        page.fill("#min-score", "0")
+        # each box's place on the screen, mapped back to the picture's own pixels
+        placed = page.evaluate("""() => {
+            const img = document.getElementById("picture").getBoundingClientRect();
+            const natural = document.getElementById("picture");
+            const sx = natural.naturalWidth / img.width, sy = natural.naturalHeight / img.height;
+            return [...document.querySelectorAll("#figure .box")].map((b) => {
+                const r = b.getBoundingClientRect();
+                return {box: [(r.left - img.left) * sx, (r.top - img.top) * sy, (r.right - img.left) * sx,
+                              (r.bottom - img.top) * sy],
+                        text: b.textContent, shown: [img.width, img.height]};
+            });
+        }""")
+        page.screenshot(path=str(tmp_path / "detect-page.png"), full_page=True)
     assert not errors, errors
     detections = answer["detections"]
     assert answer["file"] == "scene.png" and len(detections) == 8
