@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from cli_helpers import one_line_error, run_cli as run
-from imagen.diffusion import (DDIMSampler, NoiseSchedule, model_output_to_x0_eps, progressive_distillation_loss,
+from cli_helpers import assert_same_weights, one_line_error, run_cli as run
+from imagen.diffusion import (DDIMSampler, SamplingConfig, NoiseSchedule, model_output_to_x0_eps, progressive_distillation_loss,
                               progressive_distillation_target, progressive_timesteps, spaced_timesteps)
 from imagen.diffusion.process import min_snr_weight
 
@@ -77,3 +77,116 @@ def test_the_loss_is_the_truncated_snr_weighted_error_against_the_target():
     torch.testing.assert_close(weight, min_snr_weight(snr, None, "v", 1.0).float())
     per_sample = ((0.2 * x_t - target) ** 2).flatten(1).mean(1)
     torch.testing.assert_close(loss, (per_sample * weight).mean(), rtol=1e-5, atol=0)
+
+
+# A two-stage cascade small enough for a test: 8x8 base, 8 -> 16 super-resolution (as tests/test_distill.py builds it).
+TINY = ["--batch-size", "8", "--no-progress", "--precision", "fp32"]
+TINY_CASCADE = ["--sizes", "8,16", "--n", "48", *TINY, "--set", "base.unet.dim=16", "--set", "base.unet.num_heads=2",
+                "--set", "sr1.unet.dim=16", "--set", "sr1.unet.num_heads=2"]
+# Two halvings, 8 -> 4 -> 2 DDIM steps, 3 optimiser steps each.
+PROGRESSIVE = ["--steps", "2", "--from-steps", "8", "--max-steps", "3", "--checkpoint-every", "2", "--sample-every", "3", *TINY]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A finished tiny cascade (not guidance-distilled: its phases' teachers guide with two branches)."""
+    from imagen.cli import main
+
+    out = tmp_path_factory.mktemp("progressive") / "teacher"
+    assert main(["train-t2i", "--data", "shapes", "--out", str(out), "--max-steps", "4", "--sr-max-steps", "2",
+                 "--sample-every", "100", *TINY_CASCADE]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    from imagen.cli import main
+
+    out = teacher.parent / "student"
+    assert main(["distill", str(teacher), "--out", str(out), *PROGRESSIVE]) == 0
+    return out
+
+
+def _count_calls(pipe, name):
+    calls = []
+    unet = pipe.stages[pipe.stage_names.index(name)].ema_unet
+    forward = unet.forward
+
+    def counted(x_t, t, **kw):
+        calls.append((x_t.shape[0], int(t[0])))
+        return forward(x_t, t, **kw)
+
+    unet.forward = counted
+    return calls
+
+
+def test_a_progressively_distilled_stage_samples_on_its_grid_with_one_call_per_step(teacher, student, one_thread):
+    from imagen.pipelines import TextToImagePipeline
+
+    config = json.loads((student / "config.json").read_text())
+    base = config["stage_configs"]["base"]
+    assert (base["distilled_steps"], base["distilled_sampler"], base["guidance_distilled"]) == (2, "ddim", True)
+    assert config["distillation"]["steps"] == 2 and config["distillation"]["stages"] == ["base"]
+    assert sorted(p.name for p in (student / "base").glob("phase-*")) == ["phase-2", "phase-4"]
+    prompts = ["a red circle", "a blue square"]
+    pipe = TextToImagePipeline.from_run(student)
+    calls = {name: _count_calls(pipe, name) for name in ("base", "sr1")}
+    # The request's 3 dpmpp2m steps apply to the copied sr1 stage (two guidance branches per call); the distilled
+    # base stage takes its own 2 DDIM steps, one branch, on the grid it was distilled on (trailing, 1000 timesteps).
+    images = pipe.generate(prompts, SamplingConfig(steps=3, guidance=3.0))
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    assert calls["base"] == [(2, 999), (2, 499)]
+    assert [b for b, _ in calls["sr1"]] == [4] * 3
+    # It is DDIM on that grid: the same pictures as the stage sampled as an ordinary DDIM 2-step stage.
+    assert torch.equal(pipe.generate(prompts, SamplingConfig(steps=2, sampler="ddim", guidance=3.0), stop_at="base"),
+                       pipe.generate(prompts, SamplingConfig(steps=7, guidance=3.0), stop_at="base"))
+
+
+def test_bad_steps_are_refused_before_anything_is_written(capsys, teacher, student, tmp_path):
+    out = tmp_path / "out"
+    for args, expect in ((["--steps", "3"], "--steps 3: stage base starts from 64 DDIM steps"),
+                         (["--steps", "64"], "must be one of 32, 16, 8, 4, 2, 1"),
+                         (["--steps", "2", "--from-steps", "12"], "starts from 12 DDIM steps and each phase halves them, so "
+                                                                  "--steps must be one of 6, 3"),
+                         (["--from-steps", "8"], "give --steps N as well")):
+        code, _, err = run(capsys, "distill", teacher, "--out", out, *args)
+        assert expect in one_line_error(code, err, ignore_logs=True)
+        assert not out.exists()
+    # A progressive run continues from its own count (2): it halves to 1 only.
+    code, _, err = run(capsys, "distill", student, "--out", out, "--steps", "4")
+    assert "starts from 2 DDIM steps" in one_line_error(code, err, ignore_logs=True) and not out.exists()
+    code, _, err = run(capsys, "distill", teacher, "--out", student, "--steps", "4", "--from-steps", "8", "--resume")
+    assert "as it was started (--steps 2)" in one_line_error(code, err, ignore_logs=True)
+
+
+def test_interrupted_in_the_second_phase_the_run_samples_at_the_first_and_resumes_exactly(
+        capsys, teacher, student, tmp_path, monkeypatch, one_thread):
+    from imagen.pipelines import TextToImagePipeline
+    from imagen.tasks.text_to_image import ProgressiveDistillationTask
+
+    out = tmp_path / "resumed"
+    original = ProgressiveDistillationTask.training_step
+    calls = {"n": 0}
+
+    def interrupt(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the third step of the second phase, after its checkpoint at step 2
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ProgressiveDistillationTask, "training_step", interrupt)
+    code, _, err = run(capsys, "distill", teacher, "--out", out, *PROGRESSIVE)
+    assert code == 130 and "--steps 2 --from-steps 8 --resume" in err, err
+    # The first phase is finished: the run samples its base stage at 4 DDIM steps.
+    pipe = TextToImagePipeline.from_run(out)
+    assert pipe.stages[0].config.distilled_steps == 4 and not (out / "base" / "phase-2" / "model.safetensors").exists()
+    base_calls = _count_calls(pipe, "base")
+    pipe.generate(["a red circle"], SamplingConfig(steps=3), stop_at="base")
+    assert [t for _, t in base_calls] == [999, 749, 499, 249]
+    monkeypatch.setattr(ProgressiveDistillationTask, "training_step", original)
+    code, _, err = run(capsys, "distill", teacher, "--out", out, *PROGRESSIVE, "--resume")
+    assert code == 0, err
+    for path in ("base/phase-4/model.safetensors", "base/phase-2/model.safetensors", "base/model.safetensors"):
+        assert_same_weights(student / path, out / path)
+    assert json.loads((out / "config.json").read_text())["stage_configs"] == \
+        json.loads((student / "config.json").read_text())["stage_configs"]
