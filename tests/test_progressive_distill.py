@@ -155,8 +155,16 @@ def test_bad_steps_are_refused_before_anything_is_written(capsys, teacher, stude
     # A progressive run continues from its own count (2): it halves to 1 only.
     code, _, err = run(capsys, "distill", student, "--out", out, "--steps", "4")
     assert "starts from 2 DDIM steps" in one_line_error(code, err, ignore_logs=True) and not out.exists()
+    code, _, err = run(capsys, "distill", student, "--out", out, "--steps", "1", "--guidance-range", "0,7")
+    assert "outside stage base's guidance range 1,6" in one_line_error(code, err, ignore_logs=True) and not out.exists()
+    code, _, err = run(capsys, "distill", student, "--out", out, "--steps", "1", "--from-steps", "8")
+    assert "is distilled to 2 steps" in one_line_error(code, err, ignore_logs=True) and not out.exists()
     code, _, err = run(capsys, "distill", teacher, "--out", student, "--steps", "4", "--from-steps", "8", "--resume")
     assert "as it was started (--steps 2)" in one_line_error(code, err, ignore_logs=True)
+    code, _, err = run(capsys, "distill", teacher, "--out", student, "--resume")  # not as a guidance distillation
+    assert "continue it with the same --steps 2 --resume" in one_line_error(code, err, ignore_logs=True)
+    code, _, err = run(capsys, "distill", teacher, "--out", out, "--steps", "2", "--guidance-range", "1,x")
+    assert "comma-separated numbers" in one_line_error(code, err, ignore_logs=True) and not out.exists()
 
 
 def test_interrupted_in_the_second_phase_the_run_samples_at_the_first_and_resumes_exactly(
@@ -190,3 +198,39 @@ def test_interrupted_in_the_second_phase_the_run_samples_at_the_first_and_resume
         assert_same_weights(student / path, out / path)
     assert json.loads((out / "config.json").read_text())["stage_configs"] == \
         json.loads((student / "config.json").read_text())["stage_configs"]
+
+
+@pytest.mark.parametrize("guidance_cond", [False, True])
+def test_the_teacher_takes_its_steps_guided_either_way(guidance_cond):
+    # A guidance-distilled teacher gets the drawn scale as its input (one branch per call); an undistilled one runs
+    # classifier-free guidance at that scale (two branches per call). Two teacher steps, one student call.
+    from imagen.models.text_to_image import StageConfig, TextToImageStage
+    from imagen.models.unet import unet_preset
+    from imagen.tasks.text_to_image import ProgressiveDistillationTask, student_stage
+
+    teacher = TextToImageStage(StageConfig(unet=unet_preset("tiny", image_size=8)))
+    if guidance_cond:
+        teacher = student_stage(teacher, (2.0, 4.0))
+    student = student_stage(teacher, (2.0, 4.0), steps=4)
+    assert student.config.distilled_steps == 4 and student.config.distilled_sampler == "ddim"
+    seen = []
+    forward = teacher.ema_unet.forward
+
+    def counted(x_t, t, **kw):
+        seen.append((x_t.shape[0], kw.get("guidance")))
+        return forward(x_t, t, **kw)
+
+    teacher.ema_unet.forward = counted
+    g = torch.Generator().manual_seed(0)
+    B, dim = 3, teacher.config.unet.text_dim
+    batch = {"images": torch.randint(0, 256, (B, 3, 8, 8), dtype=torch.uint8, generator=g),
+             "sample_seeds": torch.tensor([1, 2, 3]), "text_states": torch.randn(B, 4, dim, generator=g),
+             "text_mask": torch.ones(B, 4, dtype=torch.bool), "text_embed": torch.randn(B, dim, generator=g)}
+    loss = ProgressiveDistillationTask(teacher, 4, (2.0, 4.0))._loss(student, batch)
+    assert torch.isfinite(loss) and loss > 0
+    assert [b for b, _ in seen] == ([B] * 2 if guidance_cond else [2 * B] * 2)
+    if guidance_cond:
+        w = seen[0][1]
+        assert w.shape == (B,) and bool(((w >= 2.0) & (w <= 4.0)).all()) and torch.equal(seen[1][1], w)
+    else:
+        assert seen[0][1] is None
