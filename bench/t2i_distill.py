@@ -9,6 +9,13 @@ stage, student: 1), and how far the student's pictures are from the teacher's gu
 
 Prints one Markdown table (rows: teacher, student, and the teacher's unguided conditional branch - what one call
 per step gives without distillation) for bench/RESULTS.md, with the CPU model and the commit.
+
+Progressive mode (`--progressive N`: `imagen distill --steps N`) prints instead, up to the last distilled stage, the
+RMSE of the student's N-step pictures against the teacher's 25-step DPM-Solver++ ones (same prompts, same noise),
+next to the undistilled teacher at N DDIM (and N DPM-Solver++) steps, and the U-Net calls per image:
+
+    python bench/t2i_distill.py --teacher RUN --progressive 8 --distill-steps 1000     # 64 -> 8, four phases
+    python bench/t2i_distill.py --teacher RUN --progressive 2 --from-steps 8 --distill-steps 3 --timing-prompts 2  # smoke
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 
 from imagen.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLING_STEPS
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i
-from imagen.tasks.text_to_image import distill_t2i, train_t2i
+from imagen.tasks.text_to_image import distill_t2i, progressive_distill_t2i, train_t2i
 from imagen.eval.t2i import compositional_prompts
 
 
@@ -57,6 +64,9 @@ def main():
     p.add_argument("--n-per-category", type=int, default=200, help="held-out prompts per category for compositional accuracy")
     p.add_argument("--fid-samples", type=int, default=500)
     p.add_argument("--timing-prompts", type=int, default=32, help="prompts timed (one image each, one batch)")
+    p.add_argument("--progressive", type=int, default=None, metavar="N", help="progressive distillation to N DDIM steps instead")
+    p.add_argument("--from-steps", type=int, default=None, help="with --progressive: the first teacher's DDIM steps (default: imagen distill's)")
+    p.add_argument("--reference-steps", type=int, default=25, help="with --progressive: the teacher's DPM-Solver++ steps of the reference")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -76,6 +86,8 @@ def main():
                   device=args.device)
         print(f"teacher trained in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
+    if args.progressive:
+        return progressive(args, teacher, out / "student", commit)
     student = out / "student"
     wall, cpu = time.perf_counter(), time.process_time()
     distill_t2i(teacher, student, stages=args.stages.split(","), max_steps=args.distill_steps, progress=False,
@@ -113,6 +125,53 @@ def main():
     for name, calls, base_s, full_s, r, rmse in rows:
         print(f"| {name} | {calls} | {base_s:.3f} | {full_s:.3f} | {r['compositional_accuracy']:.3f} | {r['single_accuracy']:.3f} "
               f"| {r['relation_accuracy']:.3f} | {r['count_accuracy']:.3f} | {r['fid']:.2f} | {rmse:.3f} |", flush=True)
+
+
+def calls_per_image(pipe: TextToImagePipeline, config: SamplingConfig, stop_at: str) -> int:
+    """U-Net evaluations per image up to `stop_at`: each stage's steps (its own, when distilled with --steps), two per
+    step where classifier-free guidance runs both branches."""
+    calls = 0
+    for stage in pipe.stages:
+        c = stage.config
+        calls += c.sampling(config).steps * (1 if c.guidance_distilled or config.guidance == 1.0 else 2)
+        if c.name == stop_at:
+            return calls
+    return calls
+
+
+def progressive(args, teacher: Path, student: Path, commit: str) -> None:
+    """--progressive: distil to N steps, then the RMSE table against the teacher's reference sampling."""
+    stages = args.stages.split(",")
+    wall = time.perf_counter()
+    progressive_distill_t2i(teacher, student, args.progressive, start_steps=args.from_steps, stages=stages,
+                            max_steps=args.distill_steps, progress=False, device=args.device,
+                            **({"lr": args.lr} if args.lr else {}))
+    distill_wall = (time.perf_counter() - wall) / 60
+    n, batch = args.progressive, args.timing_prompts
+    prompts = [p["prompt"] for p in compositional_prompts(batch // 3 + 1, seed=7)][:batch]
+    stop_at = [s for s in TextToImagePipeline.from_run(teacher).stage_names if s in stages][-1]
+    reference_config = SamplingConfig(steps=args.reference_steps, guidance=args.guidance, batch_size=batch)
+    rows, reference = [], None
+    for name, run, config in (
+            (f"teacher, {args.reference_steps} dpmpp2m steps (reference)", teacher, reference_config),
+            (f"student, {n} DDIM steps (distilled)", student, SamplingConfig(steps=n, sampler="ddim", guidance=args.guidance,
+                                                                              batch_size=batch)),
+            (f"teacher, {n} DDIM steps", teacher, SamplingConfig(steps=n, sampler="ddim", guidance=args.guidance, batch_size=batch)),
+            (f"teacher, {n} dpmpp2m steps", teacher, SamplingConfig(steps=n, guidance=args.guidance, batch_size=batch))):
+        pipe = TextToImagePipeline.from_run(run, device=args.device)
+        with torch.no_grad():
+            images = pipe.generate(prompts, config, stop_at=stop_at)  # seed 0: every row starts from the same noise
+        reference = images if reference is None else reference
+        rmse = float((images - reference).square().mean().sqrt())  # pixels in [-1, 1]
+        rows.append((name, calls_per_image(pipe, config, stop_at), rmse))
+    print(f"\nCPU: {cpu_model()}; torch threads {torch.get_num_threads()}; commit {commit}")
+    print(f"progressive distillation ({args.stages}) to {n} steps, {args.distill_steps or 'default'} optimiser steps per "
+          f"phase: {distill_wall:.1f} wall min; pictures up to stage {stop_at}, guidance {args.guidance:g}, {len(prompts)} "
+          "prompts, seed 0, RMSE on pixels in [-1, 1]\n")
+    print("| sampling | U-Net calls per image | RMSE vs reference |")
+    print("| --- | --- | --- |")
+    for name, calls, rmse in rows:
+        print(f"| {name} | {calls} | {rmse:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,14 @@ from imagen.runs import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, RunConfig, c
 from imagen.tasks.base import EvalData, RunScore
 from imagen.tasks.loading import LoadedRun, load
 from imagen.tasks.registry import get_task
-from imagen.tasks.text_to_image import distill_t2i, train_t2i
+from imagen.tasks.text_to_image import distill_t2i, progressive_distill_t2i, train_t2i
 from imagen.train import (Trainer, TrainResult, broadcast_object, destroy_processes, from_main, init_distributed,
                           latest_checkpoint, launch_local, resolve_device, seed_everything)
 
 log = logging.getLogger("imagen")
 
 __all__ = ["finish_processes", "launch_processes", "run_in_use", "task_metrics", "task_option_names", "task_search_space", "pretrain",
-           "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "distill_t2i", "generate_to_files",
+           "finetune", "train_task", "evaluate", "predict", "predict_images", "load", "LoadedRun", "train_t2i", "distill_t2i", "progressive_distill_t2i", "generate_to_files",
            "evaluate_t2i", "read_prompts", "SamplingConfig", "TextToImagePipeline", "write_shapes", "export_run", "ImagenModel",
            "write_report", "Registry", "init_registry", "refresh"]
 

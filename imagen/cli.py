@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from imagen.config import (
     DEFAULT_DISTILL_LR,
     DEFAULT_DISTILL_STAGES,
     DEFAULT_DISTILL_STEPS,
+    DEFAULT_PROGRESSIVE_PHASE_STEPS,
+    DEFAULT_PROGRESSIVE_START_STEPS,
     DEFAULT_GUIDANCE,
     DEFAULT_PERCENTILE,
     DEFAULT_REFRESH_REPLAY,
@@ -147,8 +150,8 @@ def _add_sampling_args(p):
     """Options of `imagen.diffusion.SamplingConfig`; each dest is the field's name, so `_sampling_config` passes it on."""
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=0, help="random seed; same seed, same pictures (default: 0)")
-    g.add_argument("--steps", type=_positive_int, default=DEFAULT_SAMPLING_STEPS, help=f"sampling steps (default: {DEFAULT_SAMPLING_STEPS})")
-    g.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER, help=f"sampler (default: {DEFAULT_SAMPLER})")
+    g.add_argument("--steps", type=_positive_int, default=DEFAULT_SAMPLING_STEPS, help=f"sampling steps; a stage distilled with `imagen distill --steps` always takes its own DDIM steps (default: {DEFAULT_SAMPLING_STEPS})")
+    g.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER, help=f"sampler, except at a stage distilled with --steps (DDIM) (default: {DEFAULT_SAMPLER})")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 1 = off (default: {DEFAULT_GUIDANCE:g})")
     g.add_argument("--negative", default=None, help="negative prompt")
@@ -275,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a finished text-to-image run (the teacher)")
     _add_train_args(p, lr=DEFAULT_DISTILL_LR, batch_size=32, steps_note=f"{DEFAULT_DISTILL_STEPS} per stage", image_size=False,
                     model_options=False)
+    p.add_argument("--steps", type=_positive_int, default=None, help="progressive distillation: halve each distilled stage's DDIM steps, "
+                   f"phase by phase (--max-steps each, default {DEFAULT_PROGRESSIVE_PHASE_STEPS}), from {DEFAULT_PROGRESSIVE_START_STEPS} "
+                   "(or the run's own count) down to N, which then samples with N U-Net calls (default: guidance distillation only)")
+    p.add_argument("--from-steps", type=_positive_int, default=None, help="with --steps: the DDIM steps of the first phase's teacher "
+                   f"(default: {DEFAULT_PROGRESSIVE_START_STEPS}, or the run's own count when it is distilled with --steps already)")
     p.add_argument("--stages", default=None, help=f"comma list of stages to distil, e.g. base,sr1; the others are copied (default: {','.join(DEFAULT_DISTILL_STAGES)})")
     p.add_argument("--guidance-range", default=None, metavar="LOW,HIGH", help="guidance scales the student learns, drawn uniformly; "
                    f"sampling then accepts any in this range (default: {DEFAULT_DISTILL_GUIDANCE_RANGE[0]:g},{DEFAULT_DISTILL_GUIDANCE_RANGE[1]:g})")
@@ -459,18 +467,24 @@ def run_command(args) -> int:
         print(f"run saved to {args.out}; sample with: imagen generate --run {args.out} \"PROMPT\" --out grid.png")
         return 0
     if args.command == "distill":
-        results = api.distill_t2i(args.run, args.out, stages=_names(args.stages, "--stages"), resume=args.resume,
-                                  guidance_range=_floats(args.guidance_range, "--guidance-range"), sample_every=args.sample_every,
-                                  on_bad_sample=args.on_bad_sample, **_train_kwargs(args))
+        if args.from_steps is not None and args.steps is None:
+            raise ConfigError("--from-steps sets where progressive distillation starts; give --steps N as well")
+        distill = api.distill_t2i if args.steps is None else functools.partial(api.progressive_distill_t2i, steps=args.steps,
+                                                                                       start_steps=args.from_steps)
+        results = distill(args.run, args.out, stages=_names(args.stages, "--stages"), resume=args.resume,
+                          guidance_range=_floats(args.guidance_range, "--guidance-range"), sample_every=args.sample_every,
+                          on_bad_sample=args.on_bad_sample, **_train_kwargs(args))
         for name, result in results.items():
             if result.status == "interrupted":
                 if os.environ.get("RANK", "0") != "0":
                     return _exit_code(result.stopped_by)
+                steps = "" if args.steps is None else f" --steps {args.steps}" + (f" --from-steps {args.from_steps}" if args.from_steps else "")
                 print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
-                      f"Continue with: imagen distill {args.run} --out {args.out} --resume", file=sys.stderr)
+                      f"Continue with: imagen distill {args.run} --out {args.out}{steps} --resume", file=sys.stderr)
                 return _exit_code(result.stopped_by)
             print(f"stage {name}: distilled, {result.status} at step {result.step}")
-        print(f"run saved to {args.out}; it samples with one U-Net call per step at its distilled stages: "
+        calls = "one U-Net call per step" if args.steps is None else f"{args.steps} DDIM steps of one U-Net call"
+        print(f"run saved to {args.out}; it samples with {calls} at its distilled stages: "
               f"imagen generate --run {args.out} \"PROMPT\" --out grid.png")
         return 0
     if args.command == "generate":

@@ -37,6 +37,11 @@ DEFAULT_DISTILL_STAGES = ("base",)
 DEFAULT_DISTILL_GUIDANCE_RANGE = (1.0, 2 * DEFAULT_GUIDANCE)
 DEFAULT_DISTILL_STEPS = 2000
 DEFAULT_DISTILL_LR = 1e-4
+# Progressive distillation (`imagen distill --steps N`): the teacher's DDIM step count of the first halving (when the
+# teacher stage is not progressively distilled already), and each halving's optimiser steps (batch 32).
+DEFAULT_PROGRESSIVE_START_STEPS = 64
+DEFAULT_PROGRESSIVE_PHASE_STEPS = 1000
+PROGRESSIVE_SAMPLER = "ddim"  # the sampler a progressively distilled stage was distilled for, and samples with
 
 # Text-to-image sampling: the names the diffusion registries are keyed by, and the defaults of
 # `imagen.diffusion.SamplingConfig`. They live here, torch-free, so the CLI's help reads them without importing torch.

@@ -4,7 +4,13 @@ Nothing here owns a network: a denoiser is any callable `denoiser(x_t, t, **cond
 options travel as one `SamplingConfig` (validated once) into `sample`, the one denoising loop.
 """
 
-from imagen.diffusion.distillation import guidance_distillation_loss
+from imagen.diffusion.distillation import (
+    ddim_step,
+    guidance_distillation_loss,
+    progressive_distillation_loss,
+    progressive_distillation_target,
+    progressive_timesteps,
+)
 from imagen.diffusion.guidance import classifier_free_guidance
 from imagen.diffusion.process import (
     OBJECTIVES,
@@ -67,6 +73,10 @@ __all__ = [
     "uniform_timesteps",
     "classifier_free_guidance",
     "guidance_distillation_loss",
+    "progressive_distillation_loss",
+    "progressive_distillation_target",
+    "progressive_timesteps",
+    "ddim_step",
     "THRESHOLDS",
     "static_threshold",
     "dynamic_threshold",

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from imagen.data.image_files import resize_images
-from imagen.diffusion import BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, classifier_free_guidance, q_sample, randn
+from imagen.diffusion import (BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, SamplingConfig, classifier_free_guidance, q_sample,
+                              randn)
 from imagen.config import check_range
 from imagen.errors import ConfigError, GenerationError
 from imagen.models.unet import EfficientUNet, UNetConfig
@@ -45,6 +46,10 @@ class StageConfig:
     # A guidance-distilled student (`imagen distill`): one U-Net call per step at a guidance scale in guidance_range.
     guidance_distilled: bool = False
     guidance_range: tuple[float, float] | None = None
+    # A progressively distilled student (`imagen distill --steps N`): it samples with this sampler at this many
+    # steps, the timestep grid it was distilled on (see `sampling`).
+    distilled_steps: int | None = None
+    distilled_sampler: str | None = None
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -69,10 +74,24 @@ class StageConfig:
                               f"unet.guidance_cond={self.guidance_distilled} (got {self.unet.guidance_cond})")
         if self.guidance_distilled:
             check_guidance_range(self.guidance_range, f"stage {self.name} guidance_range")
+        if (self.distilled_steps is None) != (self.distilled_sampler is None):
+            raise ConfigError(f"stage {self.name}: distilled_steps={self.distilled_steps} and distilled_sampler="
+                              f"{self.distilled_sampler} are set together or not at all")
+        if self.distilled_steps is not None:
+            check_range(f"{self.name}.distilled_steps", self.distilled_steps, 1, self.timesteps)
 
     @property
     def is_sr(self) -> bool:
         return self.unet.lowres_cond
+
+    def sampling(self, config: SamplingConfig) -> SamplingConfig:
+        """The options this stage samples with: `config`, except that a progressively distilled stage always takes
+        the sampler (deterministic) and step count it was distilled for. Its student learnt to jump between the
+        points of that one timestep grid, so another step count or sampler would only make worse pictures; the
+        requested steps and sampler still apply to the cascade's other stages."""
+        if self.distilled_steps is None:
+            return config
+        return dataclasses.replace(config, sampler=self.distilled_sampler, steps=self.distilled_steps, eta=0.0)
 
     def check_guidance(self, guidance: float, negative: bool = False) -> None:
         """GenerationError when a guidance-distilled stage cannot sample at `guidance` (or with a negative prompt)."""

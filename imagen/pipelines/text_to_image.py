@@ -5,7 +5,9 @@
 
 Each stage exposes its denoiser (EMA U-Net + low-res input); the pipeline encodes the prompts, takes the stage's
 guided denoiser (classifier-free guidance, or one call of a guidance-distilled stage) and runs
-`imagen.diffusion.sample`, lowest resolution first, each stage's output the next one's low-res input.
+`imagen.diffusion.sample`, lowest resolution first, each stage's output the next one's low-res input. A
+progressively distilled stage samples with the DDIM steps it was distilled for, whatever the request's steps
+and sampler (`StageConfig.sampling`); those apply to the other stages.
 `generate_to_files` is what `imagen generate` does.
 """
 
@@ -117,16 +119,18 @@ class TextToImagePipeline:
     def check_config(self, config: SamplingConfig, stop_at: str | None = None) -> None:
         """GenerationError when a stage that will run (all, or those up to `stop_at`) cannot sample with `config`:
         more steps than its timesteps or than the ones its sampler walks there, or a guidance-distilled stage asked
-        for a guidance outside its range or a negative prompt."""
+        for a guidance outside its range or a negative prompt. A progressively distilled stage is checked with the
+        sampler and steps it samples with (`StageConfig.sampling`)."""
         names = self.stage_names
         stages = self.stages[:names.index(stop_at) + 1] if stop_at in names else self.stages
-        too_few = [s.config for s in stages if s.config.timesteps < config.steps]
-        if too_few:
-            raise GenerationError(f"steps must be in [1, {too_few[0].timesteps}] for stage {too_few[0].name} "
-                                  f"({too_few[0].timesteps} timesteps), got {config.steps}")
-        for stage in stages:  # dpmpp3m and unipc skip the cosine schedule's noisiest timesteps
-            make_sampler(config.sampler, stage.schedule, config.eta).set_timesteps(config.steps)
-            stage.config.check_guidance(config.guidance, negative=config.negative is not None)
+        for stage in stages:
+            c = stage.config
+            own = c.sampling(config)  # a progressively distilled stage: its own sampler and steps
+            if c.timesteps < own.steps:
+                raise GenerationError(f"steps must be in [1, {c.timesteps}] for stage {c.name} ({c.timesteps} timesteps), "
+                                      f"got {own.steps}")
+            make_sampler(own.sampler, stage.schedule, own.eta).set_timesteps(own.steps)  # dpmpp3m, unipc: fewer on cosine
+            c.check_guidance(config.guidance, negative=config.negative is not None)
 
     def _generate_rows(self, rows, config, init_images, inpaint_mask, stop_at,
                        progress=None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -151,6 +155,7 @@ class TextToImagePipeline:
         # each stage draws from the seed anew; row (s, k) draws what sample k of a request seeded s draws
         generator = [g for s, k in samples for g in sample_generators(s, [k], device)]
         B, c = len(prompts), stage.config
+        config = c.sampling(config)
         negative = config.negative
         texts = prompts + ([negative] * B if negative is not None else [])
         both = stage.encode_text(texts)  # one call, so prompt and negative share a padded length

@@ -25,7 +25,7 @@ import torch
 
 from imagen.atomic import write_json
 from imagen.config import (DEFAULT_GUIDANCE, DEFAULT_DISTILL_GUIDANCE_RANGE, DEFAULT_DISTILL_LR, DEFAULT_DISTILL_STAGES,
-                           DEFAULT_DISTILL_STEPS)
+                           DEFAULT_DISTILL_STEPS, PROGRESSIVE_SAMPLER)
 from imagen.data import Tokenizer, load_dataset
 from imagen.data.image_files import resize_images
 from imagen.data.images import normalize_images
@@ -80,17 +80,20 @@ class GuidanceDistillationTask(TextToImageTask):
                                           snr_floor=c.snr_floor, noise=d["noise"])
 
 
-def student_config(teacher: StageConfig, guidance_range: Sequence[float]) -> StageConfig:
-    """The teacher's stage config, conditioned on the guidance scale and marked guidance-distilled."""
+def student_config(teacher: StageConfig, guidance_range: Sequence[float], steps: int | None = None) -> StageConfig:
+    """The teacher's stage config, conditioned on the guidance scale and marked guidance-distilled (and, with
+    `steps`, progressively distilled to that many DDIM steps)."""
+    sampling = {"distilled_steps": steps, "distilled_sampler": PROGRESSIVE_SAMPLER} if steps is not None else {}
     return dataclasses.replace(teacher, unet=dataclasses.replace(teacher.unet, guidance_cond=True), guidance_distilled=True,
-                               guidance_range=tuple(guidance_range))
+                               guidance_range=tuple(guidance_range), **sampling)
 
 
-def student_stage(teacher: TextToImageStage, guidance_range: tuple[float, float]) -> TextToImageStage:
+def student_stage(teacher: TextToImageStage, guidance_range: tuple[float, float], steps: int | None = None) -> TextToImageStage:
     """A guidance-conditioned copy of `teacher`: its EMA U-Net's weights (online and EMA copies), the same text
-    encoder (frozen), and a zero-initialised guidance embedding, so it predicts the teacher's conditional branch."""
+    encoder (frozen), and a zero-initialised guidance embedding (kept as it is when the teacher has one already),
+    so it predicts the teacher's conditional branch; `steps` as in `student_config`."""
     tc = teacher.config
-    config = student_config(tc, guidance_range)
+    config = student_config(tc, guidance_range, steps)
     # A text encoder trained with the stage is the student's own copy (saved with it), kept as the teacher had it.
     encoder = copy.deepcopy(teacher.text_encoder) if teacher.text_encoder is not None else teacher.encoder
     student = TextToImageStage(config, encoder)
@@ -115,7 +118,7 @@ def _parse_stages(stages: Sequence[str] | None, config: dict[str, Any], run: Pat
     return [n for n in config["stages"] if n in names]  # cascade order
 
 
-def _check_teacher(run: Path) -> dict[str, Any]:
+def check_teacher(run: Path) -> dict[str, Any]:
     """The config of a finished text-to-image run, or a one-line RunError."""
     if not run.is_dir():
         raise RunError(f"run directory {run} does not exist; pass a finished `imagen train-t2i` run")
@@ -131,6 +134,8 @@ def _check_start(run: Path, out: Path, resume: bool, stages, guidance_range) -> 
         record = saved.get("distillation")
         if record is None:
             raise RunError(f"{out} is not a distilled run; --resume continues an interrupted `imagen distill`")
+        if "steps" in record:
+            raise RunError(f"{out} is progressively distilled; continue it with the same --steps {record['steps']} --resume")
         if Path(record["teacher"]).resolve() != run.resolve():
             raise RunError(f"{out} was distilled from {record['teacher']}, not {run}; pass that run")
         changed = [(option, recorded) for option, given, recorded, same in (
@@ -141,27 +146,26 @@ def _check_start(run: Path, out: Path, resume: bool, stages, guidance_range) -> 
             option, recorded = changed[0]
             raise RunError(f"--resume continues {out} as it was started ({option} {','.join(map(str, recorded))}); "
                            f"drop {option} or distil into a new --out")
-        return _check_teacher(run), list(record["stages"]), tuple(record["guidance_range"])
+        return check_teacher(run), list(record["stages"]), tuple(record["guidance_range"])
     if out.resolve() == run.resolve():
         raise RunError(f"--out {out} is the teacher run itself; choose a new directory")
-    config = _check_teacher(run)
+    config = check_teacher(run)
     names = _parse_stages(stages, config, run)
     check_new_run_dir(out, when_taken="choose a new directory")
     return config, names, check_guidance_range(guidance_range if guidance_range is not None else DEFAULT_DISTILL_GUIDANCE_RANGE,
                                                "--guidance-range")
 
 
-def _write_new_run(run: Path, out: Path, config: dict[str, Any], names: list[str], guidance_range) -> dict[str, Any]:
-    """The new run's config.json, tokenizer and copied stages (rank 0 only); returns its config."""
-    stage_configs = dict(config["stage_configs"])
-    for name in names:
-        stage_configs[name] = stage_config_to_json(student_config(StageConfig(**stage_configs[name]), guidance_range))
-    new = {**config, "stage_configs": stage_configs,
-           "distillation": {"teacher": str(run.resolve()), "stages": names, "guidance_range": list(guidance_range)}}
+def write_new_run(run: Path, out: Path, config: dict[str, Any], students: dict[str, StageConfig],
+                  record: dict[str, Any]) -> dict[str, Any]:
+    """The new run's config.json (the `students`' stage configs, `record` as its "distillation"), tokenizer and
+    copied stages (rank 0 only); returns its config."""
+    stage_configs = {**config["stage_configs"], **{name: stage_config_to_json(c) for name, c in students.items()}}
+    new = {**config, "stage_configs": stage_configs, "distillation": {"teacher": str(run.resolve()), **record}}
     if (run / TOKENIZER_NAME).is_file():
         shutil.copy2(run / TOKENIZER_NAME, out / TOKENIZER_NAME)
     for name in config["stages"]:
-        if name not in names:
+        if name not in students:
             (out / name).mkdir(parents=True, exist_ok=True)
             for file in COPIED_STAGE_FILES:
                 shutil.copy2(run / name / file, out / name / file)
@@ -192,7 +196,8 @@ def distill_t2i(
     config, names, guidance_range = from_main(_check_start, run, out, resume, stages, guidance_range)
     with open_run(out, resume=resume, writer=proc.is_main) as run_dir:
         if not resume and proc.is_main:
-            _write_new_run(run, out, config, names, guidance_range)
+            students = {n: student_config(StageConfig(**config["stage_configs"][n]), guidance_range) for n in names}
+            write_new_run(run, out, config, students, {"stages": names, "guidance_range": list(guidance_range)})
         tokenizer = Tokenizer.load(run / TOKENIZER_NAME) if (run / TOKENIZER_NAME).is_file() else None
         d = config["data"]
         train_ds = load_dataset(d["spec"], "train", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
