@@ -61,7 +61,8 @@ def main():
     p.add_argument("--stages", default="base", help="stages to distil (default: base)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale of every comparison")
     p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS, help="sampling steps of every comparison")
-    p.add_argument("--n-per-category", type=int, default=200, help="held-out prompts per category for compositional accuracy")
+    p.add_argument("--n-per-category", type=int, default=200, help="held-out prompts per category for compositional accuracy "
+                   "(0: --progressive prints RMSE only)")
     p.add_argument("--fid-samples", type=int, default=500)
     p.add_argument("--timing-prompts", type=int, default=32, help="prompts timed (one image each, one batch)")
     p.add_argument("--progressive", type=int, default=None, metavar="N", help="progressive distillation to N DDIM steps instead")
@@ -152,10 +153,11 @@ def progressive(args, teacher: Path, student: Path, commit: str) -> None:
     stop_at = [s for s in TextToImagePipeline.from_run(teacher).stage_names if s in stages][-1]
     reference_config = SamplingConfig(steps=args.reference_steps, guidance=args.guidance, batch_size=batch)
     rows, reference = [], None
+    quiet = lambda *a, **k: None  # noqa: E731
     for name, run, config in (
             (f"teacher, {args.reference_steps} dpmpp2m steps (reference)", teacher, reference_config),
-            (f"student, {n} DDIM steps (distilled)", student, SamplingConfig(steps=n, sampler="ddim", guidance=args.guidance,
-                                                                              batch_size=batch)),
+            # its distilled stages take their own DDIM steps; the others the reference's
+            (f"student, {n} DDIM steps (distilled)", student, reference_config),
             (f"teacher, {n} DDIM steps", teacher, SamplingConfig(steps=n, sampler="ddim", guidance=args.guidance, batch_size=batch)),
             (f"teacher, {n} dpmpp2m steps", teacher, SamplingConfig(steps=n, guidance=args.guidance, batch_size=batch))):
         pipe = TextToImagePipeline.from_run(run, device=args.device)
@@ -163,15 +165,24 @@ def progressive(args, teacher: Path, student: Path, commit: str) -> None:
             images = pipe.generate(prompts, config, stop_at=stop_at)  # seed 0: every row starts from the same noise
         reference = images if reference is None else reference
         rmse = float((images - reference).square().mean().sqrt())  # pixels in [-1, 1]
-        rows.append((name, calls_per_image(pipe, config, stop_at), rmse))
+        scores = None
+        if args.n_per_category > 0:  # the whole cascade, as `imagen evaluate-t2i` samples it with this config
+            scores = evaluate_t2i(run, "shapes", config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
+                                  device=args.device, echo=quiet)
+        rows.append((name, calls_per_image(pipe, config, stop_at), rmse, scores))
     print(f"\nCPU: {cpu_model()}; torch threads {torch.get_num_threads()}; commit {commit}")
     print(f"progressive distillation ({args.stages}) to {n} steps, {args.distill_steps or 'default'} optimiser steps per "
           f"phase: {distill_wall:.1f} wall min; pictures up to stage {stop_at}, guidance {args.guidance:g}, {len(prompts)} "
           "prompts, seed 0, RMSE on pixels in [-1, 1]\n")
-    print("| sampling | U-Net calls per image | RMSE vs reference |")
-    print("| --- | --- | --- |")
-    for name, calls, rmse in rows:
-        print(f"| {name} | {calls} | {rmse:.3f} |", flush=True)
+    if args.n_per_category > 0:
+        print(f"accuracy and FID: the whole cascade ({args.n_per_category} held-out prompts per category, FID on "
+              f"{args.fid_samples} test images); the teacher's few-step rows take those steps at every stage\n")
+    print("| sampling | U-Net calls per image | RMSE vs reference | compositional | single | relation | count | FID |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, calls, rmse, r in rows:
+        scored = (f"{r['compositional_accuracy']:.3f} | {r['single_accuracy']:.3f} | {r['relation_accuracy']:.3f} | "
+                  f"{r['count_accuracy']:.3f} | {r['fid']:.2f}") if r else "- | - | - | - | -"
+        print(f"| {name} | {calls} | {rmse:.3f} | {scored} |", flush=True)
 
 
 if __name__ == "__main__":
