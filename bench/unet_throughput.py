@@ -5,6 +5,7 @@
 One step = forward + backward + AdamW on random images with 8 text tokens of width 384 (cross-attention on),
 fp32 and bf16 autocast. Reference figures measured on the same kind of 2-core machine: imagen-pytorch's U-Net
 (3.9M parameters) 17 images/s, diffusers' UNet2DConditionModel (1.7M) 63 images/s; the target is >= 3x 17.
+`bench/unet_peers.py` times both peers at matched size beside ours in one process, which is the fairer ratio.
 """
 
 from __future__ import annotations

@@ -272,3 +272,17 @@ def test_onnx_graph_of_a_distilled_stage_takes_the_guidance_scale(capsys, studen
     session = ort.InferenceSession(str(out / "unet_base.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
     assert abs(got - want).max() < 1e-4
+
+
+def test_check_config_checks_only_the_stages_that_will_run(student):
+    # A super-resolution stage distilled for a narrower range than the base stage's: `--stage base` (stop_at) must
+    # not be refused for a guidance only the later stage cannot take, and a whole-cascade request must be.
+    pipe = TextToImagePipeline.from_run(student)
+    sr = pipe.stages[1].config
+    sr.guidance_distilled, sr.guidance_range = True, (1.0, 2.0)
+    config = SamplingConfig(guidance=3.0)
+    pipe.check_config(config, stop_at="base")
+    with pytest.raises(GenerationError, match=f"stage {sr.name}.*guidance in \\[1, 2\\], got 3"):
+        pipe.check_config(config)
+    with pytest.raises(GenerationError, match="guidance in \\[1, 6\\], got 7"):
+        pipe.check_config(SamplingConfig(guidance=7.0), stop_at="base")
