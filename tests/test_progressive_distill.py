@@ -100,10 +100,17 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def student(teacher):
+    """The uninterrupted distillation, in one thread as the tests that compare with it (a module fixture is set up
+    before their function-scoped `one_thread`, and another thread count gives other floating-point sums)."""
     from imagen.cli import main
 
     out = teacher.parent / "student"
-    assert main(["distill", str(teacher), "--out", str(out), *PROGRESSIVE]) == 0
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["distill", str(teacher), "--out", str(out), *PROGRESSIVE]) == 0
+    finally:
+        torch.set_num_threads(previous)
     return out
 
 
