@@ -173,6 +173,17 @@ def write_new_run(run: Path, out: Path, config: dict[str, Any], students: dict[s
     return new
 
 
+def teacher_data(run: Path, config: dict[str, Any], on_bad_sample: str):
+    """(tokenizer or None, train dataset, its caption sets, the first 8 validation rows) of the teacher run `run`:
+    what a distillation trains on and draws its sample grids from."""
+    tokenizer = Tokenizer.load(run / TOKENIZER_NAME) if (run / TOKENIZER_NAME).is_file() else None
+    d = config["data"]
+    train_ds = load_dataset(d["spec"], "train", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
+    texts = caption_sets(train_ds, d.get("captions", "first"))
+    val_ds = load_dataset(d["spec"], "val", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
+    return tokenizer, train_ds, texts, val_ds.subset(range(min(8, len(val_ds))))  # the fixed prompts of the sample grids
+
+
 def distill_t2i(
     run: str | Path,
     out: str | Path,
@@ -198,12 +209,7 @@ def distill_t2i(
         if not resume and proc.is_main:
             students = {n: student_config(StageConfig(**config["stage_configs"][n]), guidance_range) for n in names}
             write_new_run(run, out, config, students, {"stages": names, "guidance_range": list(guidance_range)})
-        tokenizer = Tokenizer.load(run / TOKENIZER_NAME) if (run / TOKENIZER_NAME).is_file() else None
-        d = config["data"]
-        train_ds = load_dataset(d["spec"], "train", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
-        texts = caption_sets(train_ds, d.get("captions", "first"))
-        val_ds = load_dataset(d["spec"], "val", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
-        val_ds = val_ds.subset(range(min(8, len(val_ds))))  # the fixed prompts of the sample grids
+        tokenizer, train_ds, texts, val_ds = teacher_data(run, config, on_bad_sample)
         run_dir.commit()
         encoder = build_text_encoder(config["text_encoder"], tokenizer=tokenizer)
         results = {}

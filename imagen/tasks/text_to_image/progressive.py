@@ -41,18 +41,17 @@ from imagen.atomic import write_json
 from imagen.config import (DEFAULT_DISTILL_GUIDANCE_RANGE, DEFAULT_DISTILL_LR, DEFAULT_DISTILL_STAGES, DEFAULT_GUIDANCE,
                            DEFAULT_PERCENTILE, DEFAULT_PROGRESSIVE_PHASE_STEPS, DEFAULT_PROGRESSIVE_START_STEPS,
                            DEFAULT_THRESHOLD, PROGRESSIVE_SAMPLER)
-from imagen.data import Tokenizer, load_dataset
 from imagen.data.image_files import resize_images
 from imagen.data.images import normalize_images
 from imagen.diffusion import classifier_free_guidance, progressive_distillation_loss
 from imagen.errors import ConfigError, RunError
 from imagen.models.text_encoders import build_text_encoder
 from imagen.models.text_to_image import StageConfig, TextToImageStage, check_guidance_range, stage_config_to_json
-from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_new_run_dir, open_run
+from imagen.runs import CONFIG_NAME, WEIGHTS_NAME, check_new_run_dir, open_run
 from imagen.tasks.text_to_image.cascade_run import load_stage, read_t2i_config
-from imagen.tasks.text_to_image.distill import check_teacher, student_config, student_stage, write_new_run
+from imagen.tasks.text_to_image.distill import check_teacher, student_config, student_stage, teacher_data, write_new_run
 from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
-from imagen.tasks.text_to_image.training import caption_sets, stage_run_train_config, stage_train_config
+from imagen.tasks.text_to_image.training import stage_run_train_config, stage_train_config
 from imagen.train import Trainer, TrainResult, current_process, from_main, init_distributed, latest_checkpoint, resolve_device, seed_everything
 
 log = logging.getLogger("imagen")
@@ -209,12 +208,7 @@ def progressive_distill_t2i(
             write_new_run(run, out, config, students, {"stages": list(plan), "steps": steps, "from_steps": start_steps,
                                                        "guidance_range": None if guidance_range is None else
                                                        [float(v) for v in guidance_range]})
-        tokenizer = Tokenizer.load(run / TOKENIZER_NAME) if (run / TOKENIZER_NAME).is_file() else None
-        d = config["data"]
-        train_ds = load_dataset(d["spec"], "train", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
-        texts = caption_sets(train_ds, d.get("captions", "first"))
-        val_ds = load_dataset(d["spec"], "val", seed=d["seed"], n=d.get("n"), on_bad_sample=on_bad_sample)
-        val_ds = val_ds.subset(range(min(8, len(val_ds))))  # the fixed prompts of the sample grids
+        tokenizer, train_ds, texts, val_ds = teacher_data(run, config, on_bad_sample)
         run_dir.commit()
         encoder = build_text_encoder(config["text_encoder"], tokenizer=tokenizer)
         shared = encoder if getattr(encoder, "frozen", True) else None
