@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-t2i", help="score a text-to-image run: compositional accuracy, FID, alignment")
     p.add_argument("--run", required=True, help="text-to-image run directory")
     p.add_argument("--data", default="shapes", help="shapes (compositional accuracy + FID) or other data (FID) (default: shapes)")
-    p.add_argument("--n-per-category", type=_positive_int, default=50, help="held-out prompts per category: single, relation, count (default: 50)")
+    p.add_argument("--n-per-category", type=_positive_int, default=50, help="held-out prompts per category: single, relation, count, and (default: 50)")
     _add_sampling_args(p)
     p.add_argument("--fid-samples", type=_positive_int, default=500, help="test images for FID (default: 500)")
     p.add_argument("--alignment-run", default=None, help="a pretraining run whose contrastive heads score text-image alignment")

@@ -90,7 +90,7 @@ def test_score_relation_and_count():
 
 def test_prompts_categories_and_facts():
     prompts = compositional_prompts(6, seed=5)
-    assert [p["category"] for p in prompts] == ["single"] * 6 + ["relation"] * 6 + ["count"] * 6
+    assert [p["category"] for p in prompts] == ["single"] * 6 + ["relation"] * 6 + ["count"] * 6 + ["and"] * 6
     assert prompts == compositional_prompts(6, seed=5)  # deterministic
     for p in prompts:
         e = p["expected"]
@@ -105,14 +105,22 @@ def test_prompts_categories_and_facts():
             rel = e["relation"]["relation"]
             assert rel.split()[0] in p["prompt"]
             assert p["prompt"].index(a["color"] + " " + a["shape"]) < p["prompt"].index(b["color"] + " " + b["shape"])
-        else:
+        elif p["category"] == "count":
             assert e["count"] in (2, 3) and p["prompt"].split()[0] == {2: "two", 3: "three"}[e["count"]]
             assert len({(o["color"], o["shape"]) for o in e["objects"]}) == 1
+        else:  # "and": two different colour-shapes, no relation, no position
+            a, b = e["objects"]
+            assert (a["color"], a["shape"]) != (b["color"], b["shape"]) and e["relation"] is None
+            assert p["prompt"] == f"a {a['color']} {a['shape']} and a {b['color']} {b['shape']}"
     with_pos = [p for p in prompts if p["category"] == "single" and p["expected"]["objects"][0]["cell"] is not None]
     assert with_pos and all(len(p["prompt"].split()) > 3 for p in with_pos)
     zh = compositional_prompts(2, seed=5, lang="zh")
     assert [p["expected"] for p in zh] == [p["expected"] for p in compositional_prompts(2, seed=5)]
     assert "的" in zh[0]["prompt"]
+    assert "和" in zh[-1]["prompt"] and zh[-1]["category"] == "and"
+    # A category added later leaves the others' prompts as they were (each has its own seed stream).
+    first_three = [p for p in prompts if p["category"] != "and"]
+    assert [p["prompt"] for p in first_three][:3] == [p["prompt"] for p in compositional_prompts(3, seed=5)][:3]
 
 
 def test_render_expected_matches_cells_at_any_size():
@@ -153,8 +161,8 @@ def test_compositional_accuracy_aggregates():
     prompts = compositional_prompts(4, seed=3)
     oracle = OracleEvaluator(prompts)
     perfect = compositional_accuracy(reference_generator(prompts), prompts, oracle, batch_size=5)
-    assert perfect["n"] == 12
-    for key in ("compositional_accuracy", "single_accuracy", "relation_accuracy", "count_accuracy",
+    assert perfect["n"] == 16
+    for key in ("compositional_accuracy", "single_accuracy", "relation_accuracy", "count_accuracy", "and_accuracy",
                 "color_accuracy", "shape_accuracy", "position_accuracy"):
         assert perfect[key] == 1.0, key
     blank = compositional_accuracy(lambda t: torch.full((len(t), 3, 32, 32), 16, dtype=torch.uint8), prompts, oracle)

@@ -144,6 +144,15 @@ def test_a_progressively_distilled_stage_samples_on_its_grid_with_one_call_per_s
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     assert calls["base"] == [(2, 999), (2, 499)]
     assert [b for b, _ in calls["sr1"]] == [4] * 3
+    # What evaluate-t2i records: each stage's own sampler, steps and U-Net evaluations per image.
+    assert pipe.sampling_plan(SamplingConfig(steps=3, guidance=3.0)) == [
+        {"stage": "base", "sampler": "ddim", "steps": 2, "unet_calls": 2},
+        {"stage": "sr1", "sampler": "dpmpp2m", "steps": 3, "unet_calls": 6}]
+    # An exported step graph says which grid it was distilled for (only that grid makes good pictures).
+    from imagen.export.onnx import graph_for_stage
+    info = graph_for_stage(pipe.stages[0], text_len=4).info
+    assert (info["distilled_steps"], info["distilled_sampler"]) == (2, "ddim")
+    assert "distilled_steps" not in graph_for_stage(pipe.stages[1], text_len=4).info
     # It is DDIM on that grid: the same pictures as the stage sampled as an ordinary DDIM 2-step stage.
     assert torch.equal(pipe.generate(prompts, SamplingConfig(steps=2, sampler="ddim", guidance=3.0), stop_at="base"),
                        pipe.generate(prompts, SamplingConfig(steps=7, guidance=3.0), stop_at="base"))

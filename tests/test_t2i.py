@@ -95,9 +95,12 @@ def test_evaluate_t2i_scores_a_16px_run_at_the_evaluators_32px(t2i_run, monkeypa
     monkeypatch.setattr(tiny, "predict", lambda images: seen.append(tuple(images.shape)) or original_predict(images))
     monkeypatch.setattr(evaluator_mod, "get_evaluator", fake_get_evaluator)
     r = evaluate_t2i(t2i_run, "shapes", SamplingConfig(steps=2), n_per_category=2, fid_samples=8, batch_size=8, echo=lambda *a: None)
-    assert r["image_size"] == 16 and r["n"] == 6 and r["fid_samples"] == 8
-    assert seen[0] == (6, 3, 32, 32)  # the cascade's 16x16 pictures were upscaled to the evaluator's canvas
+    assert r["image_size"] == 16 and r["n"] == 8 and r["fid_samples"] == 8  # 2 prompts in each of 4 categories
+    assert seen[0] == (8, 3, 32, 32)  # the cascade's 16x16 pictures were upscaled to the evaluator's canvas
     assert 0.0 <= r["compositional_accuracy"] <= 1.0 and r["fid"] >= 0.0
+    # The same pictures read by the non-learned pixel check too, and what each stage ran is on record.
+    assert r["pixel_n"] == 8 and 0.0 <= r["pixel_and_accuracy"] <= 1.0 and 0.0 <= r["pixel_agreement"] <= 1.0
+    assert [(s["stage"], s["steps"], s["unet_calls"]) for s in r["stages"]] == [("base", 2, 4), ("sr1", 2, 4)]
     saved = json.loads((t2i_run / "eval" / "t2i-shapes.json").read_text())
     assert saved["compositional_accuracy"] == r["compositional_accuracy"]
 

@@ -63,6 +63,11 @@ def _join(parts: list[str], lang: str, clauses: bool = False) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def objects_phrase(objects: list[dict], lang: str) -> str:
+    """Objects named side by side, as captions name them: 'a purple circle and a green square' / '一个紫色的圆形和一个绿色的方形'."""
+    return _join([object_phrase(o, lang) for o in objects], lang)
+
+
 def group_phrase(color: str, shape: str, k: int, lang: str) -> str:
     """k identical objects counted: 'two green triangles' / '两个绿色的三角形'."""
     if lang == "zh":

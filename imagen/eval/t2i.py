@@ -2,7 +2,9 @@
 
 - `compositional_prompts` draws held-out Shapes scenes and words them with the dataset's own templates, in three
   categories: "single" ("a red circle", optionally "... in the top left"), "relation" ("a red circle to the
-  left of a blue square") and "count" ("two green triangles"). Each prompt carries its expected facts.
+  left of a blue square"), "count" ("two green triangles") and "and" ("a purple circle and a green circle").
+  Each prompt carries its expected facts. The first three categories' prompts do not change when a category is
+  added (each draws from its own seed stream).
 - A generator's images are read back by `ShapesEvaluator` (imagen.eval.evaluator) and `score_scene` checks
   the facts (GenEval-style, on a world where the checker can be trained to near-perfect accuracy).
 - `fid` is the Fréchet distance between Gaussian fits of features from a network the project trains itself
@@ -30,11 +32,11 @@ import torch.nn.functional as F
 from imagen.data.images import normalize_images
 from imagen.data.shapes import ShapesWorld
 from imagen.data.shapes_scene import POSITIONS, relation, render
-from imagen.data.shapes_text import group_phrase, object_name, object_phrase, relation_phrase
+from imagen.data.shapes_text import group_phrase, object_name, object_phrase, objects_phrase, relation_phrase
 
 from .evaluator import EvalError, ShapesEvaluator
 
-CATEGORIES = ("single", "relation", "count")
+CATEGORIES = ("single", "relation", "count", "and")
 PROMPT_SEED = 20_000  # default held-out seed stream, disjoint from dataset splits and the evaluator's training
 RELATION_TOLERANCE = 0.05  # fraction of the canvas by which the off axis may exceed the relation's axis
 CELL_OF_POSITION = {word: (r, c) for r, row in enumerate(POSITIONS) for c, word in enumerate(row)}
@@ -84,6 +86,13 @@ def compositional_prompts(n_per_category: int, seed: int = PROMPT_SEED, lang: st
         facts = [{"color": color, "shape": shape, "box": list(o["box"]), "cell": None} for o in objects]
         out.append({"prompt": group_phrase(color, shape, k, lang), "category": "count",
                     "expected": {"objects": facts, "count": k, "relation": None, "canvas": size}})
+    # and: two different colour-shapes named side by side ("a purple circle and a green circle"), no relation stated:
+    # what fails there is binding (right colours on the wrong shapes) and doubling (one shape drawn twice)
+    scenes = ((i, o) for i, o in _scenes(seed, size, 2, 10) if object_name(o[0], "en") != object_name(o[1], "en"))
+    for _, objects in itertools.islice(scenes, n_per_category):
+        out.append({"prompt": objects_phrase(objects, lang), "category": "and",
+                    "expected": {"objects": [_fact(o, False) for o in objects], "count": 2, "relation": None,
+                                 "canvas": size}})
     return out
 
 
@@ -173,21 +182,37 @@ def score_scene(expected: dict, predicted: dict, tolerance: float = RELATION_TOL
 
 
 def compositional_accuracy(generate_fn: Callable[[list[str]], torch.Tensor], prompts: Sequence[dict], evaluator,
-                           batch_size: int = 16) -> dict[str, float]:
+                           batch_size: int = 16, cross_check=None) -> dict[str, float]:
     """Generate every prompt, read the images back with the evaluator and aggregate score_scene.
 
-    Keys: compositional_accuracy (share fully correct), {single,relation,count}_accuracy (per category; NaN when
+    Keys: compositional_accuracy (share fully correct), {single,relation,count,and}_accuracy (per category; NaN when
     a category has no prompts), color/shape/position_accuracy (share of prompts passing that check, where it
-    applies) and n. generate_fn(list[str]) -> uint8 (N, 3, S, S)."""
-    scores: list[tuple[str, dict]] = []
+    applies), count/relation_check_accuracy and n. generate_fn(list[str]) -> uint8 (N, 3, S, S).
+
+    `cross_check` is a second reader of the same images (e.g. the non-learned `PixelChecker`): its figures come
+    under its name as a prefix ("pixel_relation_accuracy", ...), with "<name>_agreement", the share of prompts on
+    whose correctness both readers agree."""
+    readers = [("", evaluator)] + ([(f"{cross_check.name}_", cross_check)] if cross_check is not None else [])
+    scores: dict[str, list[tuple[str, dict]]] = {prefix: [] for prefix, _ in readers}
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         images = generate_fn([p["prompt"] for p in chunk])
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(chunk):
             raise EvalError(f"generate_fn must return uint8 images (N, 3, S, S) with N = {len(chunk)} prompts")
-        for p, scene in zip(chunk, evaluator.predict(images)):
-            scores.append((p["category"], score_scene(p["expected"], scene)))
+        for prefix, reader in readers:
+            for p, scene in zip(chunk, reader.predict(images)):
+                scores[prefix].append((p["category"], score_scene(p["expected"], scene)))
+    out: dict[str, float] = {}
+    for prefix, rows in scores.items():
+        out.update({prefix + k: v for k, v in _aggregate(rows).items()})
+    if cross_check is not None:
+        pairs = zip(scores[""], scores[f"{cross_check.name}_"])
+        out[f"{cross_check.name}_agreement"] = float(np.mean([a["correct"] == b["correct"] for (_, a), (_, b) in pairs]))
+    return out
 
+
+def _aggregate(scores: list[tuple[str, dict]]) -> dict[str, float]:
+    """compositional_accuracy's keys from (category, score_scene result) rows."""
     def share(rows: list[dict], key: str) -> float:
         vals = [r[key] for r in rows if key in r]
         return float(np.mean(vals)) if vals else float("nan")

@@ -171,6 +171,8 @@ def graph_for_stage(stage, text_len: int) -> Graph:
     if c.guidance_distilled:  # one call per step: the guided prediction at input `guidance`, no unconditional branch
         dynamic["guidance"] = {0: "batch"}
         info.update(guidance_distilled=True, guidance_range=list(c.guidance_range))
+    if c.distilled_steps is not None:  # a progressively distilled step: only its own DDIM grid makes good pictures
+        info.update(distilled_steps=c.distilled_steps, distilled_sampler=c.distilled_sampler)
     return Graph(f"unet_{c.name}", UNetStepGraph(stage.ema_unet, c.is_sr, c.guidance_distilled), make_inputs, ["prediction"],
                  dynamic, info=info)
 

@@ -13,6 +13,7 @@ from imagen.data import load_dataset
 from imagen.data.image_files import resize_uint8, save_grid, to_uint8
 from imagen.diffusion import SamplingConfig
 from imagen.eval import evaluator as evaluator_module
+from imagen.eval.pixel_check import PixelChecker
 from imagen.eval.t2i import alignment_score, compositional_accuracy, compositional_prompts, fid
 from imagen.pipelines.text_to_image import TextToImagePipeline
 from imagen.train import resolve_device
@@ -35,13 +36,16 @@ def evaluate_t2i(run, data: str = "shapes", config: SamplingConfig | None = None
         return to_uint8(pipe.generate(prompts, one_each))
 
     result: dict[str, Any] = {"run": str(run), "data": str(data), "steps": config.steps, "sampler": config.sampler,
-                              "guidance": config.guidance, "image_size": size}
+                              "guidance": config.guidance, "image_size": size,
+                              "stages": pipe.sampling_plan(config)}  # what each stage ran (a distilled one: its own steps)
     # One evaluator serves both: it reads scenes back, and its features (a network trained only on real Shapes
     # renderings) stand in for Inception's in FID.
     evaluator = evaluator_module.get_evaluator(32, device=str(dev))
     if str(data) == "shapes":
         prompts = compositional_prompts(n_per_category, seed=20_000 + config.seed, size=32)
-        result.update(compositional_accuracy(lambda p: resize_uint8(generate_fn(p), 32), prompts, evaluator, batch_size=batch_size))
+        # The non-learned pixel reader scores the same pictures, so no figure rests on the learned evaluator alone.
+        result.update(compositional_accuracy(lambda p: resize_uint8(generate_fn(p), 32), prompts, evaluator,
+                                             batch_size=batch_size, cross_check=PixelChecker()))
     test = load_dataset(data, "test", seed=pipe.config["data"].get("seed", 0))
     texts = [t or "" for t in test.texts()][:fid_samples]
     real = test.fast_images(size)[:len(texts)]

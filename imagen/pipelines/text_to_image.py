@@ -116,6 +116,18 @@ class TextToImagePipeline:
         self.check_config(config)
         return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None, progress)])
 
+    def sampling_plan(self, config: SamplingConfig) -> list[dict[str, Any]]:
+        """How each stage samples under `config`: [{"stage", "sampler", "steps", "unet_calls"}] per image. A
+        progressively distilled stage takes its own sampler and steps; every step is one U-Net evaluation of the
+        conditional and one of the unconditional input (batched together), except in a guidance-distilled stage."""
+        plan = []
+        for stage in self.stages:
+            c = stage.config
+            own = c.sampling(config)
+            plan.append({"stage": c.name, "sampler": own.sampler, "steps": own.steps,
+                         "unet_calls": own.steps * (1 if c.guidance_distilled else 2)})
+        return plan
+
     def check_config(self, config: SamplingConfig, stop_at: str | None = None) -> None:
         """GenerationError when a stage that will run (all, or those up to `stop_at`) cannot sample with `config`:
         more steps than its timesteps or than the ones its sampler walks there, or a guidance-distilled stage asked
