@@ -367,6 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_stages(results: dict, resume_command: str, done: str = "") -> int | None:
+    """Print each trained stage's outcome; at the first interrupted one, how to continue, and its exit code (None when
+    every stage finished). Only rank 0 of several processes prints."""
+    for name, result in results.items():
+        if result.status == "interrupted":
+            if os.environ.get("RANK", "0") == "0":
+                print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
+                      f"Continue with: {resume_command}", file=sys.stderr)
+            return _exit_code(result.stopped_by)
+        print(f"stage {name}: {done}{result.status} at step {result.step}")
+    return None
+
+
 def _exit_code(signal_name: str | None) -> int:
     """The shell's convention for a process stopped by a signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
     return 128 + (signal.SIGTERM if signal_name == "SIGTERM" else signal.SIGINT)
@@ -456,16 +469,10 @@ def run_command(args) -> int:
         results = api.train_t2i(args.data, args.out, stage=args.stage, sizes=_sizes(args.sizes), text_encoder=args.text_encoder,
                             resume=args.resume, n=args.n, sr_max_steps=args.sr_max_steps, sample_every=args.sample_every,
                             on_bad_sample=args.on_bad_sample, captions=args.captions, sets=args.sets, **_train_kwargs(args))
-        for name, result in results.items():
-            if result.status == "interrupted":
-                if os.environ.get("RANK", "0") != "0":
-                    return _exit_code(result.stopped_by)
-                print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
-                      f"Continue with: imagen train-t2i --out {args.out} --resume", file=sys.stderr)
-                return _exit_code(result.stopped_by)
-            print(f"stage {name}: {result.status} at step {result.step}")
-        print(f"run saved to {args.out}; sample with: imagen generate --run {args.out} \"PROMPT\" --out grid.png")
-        return 0
+        code = _report_stages(results, f"imagen train-t2i --out {args.out} --resume")
+        if code is None:
+            print(f"run saved to {args.out}; sample with: imagen generate --run {args.out} \"PROMPT\" --out grid.png")
+        return code or 0
     if args.command == "distill":
         if args.from_steps is not None and args.steps is None:
             raise ConfigError("--from-steps sets where progressive distillation starts; give --steps N as well")
@@ -474,19 +481,13 @@ def run_command(args) -> int:
         results = distill(args.run, args.out, stages=_names(args.stages, "--stages"), resume=args.resume,
                           guidance_range=_floats(args.guidance_range, "--guidance-range"), sample_every=args.sample_every,
                           on_bad_sample=args.on_bad_sample, **_train_kwargs(args))
-        for name, result in results.items():
-            if result.status == "interrupted":
-                if os.environ.get("RANK", "0") != "0":
-                    return _exit_code(result.stopped_by)
-                steps = "" if args.steps is None else f" --steps {args.steps}" + (f" --from-steps {args.from_steps}" if args.from_steps else "")
-                print(f"stage {name} interrupted ({result.stopped_by or 'SIGINT'}) at step {result.step}; checkpoint saved. "
-                      f"Continue with: imagen distill {args.run} --out {args.out}{steps} --resume", file=sys.stderr)
-                return _exit_code(result.stopped_by)
-            print(f"stage {name}: distilled, {result.status} at step {result.step}")
-        calls = "one U-Net call per step" if args.steps is None else f"{args.steps} DDIM steps of one U-Net call"
-        print(f"run saved to {args.out}; it samples with {calls} at its distilled stages: "
-              f"imagen generate --run {args.out} \"PROMPT\" --out grid.png")
-        return 0
+        steps = "" if args.steps is None else f" --steps {args.steps}" + (f" --from-steps {args.from_steps}" if args.from_steps else "")
+        code = _report_stages(results, f"imagen distill {args.run} --out {args.out}{steps} --resume", done="distilled, ")
+        if code is None:
+            calls = "one U-Net call per step" if args.steps is None else f"{args.steps} DDIM steps of one U-Net call"
+            print(f"run saved to {args.out}; it samples with {calls} at its distilled stages: "
+                  f"imagen generate --run {args.out} \"PROMPT\" --out grid.png")
+        return code or 0
     if args.command == "generate":
         prompts = api.read_prompts(args.prompt, args.prompts)
         config = _sampling_config(args)

@@ -218,26 +218,34 @@ def distill_t2i(
                 log.info("stage %s is already distilled; skipping it", name)
                 continue
             teacher = load_stage(run, name, text_encoder=encoder if getattr(encoder, "frozen", True) else None)
-            results[name] = _distill_stage(out / name, teacher, guidance_range, train_ds, texts, val_ds, resume, max_steps,
-                                           sample_every, train_kwargs)
+            results[name] = train_student(
+                out / name, teacher, guidance_range, (train_ds, texts, val_ds), resume, max_steps, DEFAULT_DISTILL_STEPS,
+                sample_every, train_kwargs,
+                lambda student, every, run_dir, lowres, prompts, teacher=teacher: GuidanceDistillationTask(
+                    teacher.ema_unet, tuple(guidance_range), sample_every=every, sample_prompts=prompts, run_dir=run_dir,
+                    lowres_source=lowres))
             if results[name].status == "interrupted":
                 break
     return results
 
 
-def _distill_stage(stage_dir: Path, teacher: TextToImageStage, guidance_range, train_ds, texts, val_ds, resume: bool,
-                   max_steps, sample_every, train_kwargs) -> TrainResult:
-    """Distil one stage into its own trainer run directory (written by rank 0 alone)."""
+def train_student(out_dir: Path, teacher: TextToImageStage, guidance_range, data, resume: bool, max_steps,
+                  default_steps: int, sample_every, train_kwargs, make_task, steps: int | None = None) -> TrainResult:
+    """Train a student of `teacher` (guidance-conditioned; with `steps`, progressively distilled to that many DDIM
+    steps) in its own trainer run directory `out_dir`, written by rank 0 alone. `data` is (train_ds, texts, val_ds)
+    from `teacher_data`; `make_task(student, sample_every, run_dir, lowres_source, sample_prompts)` builds the
+    distillation task. Both distillations share this: train config, seeding, the frozen-encoder split, resume."""
+    train_ds, texts, val_ds = data
     main = current_process().is_main
-    steps = max_steps if max_steps is not None or train_kwargs.get("epochs") is not None else DEFAULT_DISTILL_STEPS
+    n = max_steps if max_steps is not None or train_kwargs.get("epochs") is not None else default_steps
     given = {k: v for k, v in train_kwargs.items() if v is not None}
     if max_steps is not None:
         given["max_steps"] = max_steps
     tcfg = stage_run_train_config(
-        stage_dir, stage_train_config({"lr": DEFAULT_DISTILL_LR, "warmup_steps": 0, **train_kwargs, "max_steps": steps}),
-        given, stage_config_to_json(student_config(teacher.config, guidance_range)))
-    seed_everything(tcfg.seed)  # the guidance embedding's first layer is drawn at random
-    student = student_stage(teacher, guidance_range)
+        out_dir, stage_train_config({"lr": DEFAULT_DISTILL_LR, "warmup_steps": 0, **train_kwargs, "max_steps": n}),
+        given, stage_config_to_json(student_config(teacher.config, guidance_range, steps)))
+    seed_everything(tcfg.seed)  # a new guidance embedding's first layer is drawn at random
+    student = student_stage(teacher, guidance_range, steps)
     size = student.config.unet.image_size
     split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed)
     split.precompute(student)  # the teacher's encoder, frozen: every caption encoded once
@@ -246,10 +254,10 @@ def _distill_stage(stage_dir: Path, teacher: TextToImageStage, guidance_range, t
     def lowres_source(_prompts):
         return resize_images(normalize_images(val_images), student.config.lowres_size)
 
-    task = GuidanceDistillationTask(teacher.ema_unet, tuple(guidance_range),
-                                    sample_every=sample_every or max(1, (tcfg.max_steps or 1000) // 4), sample_prompts=val_ds.texts(),
-                                    run_dir=stage_dir if main else None, lowres_source=lowres_source)
-    log.info("distilling stage %s (guidance %g-%g, %s steps) into %s", student.config.name, *guidance_range,
-             tcfg.max_steps, stage_dir)
-    can_resume = from_main(lambda: resume and latest_checkpoint(stage_dir) is not None)
-    return Trainer(student, task, split, None, tcfg, stage_dir, collate_fn=task.collate).fit(resume=can_resume)
+    task = make_task(student, sample_every or max(1, (tcfg.max_steps or 1000) // 4), out_dir if main else None,
+                     lowres_source, val_ds.texts())
+    what = "" if steps is None else f" from {2 * steps} to {steps} DDIM steps"
+    log.info("distilling stage %s%s (guidance %g-%g, %s optimiser steps) into %s", student.config.name, what,
+             *guidance_range, tcfg.max_steps, out_dir)
+    can_resume = from_main(lambda: resume and latest_checkpoint(out_dir) is not None)
+    return Trainer(student, task, split, None, tcfg, out_dir, collate_fn=task.collate).fit(resume=can_resume)

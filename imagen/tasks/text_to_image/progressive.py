@@ -38,21 +38,18 @@ from typing import Any, Sequence
 import torch
 
 from imagen.atomic import write_json
-from imagen.config import (DEFAULT_DISTILL_GUIDANCE_RANGE, DEFAULT_DISTILL_LR, DEFAULT_DISTILL_STAGES, DEFAULT_GUIDANCE,
+from imagen.config import (DEFAULT_DISTILL_GUIDANCE_RANGE, DEFAULT_DISTILL_STAGES, DEFAULT_GUIDANCE,
                            DEFAULT_PERCENTILE, DEFAULT_PROGRESSIVE_PHASE_STEPS, DEFAULT_PROGRESSIVE_START_STEPS,
                            DEFAULT_THRESHOLD, PROGRESSIVE_SAMPLER)
-from imagen.data.image_files import resize_images
-from imagen.data.images import normalize_images
 from imagen.diffusion import classifier_free_guidance, progressive_distillation_loss
 from imagen.errors import ConfigError, RunError
 from imagen.models.text_encoders import build_text_encoder
-from imagen.models.text_to_image import StageConfig, TextToImageStage, check_guidance_range, stage_config_to_json
+from imagen.models.text_to_image import StageConfig, TextToImageStage, check_guidance_range
 from imagen.runs import CONFIG_NAME, WEIGHTS_NAME, check_new_run_dir, open_run
 from imagen.tasks.text_to_image.cascade_run import load_stage, read_t2i_config
-from imagen.tasks.text_to_image.distill import check_teacher, student_config, student_stage, teacher_data, write_new_run
-from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
-from imagen.tasks.text_to_image.training import stage_run_train_config, stage_train_config
-from imagen.train import Trainer, TrainResult, current_process, from_main, init_distributed, latest_checkpoint, resolve_device, seed_everything
+from imagen.tasks.text_to_image.distill import check_teacher, student_config, teacher_data, train_student, write_new_run
+from imagen.tasks.text_to_image.task import TextToImageTask
+from imagen.train import TrainResult, from_main, init_distributed, resolve_device
 
 log = logging.getLogger("imagen")
 
@@ -218,8 +215,13 @@ def progressive_distill_t2i(
             for count in phases:
                 phase_dir = out / name / f"phase-{count}"
                 if not from_main(lambda: (phase_dir / WEIGHTS_NAME).is_file()):
-                    result = _distill_phase(phase_dir, teacher, count, rng, train_ds, texts, val_ds, resume, max_steps,
-                                            sample_every, train_kwargs)
+                    result = train_student(
+                        phase_dir, teacher, rng, (train_ds, texts, val_ds), resume, max_steps,
+                        DEFAULT_PROGRESSIVE_PHASE_STEPS, sample_every, train_kwargs,
+                        lambda student, every, run_dir, lowres, prompts, teacher=teacher, count=count:
+                            ProgressiveDistillationTask(teacher, count, tuple(rng), sample_prompts=prompts, sample_every=every,
+                                                        run_dir=run_dir, lowres_source=lowres),
+                        steps=count)
                     results[f"{name}/phase-{count}"] = result
                     if result.status == "interrupted":
                         return results
@@ -228,33 +230,3 @@ def progressive_distill_t2i(
                 from_main(_promote, out, name, phase_dir)
                 teacher = load_stage(out, name, text_encoder=shared)
     return results
-
-
-def _distill_phase(phase_dir: Path, teacher: TextToImageStage, steps: int, guidance_range, train_ds, texts, val_ds,
-                   resume: bool, max_steps, sample_every, train_kwargs) -> TrainResult:
-    """One halving: the student of `steps` steps trained from `teacher` in its own trainer run directory (rank 0 writes)."""
-    main = current_process().is_main
-    n = max_steps if max_steps is not None or train_kwargs.get("epochs") is not None else DEFAULT_PROGRESSIVE_PHASE_STEPS
-    given = {k: v for k, v in train_kwargs.items() if v is not None}
-    if max_steps is not None:
-        given["max_steps"] = max_steps
-    tcfg = stage_run_train_config(
-        phase_dir, stage_train_config({"lr": DEFAULT_DISTILL_LR, "warmup_steps": 0, **train_kwargs, "max_steps": n}),
-        given, stage_config_to_json(student_config(teacher.config, guidance_range, steps)))
-    seed_everything(tcfg.seed)  # a new guidance embedding's first layer is drawn at random
-    student = student_stage(teacher, guidance_range, steps)
-    size = student.config.unet.image_size
-    split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed)
-    split.precompute(student)  # the teacher's encoder, frozen: every caption encoded once
-    val_images = val_ds.fast_images(size)
-
-    def lowres_source(_prompts):
-        return resize_images(normalize_images(val_images), student.config.lowres_size)
-
-    task = ProgressiveDistillationTask(teacher, steps, tuple(guidance_range), sample_prompts=val_ds.texts(),
-                                       sample_every=sample_every or max(1, (tcfg.max_steps or 1000) // 4),
-                                       run_dir=phase_dir if main else None, lowres_source=lowres_source)
-    log.info("distilling stage %s from %d to %d DDIM steps (guidance %g-%g, %s optimiser steps) into %s",
-             student.config.name, 2 * steps, steps, *guidance_range, tcfg.max_steps, phase_dir)
-    can_resume = from_main(lambda: resume and latest_checkpoint(phase_dir) is not None)
-    return Trainer(student, task, split, None, tcfg, phase_dir, collate_fn=task.collate).fit(resume=can_resume)
