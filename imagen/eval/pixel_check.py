@@ -1,4 +1,4 @@
-"""A non-learned reader of Shapes pictures: colour from pixel statistics, shape by template, position from the box.
+"""A non-learned reader of Shapes pictures: colour from pixel statistics, shape from moments, position from the box.
 
 `PixelChecker.predict` returns scenes in the form `ShapesEvaluator.predict` does, so `score_scene` and
 `compositional_accuracy` score a generator with it unchanged; `evaluate-t2i` reports both, so that no
@@ -8,7 +8,7 @@ How a picture is read (uint8 RGB, any size):
 1. Colour: every pixel is unmixed against the dark background along each palette colour's direction,
    p = bg + a (c - bg) + r; the colour with the smallest residual |r| (among those with coverage a >= 0.5)
    owns the pixel. Antialiased edges are partial coverage of one colour, not a third colour.
-2. Objects: connected regions of one colour (8-connectivity), too-small regions dropped as noise.
+2. Objects: connected regions of one colour (4-connectivity), too-small regions dropped as noise.
    A region far from the shape it reads as (step 3, drawn the world's way) is touching objects of one colour:
    it is split by 2-means on pixel positions until every part is one shape.
 3. Shape from the region's moments (`shape_moments`), which survive resizing and blur: a triangle's mass sits low
