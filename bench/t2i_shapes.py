@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from imagen.config import DEFAULT_GUIDANCE
+from imagen.eval.t2i import CATEGORIES, FAILURE_KINDS
 from imagen.pipelines import SamplingConfig, evaluate_t2i
 from imagen.tasks.text_to_image import train_t2i
 
@@ -99,6 +100,13 @@ def print_readers(r: dict) -> None:
     for name, key in READER_ROWS:
         print(f"| {name} | {r[key]:.3f} | {r['pixel_' + key]:.3f} |")
     print(f"| readers agree (correct or not) | {r['pixel_agreement']:.3f} | |", flush=True)
+    kinds = [k for k in FAILURE_KINDS if k != "correct"]
+    print("\nHow the pictures fail (prompts per failure kind; learned evaluator / pixel check):\n")
+    print("| category | " + " | ".join(kinds) + " |")
+    print("| --- | " + " | ".join("---" for _ in kinds) + " |")
+    for cat in CATEGORIES:
+        cells = [f"{r['failures'][cat].get(k, 0)} / {r['pixel_failures'][cat].get(k, 0)}" for k in kinds]
+        print(f"| {cat} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

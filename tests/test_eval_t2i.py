@@ -12,8 +12,9 @@ from imagen.config import EncoderConfig, PretrainConfig
 from imagen.data import Tokenizer
 from imagen.eval import evaluator as ev_mod
 from imagen.eval.evaluator import EvalError, ShapesEvaluator, evaluator_accuracy, get_evaluator, sample_batch, train_evaluator
-from imagen.eval.t2i import (alignment_score, compositional_accuracy, compositional_prompts, fid, frechet_distance,
-                             inception_fid, reference_generator, relation_holds, render_expected, score_scene)
+from imagen.eval.t2i import (FAILURE_KINDS, alignment_score, compositional_accuracy, compositional_prompts, failure_kind, fid,
+                             frechet_distance, inception_fid, reference_generator, relation_holds, render_expected,
+                             score_scene)
 from imagen.models.pretraining import PretrainingModel
 
 
@@ -83,6 +84,29 @@ def test_score_relation_and_count():
     assert score_scene(two, {"objects": [obj("green", "triangle", (0, 0)), obj("green", "triangle", (2, 2))], "count": 2})["correct"]
     one = score_scene(two, {"objects": [obj("green", "triangle", (0, 0))], "count": 1})
     assert not one["count"] and not one["correct"]
+
+
+def test_failure_kind_names_what_went_wrong():
+    exp = {"objects": [fact("purple", "circle"), fact("green", "square")], "count": 2, "relation": None}
+
+    def kind(*objects, count=None):
+        scene = {"objects": list(objects), "count": len(objects) if count is None else count}
+        return failure_kind(exp, scene, score_scene(exp, scene))
+
+    assert kind(obj("green", "square", (0, 0)), obj("purple", "circle", (2, 2))) == "correct"
+    assert kind(obj("purple", "square", (0, 0)), obj("green", "circle", (2, 2))) == "binding swapped"
+    assert kind(obj("purple", "circle", (0, 0)), obj("green", "circle", (2, 2))) == "shape wrong"  # a shape doubled
+    assert kind(obj("purple", "circle", (0, 0)), obj("red", "square", (2, 2))) == "colour wrong"
+    assert kind(obj("purple", "circle", (0, 0)), obj("red", "triangle", (2, 2))) == "colour and shape wrong"
+    assert kind(obj("purple", "circle", (0, 0))) == "missing object"
+    assert kind(obj("purple", "circle", (0, 0)), obj("green", "square", (2, 2)), obj("red", "square", (1, 1))) == "extra object"
+    rel = dict(exp, relation={"subject": 0, "object": 1, "relation": "left of"})
+    wrong_side = {"objects": [obj("purple", "circle", (1, 2)), obj("green", "square", (1, 0))], "count": 2}
+    assert failure_kind(rel, wrong_side, score_scene(rel, wrong_side)) == "relation wrong"
+    placed = {"objects": [fact("red", "circle", (0, 0))], "count": 1, "relation": None}
+    elsewhere = {"objects": [obj("red", "circle", (2, 2))], "count": 1}
+    assert failure_kind(placed, elsewhere, score_scene(placed, elsewhere)) == "position wrong"
+    assert set(FAILURE_KINDS) >= {"correct", "binding swapped", "relation wrong"}
 
 
 # --- prompts -----------------------------------------------------------------------------------------------
@@ -165,8 +189,15 @@ def test_compositional_accuracy_aggregates():
     for key in ("compositional_accuracy", "single_accuracy", "relation_accuracy", "count_accuracy", "and_accuracy",
                 "color_accuracy", "shape_accuracy", "position_accuracy"):
         assert perfect[key] == 1.0, key
-    blank = compositional_accuracy(lambda t: torch.full((len(t), 3, 32, 32), 16, dtype=torch.uint8), prompts, oracle)
+    records = []
+    blank = compositional_accuracy(lambda t: torch.full((len(t), 3, 32, 32), 16, dtype=torch.uint8), prompts, oracle,
+                                   records=records)
     assert blank["compositional_accuracy"] == 0.0 and blank["color_accuracy"] == 0.0
+    # Nothing drawn: every prompt's failure is a missing object, and each prompt has its record.
+    assert blank["failures"] == {cat: {"missing object": 4} for cat in ("single", "relation", "count", "and")}
+    assert perfect["failures"]["and"] == {"correct": 4}
+    assert [r["prompt"] for r in records] == [p["prompt"] for p in prompts]
+    assert all(r["evaluator"] == {"correct": False, "failure": "missing object", "read": []} for r in records)
     with pytest.raises(EvalError):
         compositional_accuracy(lambda t: torch.zeros(len(t), 3, 32, 32), prompts, oracle)
 

@@ -103,6 +103,10 @@ def test_evaluate_t2i_scores_a_16px_run_at_the_evaluators_32px(t2i_run, monkeypa
     assert [(s["stage"], s["steps"], s["unet_calls"]) for s in r["stages"]] == [("base", 2, 4), ("sr1", 2, 4)]
     saved = json.loads((t2i_run / "eval" / "t2i-shapes.json").read_text())
     assert saved["compositional_accuracy"] == r["compositional_accuracy"]
+    rows = [json.loads(line) for line in (t2i_run / "eval" / "t2i-shapes-prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {row["category"] for row in rows} == {"single", "relation", "count", "and"}
+    assert sum(row["pixel"]["correct"] for row in rows) == round(r["pixel_compositional_accuracy"] * 8)
+    assert sum(sum(kinds.values()) for kinds in r["failures"].values()) == 8
 
 
 def test_ema_update_follows_the_formula():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -181,8 +182,36 @@ def score_scene(expected: dict, predicted: dict, tolerance: float = RELATION_TOL
     return checks
 
 
+FAILURE_KINDS = ("correct", "missing object", "extra object", "binding swapped", "shape wrong", "colour wrong",
+                 "colour and shape wrong", "position wrong", "relation wrong")
+
+
+def failure_kind(expected: dict, predicted: dict, checks: dict[str, bool]) -> str:
+    """What went wrong with one picture, the first that applies of FAILURE_KINDS: an object missing or extra
+    (the count or objects read vs those named), "binding swapped" (the colours and the shapes named are all there,
+    paired wrongly: "a purple circle and a green square" drawn as a purple square and a green circle), a shape
+    or colour wrong (a shape drawn twice counts here), then a stated position or relation. `checks` is
+    score_scene's result for the same scene."""
+    if checks["correct"]:
+        return "correct"
+    read = list(predicted.get("objects", []))
+    named = expected["objects"]
+    if not checks["count"] or len(read) != len(named):  # a reader's count and the objects it placed may differ
+        n_read = min(int(predicted.get("count", len(read))), len(read))
+        return "missing object" if n_read < int(expected["count"]) else "extra object"
+    same_colours = sorted(o["color"] for o in read) == sorted(o["color"] for o in named)
+    same_shapes = sorted(o["shape"] for o in read) == sorted(o["shape"] for o in named)
+    if not (checks["color"] and checks["shape"]):
+        if same_colours and same_shapes:
+            return "binding swapped"
+        if same_colours:
+            return "shape wrong"
+        return "colour wrong" if same_shapes else "colour and shape wrong"
+    return "position wrong" if not checks.get("position", True) else "relation wrong"
+
+
 def compositional_accuracy(generate_fn: Callable[[list[str]], torch.Tensor], prompts: Sequence[dict], evaluator,
-                           batch_size: int = 16, cross_check=None) -> dict[str, float]:
+                           batch_size: int = 16, cross_check=None, records: list | None = None) -> dict[str, float]:
     """Generate every prompt, read the images back with the evaluator and aggregate score_scene.
 
     Keys: compositional_accuracy (share fully correct), {single,relation,count,and}_accuracy (per category; NaN when
@@ -191,20 +220,34 @@ def compositional_accuracy(generate_fn: Callable[[list[str]], torch.Tensor], pro
 
     `cross_check` is a second reader of the same images (e.g. the non-learned `PixelChecker`): its figures come
     under its name as a prefix ("pixel_relation_accuracy", ...), with "<name>_agreement", the share of prompts on
-    whose correctness both readers agree."""
+    whose correctness both readers agree, and "<name>_failures" / "failures": {category: {failure kind: prompts}}.
+
+    `records`, when given, gets one dict per prompt: its prompt, category and, per reader ("evaluator", and the
+    cross check's name), whether it was correct, its failure kind and the objects read (colour, shape, cell)."""
     readers = [("", evaluator)] + ([(f"{cross_check.name}_", cross_check)] if cross_check is not None else [])
     scores: dict[str, list[tuple[str, dict]]] = {prefix: [] for prefix, _ in readers}
+    kinds = {prefix: {cat: dict.fromkeys(FAILURE_KINDS, 0) for cat in CATEGORIES} for prefix, _ in readers}
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         images = generate_fn([p["prompt"] for p in chunk])
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(chunk):
             raise EvalError(f"generate_fn must return uint8 images (N, 3, S, S) with N = {len(chunk)} prompts")
+        rows = [{"prompt": p["prompt"], "category": p["category"]} for p in chunk]
         for prefix, reader in readers:
-            for p, scene in zip(chunk, reader.predict(images)):
-                scores[prefix].append((p["category"], score_scene(p["expected"], scene)))
-    out: dict[str, float] = {}
+            for p, scene, row in zip(chunk, reader.predict(images), rows):
+                checks = score_scene(p["expected"], scene)
+                kind = failure_kind(p["expected"], scene, checks)
+                scores[prefix].append((p["category"], checks))
+                kinds[prefix][p["category"]][kind] += 1
+                row[prefix.rstrip("_") or "evaluator"] = {
+                    "correct": checks["correct"], "failure": kind,
+                    "read": [[o["color"], o["shape"], list(o["cell"])] for o in scene.get("objects", [])]}
+        if records is not None:
+            records.extend(rows)
+    out: dict[str, Any] = {}
     for prefix, rows in scores.items():
         out.update({prefix + k: v for k, v in _aggregate(rows).items()})
+        out[prefix + "failures"] = {cat: {k: n for k, n in kinds[prefix][cat].items() if n} for cat in CATEGORIES}
     if cross_check is not None:
         pairs = zip(scores[""], scores[f"{cross_check.name}_"])
         out[f"{cross_check.name}_agreement"] = float(np.mean([a["correct"] == b["correct"] for (_, a), (_, b) in pairs]))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from imagen.atomic import write_json
+from imagen.atomic import write_json, write_json_lines
 from imagen.data import load_dataset
 from imagen.data.image_files import resize_uint8, save_grid, to_uint8
 from imagen.diffusion import SamplingConfig
@@ -24,7 +24,8 @@ def evaluate_t2i(run, data: str = "shapes", config: SamplingConfig | None = None
     """Compositional accuracy on held-out Shapes prompts, FID against real test images, optional alignment.
 
     `config` is how images are sampled (one per prompt: its `n` is not used); `aligner` is a loaded pretraining
-    run (`imagen.load(path)`) whose contrastive heads score text-image alignment. Results go to RUN/eval/ too.
+    run (`imagen.load(path)`) whose contrastive heads score text-image alignment. Results go to RUN/eval/ too (on
+    Shapes also t2i-shapes-prompts.jsonl: one line per prompt, what each reader read and how it failed).
     """
     config = config if config is not None else SamplingConfig()
     dev = resolve_device(device)
@@ -44,8 +45,11 @@ def evaluate_t2i(run, data: str = "shapes", config: SamplingConfig | None = None
     if str(data) == "shapes":
         prompts = compositional_prompts(n_per_category, seed=20_000 + config.seed, size=32)
         # The non-learned pixel reader scores the same pictures, so no figure rests on the learned evaluator alone.
+        records: list[dict] = []
         result.update(compositional_accuracy(lambda p: resize_uint8(generate_fn(p), 32), prompts, evaluator,
-                                             batch_size=batch_size, cross_check=PixelChecker()))
+                                             batch_size=batch_size, cross_check=PixelChecker(), records=records))
+        # Every prompt with what each reader read and its failure kind: which prompts fail, and how.
+        write_json_lines(Path(run) / "eval" / "t2i-shapes-prompts.jsonl", records)
     test = load_dataset(data, "test", seed=pipe.config["data"].get("seed", 0))
     texts = [t or "" for t in test.texts()][:fid_samples]
     real = test.fast_images(size)[:len(texts)]
