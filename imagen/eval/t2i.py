@@ -1,6 +1,6 @@
 """Text-to-image evaluation on the Shapes world: compositional accuracy, FID and a CLIPScore-style alignment.
 
-- `compositional_prompts` draws held-out Shapes scenes and words them with the dataset's own templates, in three
+- `compositional_prompts` draws held-out Shapes scenes and words them with the dataset's own templates, in four
   categories: "single" ("a red circle", optionally "... in the top left"), "relation" ("a red circle to the
   left of a blue square"), "count" ("two green triangles") and "and" ("a purple circle and a green circle").
   Each prompt carries its expected facts. The first three categories' prompts do not change when a category is
