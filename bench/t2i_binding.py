@@ -19,6 +19,7 @@ import subprocess
 import torch
 
 from imagen.data.image_files import resize_uint8, to_uint8
+from imagen.data.shapes_text import objects_phrase
 from imagen.eval.pixel_check import PixelChecker
 from imagen.eval.t2i import compositional_prompts, score_scene
 from imagen.pipelines import SamplingConfig, TextToImagePipeline
@@ -28,7 +29,7 @@ def swapped(prompt: dict) -> tuple[str, dict]:
     """The caption with the two objects' shapes exchanged, and its expected scene."""
     a, b = prompt["expected"]["objects"]
     a2, b2 = dict(a, shape=b["shape"]), dict(b, shape=a["shape"])
-    return f"a {a2['color']} {a2['shape']} and a {b2['color']} {b2['shape']}", dict(prompt["expected"], objects=[a2, b2])
+    return objects_phrase([a2, b2], "en"), dict(prompt["expected"], objects=[a2, b2])
 
 
 def main():

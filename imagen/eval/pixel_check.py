@@ -141,6 +141,9 @@ def read_objects(image: np.ndarray) -> list[dict]:
     label, _ = coverage_maps(image)
     objects = []
     for ci, name in enumerate(_NAMES):
+        if not (label == ci).any():
+            continue
+        along = np.clip(_alpha_along(image, ci), 0.0, 1.0)  # once per colour, shared by its regions
         regions, n = ndimage.label(label == ci)  # 4-connectivity: shapes that touch at a corner stay apart
         for k in range(1, n + 1):
             mask = regions == k
@@ -149,7 +152,7 @@ def read_objects(image: np.ndarray) -> list[dict]:
             # The region's coverage, with the faint edge pixels around it that carry some of its colour (and no
             # pixel that another colour owns).
             near = ndimage.binary_dilation(mask, structure=np.ones((3, 3))) & ((label == ci) | (label < 0))
-            cover = np.where(near, np.clip(_alpha_along(image, ci), 0.0, 1.0), 0.0)
+            cover = np.where(near, along, 0.0)
             for part in _regions(cover):
                 if part.sum() < MIN_AREA_FRACTION * size * size:
                     continue
