@@ -88,12 +88,22 @@ def render(objects: list[dict], size: int) -> Image.Image:
     canvas = Image.new("RGB", (size * s, size * s), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for obj in objects:
-        x0, y0, x1, y1 = (v * s for v in obj["box"])
-        fill = COLORS[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
-        elif obj["shape"] == "square":
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
-        else:  # triangle pointing up, filling the box's width and height
-            draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
+        _draw_object(draw, obj, COLORS[obj["color"]])
     return canvas.resize((size, size), Image.BOX)
+
+
+def object_mask(obj: dict, size: int) -> np.ndarray:
+    """The share of each pixel the object covers, (size, size) float32 in [0, 1], drawn as `render` draws it."""
+    canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    _draw_object(ImageDraw.Draw(canvas), obj, 255)
+    return np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: dict, fill) -> None:
+    x0, y0, x1, y1 = (v * SUPERSAMPLE for v in obj["box"])
+    if obj["shape"] == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    elif obj["shape"] == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    else:  # triangle pointing up, filling the box's width and height
+        draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)

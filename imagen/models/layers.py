@@ -29,12 +29,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                     dropout_p: float = 0.0) -> torch.Tensor:
-    """`attention` written out: softmax(q k^T / sqrt(d) + mask) v as two matrix products."""
+                     dropout_p: float = 0.0, probs_out: list | None = None) -> torch.Tensor:
+    """`attention` written out: softmax(q k^T / sqrt(d) + mask) v as two matrix products. With `probs_out`, the
+    attention probabilities averaged over heads, (B, T, S), are appended to it (before dropout)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.softmax(dim=-1)
+    if probs_out is not None:
+        probs_out.append(probs.float().mean(1))
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return probs @ v
@@ -60,6 +63,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
         self.proj_drop = nn.Dropout(dropout)
+        # A list while its attention probabilities are wanted (e.g. `EfficientUNet.recording_cross_attention`):
+        # each forward then runs the written-out kernel and appends its head-averaged probabilities, (B, T, S).
+        self.recorded: list | None = None
 
     def forward(self, x, context=None, key_mask=None, causal: bool = False):
         B, T, D = x.shape
@@ -73,7 +79,11 @@ class Attention(nn.Module):
         if causal:
             causal_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
             mask = causal_mask if mask is None else mask & causal_mask
-        out = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if self.recorded is not None:
+            out = matmul_attention(q, k, v, mask, dropout_p=p, probs_out=self.recorded)
+        else:
+            out = attention(q, k, v, mask, dropout_p=p)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, dim)
         return self.proj_drop(self.proj(out))
 

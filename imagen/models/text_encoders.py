@@ -91,6 +91,12 @@ class TextEncoder(nn.Module):
         """A JSON-serialisable description that `build_text_encoder` turns back into this encoder."""
         raise NotImplementedError
 
+    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Per text, the (start, end) characters of each token position as `encode` lays the tokens out ((0, 0)
+        for special tokens): which states belong to which words, e.g. to ground a caption's words in a picture."""
+        raise TextEncoderError(f"the {self.name} text encoder cannot map tokens to characters; a Hugging Face "
+                               "encoder (the default, minilm) can")
+
     @property
     def device(self) -> torch.device:
         p = next(self.parameters(), None)
@@ -293,6 +299,14 @@ class HFTextEncoder(TextEncoder):
         m = mask[..., None].float()
         pooled = (states * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D) masked mean
         return _finish(states, mask, pooled)
+
+    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise TextEncoderError(f"the tokenizer of {self.name} has no character offsets (a slow tokenizer); "
+                                   "save a fast one (tokenizer.json) with the model")
+        batch = self.tokenizer(_check_texts(texts), truncation=True, max_length=self.max_length,
+                               return_offsets_mapping=True)
+        return [[(int(a), int(b)) for a, b in offsets] for offsets in batch["offset_mapping"]]
 
     def spec(self) -> dict[str, Any]:
         path = self.path_or_name if self.path_or_name == MINILM else str(Path(self.path_or_name).resolve())

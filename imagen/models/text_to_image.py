@@ -50,6 +50,9 @@ class StageConfig:
     # steps, the timestep grid it was distilled on (see `sampling`).
     distilled_steps: int | None = None
     distilled_sampler: str | None = None
+    # The grounding loss's weight beside the denoising loss (tasks/text_to_image/grounding.py): cross-attention
+    # taught where each named object is, from object masks; 0 trains without it.
+    grounding_weight: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -57,6 +60,7 @@ class StageConfig:
         if self.guidance_range is not None:
             self.guidance_range = tuple(float(v) for v in self.guidance_range)
         check_range(f"{self.name}.timesteps", self.timesteps, 2, 100_000)
+        check_range(f"{self.name}.grounding_weight", self.grounding_weight, 0, 1000, integer=False)
         for name in ("cond_drop_prob", "ema_decay", "aug_level_max"):
             check_range(f"{self.name}.{name}", getattr(self, name), 0, 1, integer=False)
         if self.objective not in OBJECTIVES:

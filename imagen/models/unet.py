@@ -20,6 +20,7 @@ guided teacher's two branches would.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -324,6 +325,21 @@ class EfficientUNet(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @contextlib.contextmanager
+    def recording_cross_attention(self):
+        """Within the block, every cross-attention records its head-averaged probabilities: yields a list that
+        each forward extends with one (B, H*W, 1 + S) tensor per cross-attention (key 0 is the null text token),
+        in call order; the resolution of each is its H*W."""
+        blocks = [m.cross_attn for m in self.modules() if isinstance(m, AttentionBlock)]
+        maps: list[torch.Tensor] = []
+        for attn in blocks:
+            attn.recorded = maps
+        try:
+            yield maps
+        finally:
+            for attn in blocks:
+                attn.recorded = None
 
     def conditioning(self, t, text_states, text_mask, text_embed, lowres_noise_level, guidance=None) -> torch.Tensor:
         """One (B, time_dim) vector: time embedding + pooled text + [low-res noise level] + [guidance scale], summed."""

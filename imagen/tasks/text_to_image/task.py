@@ -19,6 +19,7 @@ from PIL import Image
 from imagen.data.image_files import resize_images, save_grid
 from imagen.data.images import normalize_images
 from imagen.diffusion import SamplingConfig, sample, training_loss
+from imagen.tasks.text_to_image.grounding import grounding_loss, grounding_targets
 
 
 class T2ISplit(torch.utils.data.Dataset):
@@ -43,6 +44,7 @@ class T2ISplit(torch.utils.data.Dataset):
         self.caption_ids = torch.tensor(flat, dtype=torch.long)
         self.multi_caption = bool((self.counts > 1).any())
         self.encoded: dict[str, torch.Tensor] | None = None
+        self.grounding: dict[str, torch.Tensor] | None = None  # see `ground`
         self.seed = seed
         self.epoch = 0
 
@@ -78,6 +80,17 @@ class T2ISplit(torch.utils.data.Dataset):
             "text_embed": torch.cat([c["text_embed"].float().cpu() for c in chunks])[inverse],
         }
 
+    def ground(self, phrases, encoder) -> None:
+        """Grounding targets for every (image, caption) pair (after `precompute`): `phrases` per image as
+        `grounding.image_phrases` gives them, located in each caption through `encoder`'s token offsets. Batches
+        then carry ground_tokens, ground_masks and ground_valid."""
+        if self.encoded is None:
+            raise ValueError("ground() needs the captions encoded first (precompute)")
+        caption_images = torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
+        tokens, valid, masks = grounding_targets(phrases, self.texts, caption_images, self.caption_ids,
+                                                 encoder.token_offsets(self.texts), self.encoded["text_mask"].shape[1])
+        self.grounding = {"tokens": tokens, "valid": valid, "masks": masks}
+
     def __len__(self):
         return len(self.images)
 
@@ -85,21 +98,27 @@ class T2ISplit(torch.utils.data.Dataset):
         return self.__getitems__([i])
 
     def draw_captions(self, idx: torch.Tensor) -> torch.Tensor:
-        """Caption ids (into `texts`) for images `idx`: a uniform draw among each image's captions."""
+        """The (image, caption) entries for images `idx`: a uniform draw among each image's captions (the caption
+        ids into `texts` are `caption_ids[entries]`)."""
         pick = self.offsets[idx]
         if self.multi_caption:
             pick = pick + (torch.rand(len(idx)) * self.counts[idx]).long().clamp_max(self.counts[idx] - 1)
-        return self.caption_ids[pick]
+        return pick
 
     def __getitems__(self, indices):
         idx = torch.as_tensor(indices, dtype=torch.long)
         batch = {"images": self.images[idx], "sample_seeds": self.sample_seeds(idx)}
-        cap = self.draw_captions(idx)
+        entries = self.draw_captions(idx)
+        cap = self.caption_ids[entries]
         if self.encoded is not None:
             mask = self.encoded["text_mask"][cap]
             length = max(1, int(mask.sum(1).max()))  # trim padding shared by the whole batch
             batch.update(text_states=self.encoded["text_states"][cap, :length], text_mask=mask[:, :length],
                          text_embed=self.encoded["text_embed"][cap])
+            if self.grounding is not None:
+                g = self.grounding
+                batch.update(ground_tokens=g["tokens"][entries, :, :length], ground_valid=g["valid"][entries],
+                             ground_masks=g["masks"][idx])
         else:
             batch["texts"] = [self.texts[c] for c in cap.tolist()]
         return batch
@@ -169,23 +188,38 @@ class TextToImageTask:
             extra = {"lowres_image": model.lowres_input(lowres, level, noise=lowres_noise), "lowres_noise_level": level}
         return {"x0": x0, "t": t, "drop": drop, "noise": noise, "extra": extra, "draws": draws, "cond": cond}
 
-    def _loss(self, model, batch):
+    def _loss(self, model, batch, grounding: bool = False):
+        """The denoising loss, and with `grounding` (a batch with grounding targets) the grounding loss of the
+        same forward pass (None otherwise)."""
         c = model.config
         d = self._draw(model, batch)
         cond = model.drop_condition(d["cond"], d["drop"])
+        maps = None
 
         def denoiser(x_t, t, **kw):
-            return model.unet(x_t, t, **kw, **d["extra"]).float()
+            nonlocal maps
+            if not grounding:
+                return model.unet(x_t, t, **kw, **d["extra"]).float()
+            with model.unet.recording_cross_attention() as maps:
+                return model.unet(x_t, t, **kw, **d["extra"]).float()
 
-        return training_loss(denoiser, d["x0"], d["t"], cond, schedule=model.schedule, objective=c.objective,
+        loss = training_loss(denoiser, d["x0"], d["t"], cond, schedule=model.schedule, objective=c.objective,
                              min_snr_gamma=c.min_snr_gamma, snr_floor=c.snr_floor, noise=d["noise"])
+        if not grounding:
+            return loss, None
+        valid = batch["ground_valid"] & ~d["drop"][:, None]  # a dropped caption has no words to ground
+        return loss, grounding_loss(maps, batch["ground_tokens"], batch["ground_masks"], valid)
 
     def training_step(self, model, batch):
-        return {"loss": self._loss(model, batch)}
+        weight = getattr(model.config, "grounding_weight", 0.0)
+        loss, ground = self._loss(model, batch, grounding=weight > 0 and "ground_tokens" in batch)
+        if ground is None:
+            return {"loss": loss}
+        return {"loss": loss + weight * ground, "denoise": loss.detach(), "grounding": ground.detach()}
 
     @torch.no_grad()
     def validation_step(self, model, batch):
-        return {"loss": self._loss(model, batch).detach().float()}
+        return {"loss": self._loss(model, batch)[0].detach().float()}
 
     def compute_metrics(self, outputs):
         return {"loss": float(torch.stack([o["loss"] for o in outputs]).mean())}

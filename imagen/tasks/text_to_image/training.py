@@ -23,6 +23,7 @@ from imagen.models.text_to_image import StageConfig, TextToImageStage, stage_con
 from imagen.models.unet import unet_preset
 from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_resume_changes, check_run_dir, open_run
 from imagen.tasks.text_to_image.cascade_run import STAGE_TASK, TASK, read_t2i_config
+from imagen.tasks.text_to_image.grounding import check_grounding, image_phrases
 from imagen.tasks.text_to_image.task import T2ISplit, TextToImageTask
 from imagen.data.registry import recorded_spec
 from imagen.train import (Trainer, TrainResult, current_process, from_main, init_distributed, latest_checkpoint,
@@ -83,6 +84,9 @@ def _new_run(out: Path, data: str, sizes: Sequence[int], text_encoder: str, n: i
         cfg.unet = dataclasses.replace(cfg.unet, text_dim=encoder.dim, cond_dim=encoder.dim)
         cfg.text_encoder = encoder.spec()
     apply_overrides({cfg.name: cfg for cfg in stage_cfgs}, list(sets))
+    for cfg in stage_cfgs:
+        if cfg.grounding_weight > 0:
+            check_grounding(train_ds, encoder, cfg.name)
     if tokenizer is not None and write:
         tokenizer.save(out / TOKENIZER_NAME)
     config = {"task": TASK, "stages": [c.name for c in stage_cfgs], "text_encoder": encoder.spec(),
@@ -220,6 +224,8 @@ def _train_stage(stage_dir: Path, stage_cfg: StageConfig, tokenizer, encoder, tr
     split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed)
     if model.text_encoder is None:
         split.precompute(model)
+    if stage_cfg.grounding_weight > 0:  # checked by check_grounding when the run was made
+        split.ground(image_phrases(train_ds, size), encoder)
     val_images = val_ds.fast_images(size)
 
     def lowres_source(_prompts):
