@@ -10,6 +10,7 @@ Prints the CPU (model, family, the flags that decide bf16 speed), its measured m
     fp32-channels-last, fp32-fused-adamw   layout / optimiser variants
     bf16              bf16 autocast, attention as matrix products (what the toolkit runs in bf16 on CPU)
     bf16-fused-attn   bf16 autocast, the fused attention kernel
+    bf16-channels-last, bf16-fused-adamw   layout / optimiser variants in bf16
 
 Variants run round-robin, one step each per round, and the median step time is reported, so noise from the
 machine hits every variant alike; compare rows within one run. Each row also gives the achieved FLOP/s of the step
@@ -37,7 +38,8 @@ from imagen.tasks.text_to_image.training import default_stages
 from imagen.train.device import _cpu_flags, cpu_has_fast_bf16, resolve_precision
 
 FUSED_ATTENTION = layers.attention
-VARIANTS = ("fp32", "fp32-matmul-attn", "fp32-channels-last", "fp32-fused-adamw", "bf16", "bf16-fused-attn")
+VARIANTS = ("fp32", "fp32-matmul-attn", "fp32-channels-last", "fp32-fused-adamw", "bf16", "bf16-fused-attn",
+            "bf16-channels-last", "bf16-fused-adamw")
 
 
 def cpu_description() -> str:
@@ -97,8 +99,9 @@ def make_step(build, variant: str):
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused="fused-adamw" in variant)
     bf16 = variant.startswith("bf16")
-    kernel = FUSED_ATTENTION if variant in ("bf16-fused-attn", "fp32", "fp32-channels-last", "fp32-fused-adamw") \
-        else layers.matmul_attention
+    # fp32 runs the fused kernel and bf16 the matrix products (as `layers.attention` does), unless the variant says.
+    fused = variant == "bf16-fused-attn" or (not bf16 and variant != "fp32-matmul-attn")
+    kernel = FUSED_ATTENTION if fused else layers.matmul_attention
 
     def step():
         layers.attention = kernel
