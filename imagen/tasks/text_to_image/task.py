@@ -188,38 +188,39 @@ class TextToImageTask:
             extra = {"lowres_image": model.lowres_input(lowres, level, noise=lowres_noise), "lowres_noise_level": level}
         return {"x0": x0, "t": t, "drop": drop, "noise": noise, "extra": extra, "draws": draws, "cond": cond}
 
-    def _loss(self, model, batch, grounding: bool = False):
-        """The denoising loss, and with `grounding` (a batch with grounding targets) the grounding loss of the
-        same forward pass (None otherwise)."""
+    def _loss(self, model, batch, maps: list | None = None):
+        """The denoising loss; with `maps` (a list), the U-Net's cross-attention probabilities of the forward pass
+        are appended to it (see `EfficientUNet.recording_cross_attention`)."""
         c = model.config
         d = self._draw(model, batch)
         cond = model.drop_condition(d["cond"], d["drop"])
-        maps = None
+        if maps is not None:
+            batch["_drop"] = d["drop"]  # which captions were dropped: they have no words to ground
 
         def denoiser(x_t, t, **kw):
-            nonlocal maps
-            if not grounding:
+            if maps is None:
                 return model.unet(x_t, t, **kw, **d["extra"]).float()
-            with model.unet.recording_cross_attention() as maps:
-                return model.unet(x_t, t, **kw, **d["extra"]).float()
+            with model.unet.recording_cross_attention() as recorded:
+                out = model.unet(x_t, t, **kw, **d["extra"]).float()
+            maps.extend(recorded)
+            return out
 
-        loss = training_loss(denoiser, d["x0"], d["t"], cond, schedule=model.schedule, objective=c.objective,
+        return training_loss(denoiser, d["x0"], d["t"], cond, schedule=model.schedule, objective=c.objective,
                              min_snr_gamma=c.min_snr_gamma, snr_floor=c.snr_floor, noise=d["noise"])
-        if not grounding:
-            return loss, None
-        valid = batch["ground_valid"] & ~d["drop"][:, None]  # a dropped caption has no words to ground
-        return loss, grounding_loss(maps, batch["ground_tokens"], batch["ground_masks"], valid)
 
     def training_step(self, model, batch):
         weight = getattr(model.config, "grounding_weight", 0.0)
-        loss, ground = self._loss(model, batch, grounding=weight > 0 and "ground_tokens" in batch)
-        if ground is None:
-            return {"loss": loss}
+        if not (weight > 0 and "ground_tokens" in batch):
+            return {"loss": self._loss(model, batch)}
+        maps: list = []
+        loss = self._loss(model, batch, maps)
+        valid = batch["ground_valid"] & ~batch.pop("_drop")[:, None]
+        ground = grounding_loss(maps, batch["ground_tokens"], batch["ground_masks"], valid)
         return {"loss": loss + weight * ground, "denoise": loss.detach(), "grounding": ground.detach()}
 
     @torch.no_grad()
     def validation_step(self, model, batch):
-        return {"loss": self._loss(model, batch)[0].detach().float()}
+        return {"loss": self._loss(model, batch).detach().float()}
 
     def compute_metrics(self, outputs):
         return {"loss": float(torch.stack([o["loss"] for o in outputs]).mean())}
