@@ -57,7 +57,7 @@ def test_targets_mark_each_phrase_tokens_per_caption_and_skip_unnamed_phrases():
     texts = ["a red circle and a blue square", "a red circle"]
     offsets = [[(0, 0), (0, 1), (2, 5), (6, 12), (13, 16), (17, 18), (19, 23), (24, 30), (0, 0)],
                [(0, 0), (0, 1), (2, 5), (6, 12), (0, 0)]]
-    tokens, valid, masks = grounding_targets(phrases, texts, torch.tensor([0, 0]), torch.tensor([0, 1]), offsets, 9)
+    tokens, valid, masks = grounding_targets(phrases, texts, torch.tensor([0, 0]), torch.tensor([0, 1]), offsets, 9, 4)
     assert tokens[0, 0].nonzero().flatten().tolist() == [2, 3] and tokens[0, 1].nonzero().flatten().tolist() == [6, 7]
     assert valid.tolist() == [[True, True, False], [True, False, False]]  # "blue square" is not in caption 2
     assert torch.equal(masks[0, 1], mask_b) and masks.shape == (1, 3, 4, 4)
@@ -65,8 +65,9 @@ def test_targets_mark_each_phrase_tokens_per_caption_and_skip_unnamed_phrases():
 
 def test_data_without_object_annotations_is_refused(tmp_path):
     from imagen.data import ImageTextDataset
+    from imagen.errors import DataError
     ds = ImageTextDataset.from_array(np.zeros((2, 8, 8, 3), np.uint8), ["a", "b"], [None, None], name="mine", split="train")
-    with pytest.raises(Exception, match="grounding needs each training image's objects"):
+    with pytest.raises(DataError, match=r"grounding \(sample 0\) needs each training image's objects"):
         image_phrases(ds, 8)
 
 

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .shapes_scene import object_mask
+from .shapes_scene import MAX_OBJECTS, object_mask
 
-MAX_PHRASES = 3  # a Shapes scene holds at most three objects
+MAX_PHRASES = MAX_OBJECTS  # at most one phrase per object
 
 
 def scene_phrases(objects: Sequence[dict], size: int) -> list[tuple[str, np.ndarray]]:

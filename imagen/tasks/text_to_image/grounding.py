@@ -30,10 +30,12 @@ def grounding_loss(maps: list[torch.Tensor], tokens: torch.Tensor, masks: torch.
     tokens: (B, P, L) bool, the phrase's token positions; masks: (B, P, h, w) coverage in [0, 1]; valid: (B, P)."""
     weight = valid.float()
     count = weight.sum().clamp_min(1.0)
-    terms = []
+    terms, pooled = [], {}
     for probs in maps:
         side = int(round(probs.shape[1] ** 0.5))
-        m = F.adaptive_avg_pool2d(masks.float(), side).flatten(2)  # (B, P, Q)
+        if side not in pooled:  # several maps share a resolution
+            pooled[side] = F.adaptive_avg_pool2d(masks.float(), side).flatten(2)  # (B, P, Q)
+        m = pooled[side]
         attn = torch.einsum("bqs,bps->bpq", probs[:, :, 1:tokens.shape[-1] + 1].float(), tokens.float())  # (B, P, Q)
         inside = (attn * m).sum(-1) / attn.sum(-1).clamp_min(1e-6)
         token = (1.0 - inside) ** 2
@@ -45,18 +47,19 @@ def grounding_loss(maps: list[torch.Tensor], tokens: torch.Tensor, masks: torch.
 def check_grounding(dataset, encoder, stage: str) -> None:
     """Refuse, before anything is written, a grounded stage whose data has no object annotations or whose text
     encoder cannot say which token is which word."""
-    sample = dataset[0] if len(dataset) else {}
-    if not _has_objects(sample):
-        raise DataError(f"{stage}.grounding_weight needs each training image's objects (colour, shape and box, as the "
-                        f"Shapes world gives them); {dataset.name!r} has none: train without it")
+    _require_objects(dataset[0] if len(dataset) else {}, f"{stage}.grounding_weight", dataset.name)
     if not getattr(encoder, "frozen", False):
         raise ConfigError(f"{stage}.grounding_weight needs a frozen text encoder (the default, minilm)")
     encoder.token_offsets(["a"])  # a TextEncoderError for an encoder without character offsets
 
 
-def _has_objects(sample: dict) -> bool:
+def _require_objects(sample: dict, what: str, data: str) -> list[dict]:
+    """The sample's objects; a DataError when it has none with colour, shape and box."""
     objects = sample.get("objects")
-    return bool(objects) and all({"color", "shape", "box"} <= set(o) for o in objects)
+    if not objects or not all({"color", "shape", "box"} <= set(o) for o in objects):
+        raise DataError(f"{what} needs each training image's objects (colour, shape and box, as the Shapes world "
+                        f"gives them); {data!r} has an image without them: train without it")
+    return objects
 
 
 def image_phrases(dataset, size: int) -> list[list[tuple[str, torch.Tensor]]]:
@@ -66,11 +69,7 @@ def image_phrases(dataset, size: int) -> list[list[tuple[str, torch.Tensor]]]:
     out = []
     for i in range(len(dataset)):
         sample = dataset[i]
-        objects = sample.get("objects")
-        if not _has_objects(sample):
-            raise DataError(f"grounding needs each training image's objects (colour, shape and box, as the Shapes "
-                            f"world gives them); sample {i} of {dataset.name!r} has none: train without "
-                            "--set base.grounding_weight")
+        objects = _require_objects(sample, f"grounding (sample {i})", dataset.name)
         canvas = max(sample["image"].size)
         out.append([(phrase, F.adaptive_avg_pool2d(torch.from_numpy(mask)[None], size)[0])
                     for phrase, mask in scene_phrases(objects, canvas)])
@@ -78,11 +77,10 @@ def image_phrases(dataset, size: int) -> list[list[tuple[str, torch.Tensor]]]:
 
 
 def grounding_targets(phrases: list[list[tuple[str, torch.Tensor]]], texts: list[str], caption_images: torch.Tensor,
-                      caption_ids: torch.Tensor, offsets: list[list[tuple[int, int]]], length: int):
+                      caption_ids: torch.Tensor, offsets: list[list[tuple[int, int]]], length: int, size: int):
     """Targets of each (image, caption) entry of a T2ISplit: tokens (N, P, length) bool, valid (N, P) bool, and
     the per-image masks (images, P, size, size). A phrase its caption does not name (or names past the encoder's
     max length) is not valid."""
-    size = phrases[0][0][1].shape[-1] if phrases and phrases[0] else 1
     masks = torch.zeros(len(phrases), MAX_PHRASES, size, size)
     for i, items in enumerate(phrases):
         for p, (_, mask) in enumerate(items[:MAX_PHRASES]):

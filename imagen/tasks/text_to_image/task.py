@@ -88,7 +88,8 @@ class T2ISplit(torch.utils.data.Dataset):
             raise ValueError("ground() needs the captions encoded first (precompute)")
         caption_images = torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
         tokens, valid, masks = grounding_targets(phrases, self.texts, caption_images, self.caption_ids,
-                                                 encoder.token_offsets(self.texts), self.encoded["text_mask"].shape[1])
+                                                 encoder.token_offsets(self.texts), self.encoded["text_mask"].shape[1],
+                                                 self.images.shape[-1])
         self.grounding = {"tokens": tokens, "valid": valid, "masks": masks}
 
     def __len__(self):
@@ -188,21 +189,19 @@ class TextToImageTask:
             extra = {"lowres_image": model.lowres_input(lowres, level, noise=lowres_noise), "lowres_noise_level": level}
         return {"x0": x0, "t": t, "drop": drop, "noise": noise, "extra": extra, "draws": draws, "cond": cond}
 
-    def _loss(self, model, batch, maps: list | None = None):
-        """The denoising loss; with `maps` (a list), the U-Net's cross-attention probabilities of the forward pass
-        are appended to it (see `EfficientUNet.recording_cross_attention`)."""
+    def _loss(self, model, batch, record: dict | None = None):
+        """The denoising loss; with `record` (a dict), the forward pass's cross-attention probabilities go to
+        record["maps"] (see `EfficientUNet.recording_cross_attention`) and the caption-drop mask to record["drop"]."""
         c = model.config
         d = self._draw(model, batch)
         cond = model.drop_condition(d["cond"], d["drop"])
-        if maps is not None:
-            batch["_drop"] = d["drop"]  # which captions were dropped: they have no words to ground
 
         def denoiser(x_t, t, **kw):
-            if maps is None:
+            if record is None:
                 return model.unet(x_t, t, **kw, **d["extra"]).float()
-            with model.unet.recording_cross_attention() as recorded:
+            with model.unet.recording_cross_attention() as maps:
                 out = model.unet(x_t, t, **kw, **d["extra"]).float()
-            maps.extend(recorded)
+            record.update(maps=maps, drop=d["drop"])
             return out
 
         return training_loss(denoiser, d["x0"], d["t"], cond, schedule=model.schedule, objective=c.objective,
@@ -212,10 +211,10 @@ class TextToImageTask:
         weight = getattr(model.config, "grounding_weight", 0.0)
         if not (weight > 0 and "ground_tokens" in batch):
             return {"loss": self._loss(model, batch)}
-        maps: list = []
-        loss = self._loss(model, batch, maps)
-        valid = batch["ground_valid"] & ~batch.pop("_drop")[:, None]
-        ground = grounding_loss(maps, batch["ground_tokens"], batch["ground_masks"], valid)
+        record: dict = {}
+        loss = self._loss(model, batch, record)
+        valid = batch["ground_valid"] & ~record["drop"][:, None]  # a dropped caption has no words to ground
+        ground = grounding_loss(record["maps"], batch["ground_tokens"], batch["ground_masks"], valid)
         return {"loss": loss + weight * ground, "denoise": loss.detach(), "grounding": ground.detach()}
 
     @torch.no_grad()
