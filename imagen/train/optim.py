@@ -32,12 +32,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def fused_adamw_supported(model: nn.Module) -> bool:
+    """Whether every trainable parameter is a floating tensor on a CPU or CUDA device (where fused AdamW exists)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW or SGD (Nesterov momentum) over the model's trainable parameters, with weight-decay groups."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        # fused / foreach are left to torch, which picks the fastest implementation for the device.
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        # The fused kernel (one pass over all parameters) where torch has it for the parameters' device and dtype;
+        # on CPU torch's default is the per-tensor loop.
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused_adamw_supported(model) or None)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
