@@ -159,8 +159,22 @@ class PretrainConfig:
     # Blank the masked patches in the pixels too, so a convolutional stem (whose receptive field reaches past its
     # patch) cannot see them. Off by default: on the demo it lowered the fine-tuned accuracy (bench/RESULTS.md).
     mim_blank_pixels: bool = False
+    # MAE's asymmetric design (He et al. 2022): with decoder layers > 0 the encoder sees only the visible patches and
+    # a light Transformer decoder (its own width, mim_decoder_dim; 0 = the encoder's) fills in the mask tokens and
+    # predicts the pixels. 0 layers: SimMIM's design, mask tokens in the encoder and a linear pixel head.
+    mim_decoder_layers: int = 0
+    mim_decoder_dim: int = 0
     # Image-only pretraining (e.g. unlabelled images whose captions would leak labels).
     image_only: bool = False
+
+    def __post_init__(self):
+        for name in ("mlm_weight", "mim_weight", "itc_weight", "itm_weight"):
+            check_range(f"pretrain.{name}", getattr(self, name), 0, 1e6, integer=False)
+        check_range("pretrain.mlm_probability", self.mlm_probability, 0, 1.0, integer=False)
+        if not 0.0 < self.mim_mask_ratio < 1.0:
+            raise ConfigError(f"pretrain.mim_mask_ratio must be between 0 and 1 (exclusive), got {self.mim_mask_ratio}")
+        check_range("pretrain.mim_decoder_layers", self.mim_decoder_layers, 0, 64)
+        check_range("pretrain.mim_decoder_dim", self.mim_decoder_dim, 0, 8192)
 
 
 @dataclass
@@ -179,6 +193,10 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # used when warmup_steps == 0
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 disables
+    # Layer-wise learning-rate decay (BEiT, Bao et al. 2022; MAE fine-tuning): encoder block i of L trains at
+    # lr * layer_decay ** (L - i), the embeddings at lr * layer_decay ** (L + 1), heads and the final norm at lr.
+    # 1.0 disables; for fine-tuning a pretrained encoder 0.65-0.75 is usual.
+    layer_decay: float = 1.0
     grad_accum: int = 1
     eval_every: int | None = None  # optimiser steps; None -> once per epoch
     early_stopping_patience: int | None = None  # evaluations without improvement
@@ -199,7 +217,8 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "early_stopping_patience", "checkpoint_every"):
             if getattr(self, name) is not None:
                 check_range(f"train.{name}", getattr(self, name), 1, 10**9)
-        for name, hi in dict(lr=10.0, weight_decay=10.0, momentum=1.0, warmup_ratio=1.0, min_lr_ratio=1.0, grad_clip=1e6).items():
+        for name, hi in dict(lr=10.0, weight_decay=10.0, momentum=1.0, warmup_ratio=1.0, min_lr_ratio=1.0, grad_clip=1e6,
+                             layer_decay=1.0).items():
             check_range(f"train.{name}", getattr(self, name), 0, hi, integer=False)
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose adamw or sgd")
@@ -209,6 +228,8 @@ class TrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
         if self.lr == 0:
             raise ConfigError("learning rate must be positive, got 0")
+        if self.layer_decay == 0:
+            raise ConfigError("train.layer_decay must be in (0, 1] (1 disables it), got 0")
         self.betas = tuple(self.betas)
         self.report_to = tuple(self.report_to)
 

@@ -355,3 +355,43 @@ def test_itm_hard_negatives_follow_the_itc_softmax():
     for offsets in (neg_text, neg_image):
         assert set(offsets.tolist()) <= {1, 2}  # never the positive, never a -1e4 item
         assert (offsets == 1).float().mean().item() == pytest.approx(0.75, abs=0.03)  # standard error 0.01
+
+
+def test_mae_encoder_sees_only_the_visible_patches():
+    cfg = EncoderConfig(image_size=16, patch_size=4, stem_channels=4, stem_layers=2, vocab_size=37, max_text_len=9,
+                        dim=24, num_layers=1, num_heads=3)
+    model = PretrainingModel(cfg, PretrainConfig(image_only=True, mim_mask_ratio=0.75, mim_decoder_layers=1,
+                                                 mim_decoder_dim=32)).eval()
+    assert model.mim_head is None and model.mim_decoder is not None
+    images = torch.randn(3, 3, 16, 16)
+    mask = random_patch_mask(3, 16, 0.75, images.device)
+    full = model.encoder.embed_image(images)  # (3, 17, 24)
+    kept = model.encoder.embed_image(images, mask, drop_masked=True)
+    assert kept.shape == (3, 1 + 4, 24)
+    for b in range(3):  # [CLS] then the visible patches in raster order, position embeddings included
+        torch.testing.assert_close(kept[b], full[b, [0] + [1 + i for i in range(16) if not mask[b, i]]])
+    states = model.encoder(images=images, patch_mask=mask, drop_masked=True).image_states
+    pred = model.mim_decoder(states, mask)
+    assert pred.shape == (3, 16, 4 * 4 * 3)
+    with pytest.raises(ConfigError, match="mim_mask_ratio"):
+        PretrainConfig(mim_mask_ratio=1.0)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        PretrainingModel(cfg, PretrainConfig(mim_decoder_layers=1, mim_decoder_dim=48))
+
+
+def test_mae_pretraining_learns_to_fill_in_patches():
+    torch.manual_seed(0)
+    cfg = EncoderConfig(image_size=16, patch_size=4, vocab_size=37, max_text_len=9, dim=32, num_layers=1, num_heads=2)
+    model = PretrainingModel(cfg, PretrainConfig(image_only=True, mim_mask_ratio=0.5, mim_decoder_layers=1))
+    # Images that are one horizontal ramp each: a masked patch is predictable from the visible ones.
+    ramp = torch.linspace(-1, 1, 16).view(1, 1, 1, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        images = (ramp * torch.rand(8, 1, 1, 1) * 2).expand(-1, 3, 16, -1)
+        loss = model(images=images)["mim"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.3 * sum(losses[:10]) / 10

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from imagen.config import TrainConfig
+from imagen.config import ConfigError, TrainConfig
 from imagen.train import (MetricsLogger, autocast_context, build_optimizer, build_scheduler, lr_lambda,
                           move_to_device, resolve_device, resolve_precision)
 from imagen.train.device import batch_size_of, cpu_has_fast_bf16
@@ -125,3 +125,46 @@ def test_wandb_missing_is_a_one_line_error(tmp_path):
         assert "\n" not in str(info.value)
     else:
         pytest.skip("wandb is installed")
+
+
+class TinyEncoderModel(nn.Module):
+    """Named like an encoder with two blocks and a head: what layer-wise lr decay reads depths from."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.patch_embed = nn.Linear(4, 6)
+        self.encoder.image_pos_embed = nn.Parameter(torch.zeros(1, 3, 6))
+        self.encoder.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+        self.encoder.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 2)
+
+
+def test_layer_decay_scales_each_depth_exactly():
+    model = TinyEncoderModel()
+    opt = build_optimizer(model, TrainConfig(lr=0.1, weight_decay=0.05, layer_decay=0.5))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    # L = 2 blocks: embeddings at depth 0 get 0.5^3, block i 0.5^(2 - i), the final norm and head the full lr.
+    assert lr_of[id(model.encoder.patch_embed.weight)] == pytest.approx(0.1 * 0.5 ** 3)
+    assert lr_of[id(model.encoder.image_pos_embed)] == pytest.approx(0.1 * 0.5 ** 3)
+    assert lr_of[id(model.encoder.blocks[0].weight)] == pytest.approx(0.1 * 0.5 ** 2)
+    assert lr_of[id(model.encoder.blocks[1].bias)] == pytest.approx(0.1 * 0.5)
+    assert lr_of[id(model.encoder.norm.weight)] == lr_of[id(model.head.weight)] == pytest.approx(0.1)
+    assert wd_of[id(model.encoder.blocks[0].weight)] == 0.05 and wd_of[id(model.encoder.blocks[0].bias)] == 0.0
+    sched = build_scheduler(opt, 10, TrainConfig(warmup_steps=2))  # the schedule multiplies every group's own lr
+    opt.step()
+    sched.step()
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(model.head.weight)] == pytest.approx(0.1 * lr_lambda(1, 2, 10, 0.0))
+    assert lrs[id(model.encoder.patch_embed.weight)] == pytest.approx(0.1 * 0.5 ** 3 * lr_lambda(1, 2, 10, 0.0))
+
+
+def test_layer_decay_off_keeps_two_groups_and_needs_blocks():
+    opt = build_optimizer(TinyEncoderModel(), TrainConfig(lr=0.1))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]  # the order old checkpoints' states follow
+    assert all(g["lr"] == 0.1 for g in opt.param_groups)
+    with pytest.raises(ConfigError, match="layer_decay"):
+        build_optimizer(Tagger(), TrainConfig(layer_decay=0.75))
+    with pytest.raises(ConfigError, match="layer_decay"):
+        TrainConfig(layer_decay=1.5)

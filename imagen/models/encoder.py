@@ -150,13 +150,17 @@ class MultimodalEncoder(nn.Module):
     def dim(self) -> int:
         return self.config.dim
 
-    def embed_image(self, images, patch_mask=None):
-        """(B, C, H, W) -> (B, 1 + num_patches, dim); patches where patch_mask is True become the mask token."""
+    def embed_image(self, images, patch_mask=None, drop_masked: bool = False):
+        """(B, C, H, W) -> (B, 1 + num_patches, dim); patches where patch_mask is True become the mask token, or with
+        `drop_masked` are left out: (B, 1 + visible, dim), every row masking the same number of patches (MAE)."""
         x = self.patch_embed(images)  # (B, N, dim)
-        if patch_mask is not None:
+        if patch_mask is not None and not drop_masked:
             x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype).expand_as(x), x)
         x = torch.cat([self.image_cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, dim)
-        return x + self.image_pos_embed + self.modality_embed.weight[0]
+        x = x + self.image_pos_embed + self.modality_embed.weight[0]
+        if patch_mask is not None and drop_masked:
+            x = torch.cat([x[:, :1], x[:, 1:][~patch_mask].view(x.shape[0], -1, x.shape[-1])], dim=1)
+        return x
 
     def embed_text(self, input_ids):
         """(B, T) token ids -> (B, T, dim)."""
@@ -171,13 +175,16 @@ class MultimodalEncoder(nn.Module):
             raise ValueError(f"text length {T} exceeds the model's max_text_len {self.config.max_text_len}")
         return self.token_embed(input_ids) + self.text_pos_embed[:, :T] + self.modality_embed.weight[1]
 
-    def forward(self, images=None, input_ids=None, attention_mask=None, patch_mask=None) -> EncoderOutput:
-        """Encode an image, a text, or both jointly (single stream); key padding masks are honoured."""
+    def forward(self, images=None, input_ids=None, attention_mask=None, patch_mask=None,
+                drop_masked: bool = False) -> EncoderOutput:
+        """Encode an image, a text, or both jointly (single stream); key padding masks are honoured. Masked patches
+        (patch_mask True) become the mask token, or with `drop_masked` are left out of the sequence (then
+        image_states holds [CLS] and the visible patches in raster order)."""
         if images is None and input_ids is None:
             raise ValueError("the encoder needs images, input_ids or both")
         parts, masks = [], []
         if images is not None:
-            img = self.embed_image(images, patch_mask)
+            img = self.embed_image(images, patch_mask, drop_masked)
             parts.append(img)
             masks.append(torch.ones(img.shape[:2], dtype=torch.bool, device=img.device))
         if input_ids is not None:

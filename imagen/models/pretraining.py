@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagen.config import EncoderConfig, PretrainConfig
+from imagen.errors import ConfigError
 from imagen.models.encoder import MultimodalEncoder, patchify
+from imagen.models.layers import Block
 
 
 def mask_tokens(input_ids, attention_mask, probability, mask_id, vocab_size, num_special, generator=None):
@@ -47,6 +49,43 @@ def random_patch_mask(batch_size, num_patches, ratio, device, generator=None):
     return ranks < n_mask
 
 
+class MAEDecoder(nn.Module):
+    """MAE's light decoder (He et al. 2022): the encoder's states of the visible patches, projected to the decoder's
+    width, are put back in place among mask tokens, get the decoder's own position embeddings, and `layers`
+    Transformer blocks predict every patch's pixels. Only pretraining uses it; fine-tuning keeps the encoder."""
+
+    def __init__(self, config: EncoderConfig, layers: int, dim: int = 0):
+        super().__init__()
+        if dim and dim % 32:
+            raise ConfigError(f"pretrain.mim_decoder_dim {dim} is not a multiple of 32 (the decoder's head width); "
+                              "choose e.g. 64, 128 or 256")
+        # The encoder's width and heads by default; a width of its own gets heads of 32 channels, as MAE's decoder.
+        dim, heads = (dim, dim // 32) if dim else (config.dim, config.num_heads)
+        self.embed = nn.Linear(config.dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, config.mlp_ratio, qk_norm=config.qk_norm) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, config.patch_size ** 2 * config.in_channels)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, states: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """states (B, 1 + visible, enc_dim) from a `drop_masked` pass, patch_mask (B, N) -> pixels (B, N, p*p*C)."""
+        x = self.embed(states)
+        B, N = patch_mask.shape
+        patches = self.mask_token.to(x.dtype).expand(B, N, -1).clone()
+        patches[~patch_mask] = x[:, 1:].reshape(-1, x.shape[-1])
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 1:])
+
+
 class PretrainingModel(nn.Module):
     """MultimodalEncoder plus the MLM / MIM / ITC / ITM heads; forward returns the weighted losses."""
 
@@ -59,7 +98,9 @@ class PretrainingModel(nn.Module):
         self.encoder = MultimodalEncoder(config)
         d = config.dim
         self.mlm_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d), nn.Linear(d, config.vocab_size))
-        self.mim_head = nn.Linear(d, config.patch_size**2 * config.in_channels)
+        mae = pretrain.mim_decoder_layers > 0
+        self.mim_head = None if mae else nn.Linear(d, config.patch_size**2 * config.in_channels)
+        self.mim_decoder = MAEDecoder(config, pretrain.mim_decoder_layers, pretrain.mim_decoder_dim) if mae else None
         self.image_proj = nn.Linear(d, proj_dim)
         self.text_proj = nn.Linear(d, proj_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -77,8 +118,12 @@ class PretrainingModel(nn.Module):
             grid = c.image_size // c.patch_size
             pixel_mask = patch_mask.view(B, 1, grid, 1, grid, 1).expand(-1, -1, -1, c.patch_size, -1, c.patch_size)
             visible = images.masked_fill(pixel_mask.reshape(B, 1, c.image_size, c.image_size), 0.0)
-        out = self.encoder(images=visible, patch_mask=patch_mask)
-        pred = self.mim_head(out.image_states[:, 1:]).float()  # (B, N, p*p*C)
+        if self.mim_decoder is not None:  # MAE: the encoder sees the visible patches only
+            out = self.encoder(images=visible, patch_mask=patch_mask, drop_masked=True)
+            pred = self.mim_decoder(out.image_states, patch_mask).float()
+        else:  # SimMIM: mask tokens in the encoder, a linear head
+            out = self.encoder(images=visible, patch_mask=patch_mask)
+            pred = self.mim_head(out.image_states[:, 1:]).float()  # (B, N, p*p*C)
         target = patchify(images.float(), c.patch_size)
         # MAE's per-patch normalisation makes the target about structure, not overall brightness.
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)

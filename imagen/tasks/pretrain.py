@@ -39,9 +39,10 @@ class PretrainTask(Task):
     @property
     def find_unused_parameters(self) -> bool:
         """With every objective on, each step uses every parameter; image-only pretraining or a disabled objective
-        leaves some idle."""
+        leaves some idle, and so does MAE-style MIM (the encoder's mask token)."""
         c = self.cfg
-        return c.image_only or min(c.mlm_weight, c.mim_weight, c.itc_weight, c.itm_weight) == 0
+        return (c.image_only or min(c.mlm_weight, c.mim_weight, c.itc_weight, c.itm_weight) == 0
+                or c.mim_decoder_layers > 0)
 
     # -- data -----------------------------------------------------------------------------------------
 

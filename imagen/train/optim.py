@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
+
+from imagen.config import ConfigError
 
 # Parameters whose name contains one of these never get weight decay: decaying position / token embeddings
 # pulls rarely seen rows to zero, and decaying norm gains fights the normalisation they undo.
@@ -20,16 +23,47 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into a decayed and a non-decayed group (empty groups left out)."""
-    decay, no_decay = [], []
+ENCODER_BLOCK = re.compile(r"(?:^|\.)encoder\.blocks\.(\d+)\.")
+ENCODER_EMBEDDING = re.compile(r"(?:^|\.)encoder\.(?!blocks\.|norm\.)")
+
+
+def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter's depth for layer-wise lr decay, and the number of encoder blocks L: the encoder's embeddings
+    (patch stem, [CLS], position, token and modality embeddings) 0, encoder block i i + 1, everything above (the
+    final norm, heads, decoders) L + 1. A model without encoder blocks has L = 0."""
+    names = [name for name, _ in model.named_parameters()]
+    blocks = {int(m.group(1)) for name in names if (m := ENCODER_BLOCK.search(name))}
+    top = len(blocks) + 1
+    depths = {}
+    for name in names:
+        if m := ENCODER_BLOCK.search(name):
+            depths[name] = int(m.group(1)) + 1
+        else:
+            depths[name] = 0 if ENCODER_EMBEDDING.search(name) else top
+    return depths, len(blocks)
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """Trainable parameters split into a decayed and a non-decayed group (empty groups left out); with
+    `layer_decay` < 1 each group is split further by depth, with an "lr_scale" of layer_decay ** (L + 1 - depth)
+    (`layer_depths`), which `build_optimizer` applies to the learning rate."""
+    depths, num_blocks = layer_depths(model) if layer_decay < 1.0 else ({}, 0)
+    if layer_decay < 1.0 and num_blocks == 0:
+        raise ConfigError("train.layer_decay needs a model with encoder blocks (encoder.blocks.N); this model has none: "
+                          "leave train.layer_decay at 1")
+    groups: dict[tuple[bool, int], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append(param)
-    if not decay and not no_decay:
+            groups.setdefault((decays(name, param), depths.get(name, 0)), []).append(param)
+    if not groups:
         raise ValueError("the model has no trainable parameters (every requires_grad is False)")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+    out = []
+    for (decayed, depth), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if layer_decay < 1.0:
+            group["lr_scale"] = layer_decay ** (num_blocks + 1 - depth)
+        out.append(group)
+    return out
 
 
 def fused_adamw_supported(model: nn.Module) -> bool:
@@ -40,7 +74,9 @@ def fused_adamw_supported(model: nn.Module) -> bool:
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW or SGD (Nesterov momentum) over the model's trainable parameters, with weight-decay groups."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, getattr(cfg, "layer_decay", 1.0))
+    for group in groups:
+        group["lr"] = cfg.lr * group.pop("lr_scale", 1.0)
     if cfg.optimizer == "adamw":
         # The fused kernel (one pass over all parameters) where torch has it for the parameters' device and dtype;
         # on CPU torch's default is the per-tensor loop.
