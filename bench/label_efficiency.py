@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import imagen
-from imagen.tasks.classify import MAX_EPOCHS, MIN_EPOCHS, RECIPE_MODEL, RECIPE_OPTIONS, TARGET_IMAGES_SEEN
+from imagen.tasks.classify import RECIPE_MODEL, RECIPE_OPTIONS, recipe_epochs
 
 
 def main():
@@ -47,12 +47,15 @@ def main():
     args = p.parse_args()
 
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    pretrained = Path(args.pretrained) if args.pretrained else out / "pretrain"
+    # Clear what an earlier bench run wrote, never the pretraining run being reused (it may sit inside --out).
+    for old in out.iterdir() if out.is_dir() else ():
+        if args.pretrained is None or old.resolve() != pretrained.resolve():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     common = dict(progress=False, device=args.device, report_to=("jsonl",))
     model = {k: v for k, v in RECIPE_MODEL.items() if k != "preset"}
     quiet = dict(compare_init=False, echo=lambda *a, **k: None)
     start = time.time()
-    pretrained = Path(args.pretrained) if args.pretrained else out / "pretrain"
     if args.pretrained is None:
         imagen.pretrain("fashion-mnist", pretrained, preset=RECIPE_MODEL["preset"], image_only=True,
                         max_steps=args.pretrain_steps, batch_size=args.pretrain_batch_size, lr=args.pretrain_lr,
@@ -64,14 +67,13 @@ def main():
                     eval_every=50)
     # The schedule the bare command fits to this many images (tasks/classify.py), which a run started from another
     # does not get by itself.
-    fitted = dict(n=args.labels, epochs=min(MAX_EPOCHS, max(MIN_EPOCHS, round(TARGET_IMAGES_SEEN / args.labels))),
-                  **RECIPE_OPTIONS)
-    fitted["early_stopping_patience"] = max(3, fitted["epochs"] // 5)
-    decays = [1.0] + ([args.layer_decay] if args.layer_decay < 1.0 else [])
-    for decay in decays:
+    epochs, patience = recipe_epochs(args.labels)
+    fitted = dict(n=args.labels, epochs=epochs, early_stopping_patience=patience, **RECIPE_OPTIONS)
+    schedules = {"short": ("short schedule", dict(schedule, lr=args.finetune_lr)), "recipe": ("the recipe's schedule", fitted)}
+    for decay in [1.0] + ([args.layer_decay] if args.layer_decay < 1.0 else []):
         tag = f", layer decay {decay:g}" if decay < 1.0 else ""
-        for name, sched in (("short schedule", dict(schedule, lr=args.finetune_lr)), ("the recipe's schedule", fitted)):
-            run = out / f"pretrained-{'short' if sched is not fitted else 'recipe'}-{decay:g}"
+        for key, (name, sched) in schedules.items():
+            run = out / f"pretrained-{key}-{decay:g}"
             imagen.finetune("classify", "fashion-mnist", run, init_from=pretrained, layer_decay=decay, **sched, **common)
             rows[f"pretrained + fine-tuned, {name}{tag}"] = imagen.evaluate(run, "fashion-mnist", split="test", **quiet)
     imagen.finetune("classify", "fashion-mnist", out / "scratch", preset=RECIPE_MODEL["preset"], lr=args.finetune_lr,

@@ -175,6 +175,9 @@ class PretrainConfig:
             raise ConfigError(f"pretrain.mim_mask_ratio must be between 0 and 1 (exclusive), got {self.mim_mask_ratio}")
         check_range("pretrain.mim_decoder_layers", self.mim_decoder_layers, 0, 64)
         check_range("pretrain.mim_decoder_dim", self.mim_decoder_dim, 0, 8192)
+        if self.mim_decoder_dim % 32:
+            raise ConfigError(f"pretrain.mim_decoder_dim {self.mim_decoder_dim} is not a multiple of 32 (the decoder's "
+                              "head width); choose e.g. 64, 128 or 256, or 0 for the encoder's width")
 
 
 @dataclass

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagen.config import EncoderConfig, PretrainConfig
-from imagen.errors import ConfigError
 from imagen.models.encoder import MultimodalEncoder, patchify
 from imagen.models.layers import Block
 
@@ -56,9 +55,6 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, config: EncoderConfig, layers: int, dim: int = 0):
         super().__init__()
-        if dim and dim % 32:
-            raise ConfigError(f"pretrain.mim_decoder_dim {dim} is not a multiple of 32 (the decoder's head width); "
-                              "choose e.g. 64, 128 or 256")
         # The encoder's width and heads by default; a width of its own gets heads of 32 channels, as MAE's decoder.
         dim, heads = (dim, dim // 32) if dim else (config.dim, config.num_heads)
         self.embed = nn.Linear(config.dim, dim)

@@ -35,6 +35,13 @@ RECIPE_OPTIONS = {"lr": 2e-3, "batch_size": 128, "augment": "shift", "label_smoo
 
 
 
+def recipe_epochs(num_images: int) -> tuple[int, int]:
+    """The recipe's schedule for `num_images` training images: (epochs, early-stopping patience), about
+    TARGET_IMAGES_SEEN images seen within [MIN_EPOCHS, MAX_EPOCHS] epochs, patience a fifth of them (at least 3)."""
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(TARGET_IMAGES_SEEN / max(1, num_images))))
+    return epochs, max(3, epochs // 5)
+
+
 @dataclass
 class ClassifyConfig:
     """Classification head options."""
@@ -137,10 +144,10 @@ class ClassifyTask(Task):
             choose(name, value)
         n = len(dataset)
         if not {"epochs", "max_steps"} & set(given):
-            epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(TARGET_IMAGES_SEEN / max(1, n))))
+            epochs, patience = recipe_epochs(n)
             choose("epochs", epochs, f"{n} training images: {epochs} epochs (--epochs to change), keeping the best "
                                      "validated weights")
-            choose("early_stopping_patience", max(3, epochs // 5))
+            choose("early_stopping_patience", patience)
         return fitted, notes
 
     # -- data -----------------------------------------------------------------------------------------

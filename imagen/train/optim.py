@@ -31,26 +31,27 @@ def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     """Each parameter's depth for layer-wise lr decay, and the number of encoder blocks L: the encoder's embeddings
     (patch stem, [CLS], position, token and modality embeddings) 0, encoder block i i + 1, everything above (the
     final norm, heads, decoders) L + 1. A model without encoder blocks has L = 0."""
-    names = [name for name, _ in model.named_parameters()]
-    blocks = {int(m.group(1)) for name in names if (m := ENCODER_BLOCK.search(name))}
-    top = len(blocks) + 1
+    block_of = {name: int(m.group(1)) if (m := ENCODER_BLOCK.search(name)) else None for name, _ in model.named_parameters()}
+    num_blocks = len({b for b in block_of.values() if b is not None})
     depths = {}
-    for name in names:
-        if m := ENCODER_BLOCK.search(name):
-            depths[name] = int(m.group(1)) + 1
+    for name, block in block_of.items():
+        if block is not None:
+            depths[name] = block + 1
         else:
-            depths[name] = 0 if ENCODER_EMBEDDING.search(name) else top
-    return depths, len(blocks)
+            depths[name] = 0 if ENCODER_EMBEDDING.search(name) else num_blocks + 1
+    return depths, num_blocks
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """Trainable parameters split into a decayed and a non-decayed group (empty groups left out); with
     `layer_decay` < 1 each group is split further by depth, with an "lr_scale" of layer_decay ** (L + 1 - depth)
     (`layer_depths`), which `build_optimizer` applies to the learning rate."""
-    depths, num_blocks = layer_depths(model) if layer_decay < 1.0 else ({}, 0)
-    if layer_decay < 1.0 and num_blocks == 0:
-        raise ConfigError("train.layer_decay needs a model with encoder blocks (encoder.blocks.N); this model has none: "
-                          "leave train.layer_decay at 1")
+    depths, num_blocks = ({}, 0)
+    if layer_decay < 1.0:
+        depths, num_blocks = layer_depths(model)
+        if num_blocks == 0:
+            raise ConfigError("train.layer_decay needs a model with encoder blocks (encoder.blocks.N); this model has "
+                              "none: leave train.layer_decay at 1")
     groups: dict[tuple[bool, int], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -74,7 +75,7 @@ def fused_adamw_supported(model: nn.Module) -> bool:
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW or SGD (Nesterov momentum) over the model's trainable parameters, with weight-decay groups."""
-    groups = param_groups(model, cfg.weight_decay, getattr(cfg, "layer_decay", 1.0))
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     for group in groups:
         group["lr"] = cfg.lr * group.pop("lr_scale", 1.0)
     if cfg.optimizer == "adamw":

@@ -137,7 +137,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._snapshot = self._capture(state)
         self._reset_window()
-        self._last_lr = max(group["lr"] for group in self.optimizer.param_groups)
+        self._last_lr = self._top_lr()
         main = self.dist.is_main
         logger = (MetricsLogger(self.run_dir, self.cfg.report_to, to_dict(self.cfg),
                                 resume_step=state.step if resume else None) if main else NullLogger())
@@ -344,10 +344,14 @@ class Trainer:
         scalars = {k: float(totals[i + 1]) / n_global for i, k in enumerate(names)}
         return scalars["loss"], scalars, n * self.dist.world_size / n_global
 
+    def _top_lr(self) -> float:
+        """The learning rate logged: the largest of the groups' (layer-wise decay gives lower ones to early layers)."""
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
     def _optimizer_step(self, state: LoopState) -> None:
         """Clip, step (unless the group went non-finite), advance the schedule, update the log window."""
         group = self._group
-        self._last_lr = max(group["lr"] for group in self.optimizer.param_groups)
+        self._last_lr = self._top_lr()
         grad_norm = None
         if group["finite"]:
             # With clipping off, max_norm=inf still returns the norm to log and scales the gradients by exactly 1.
