@@ -157,10 +157,10 @@ def _new_run_config(task_cls, data, *, init_from, preset, freeze, n, on_bad_samp
     train_ds, val_ds = _load_splits(data, seed, label, n, on_bad_sample)
     task_cls.check_data(train_ds, data)
     # The recipe fitted to this data fills what the user left unset (options or --set values). A run started from
-    # another keeps that run's model and the task's plain recipe: the fitted one is measured from scratch.
+    # another keeps that run's model; the recipe fits the rest (its schedule) to the data.
     given = {**_set_values(sets, task_cls), **model_opts, **train_opts, **task_opts,
              **({"preset": preset} if preset is not None else {})}
-    fitted, notes = task_cls.fit_recipe(train_ds, data, given) if init is None else ({}, [])
+    fitted, notes = task_cls.fit_recipe(train_ds, data, given, init_model=init.config.model if init is not None else None)
     preset = preset or fitted.pop("preset", None) or DEFAULT_PRESET
     fit_model, fit_train, fit_task = _split_options(fitted, task_cls)
     model_opts, train_opts = {**fit_model, **model_opts}, {**fit_train, **train_opts}

@@ -19,6 +19,7 @@ from imagen.data import load_dataset
 from imagen.errors import GenerationError
 from imagen.tasks.text_to_image import GuidanceDistillationTask, T2ISplit, student_stage
 from imagen.tasks.text_to_image.cascade_run import load_stage
+from imagen.tasks.text_to_image.distill import student_config
 
 # A two-stage cascade small enough for a test: 8x8 base, 8 -> 16 super-resolution.
 TINY = ["--batch-size", "8", "--no-progress", "--precision", "fp32"]  # distillation reads its data from the teacher run
@@ -76,6 +77,14 @@ def test_student_starts_as_the_teachers_conditional_branch_exactly(sr):
         student.unet(x_t, t, **cond, **extra)
     with pytest.raises(ValueError, match="guidance_cond=False"):
         teacher.unet(x_t, t, **cond, **extra, guidance=3.0)
+
+
+def test_a_student_records_no_grounding_loss():
+    # A student learns from its teacher's outputs; a teacher's grounding weight would be a setting it never used.
+    teacher = StageConfig(unet=unet_preset("tiny"), grounding_weight=0.5)
+    student = student_config(teacher, (1.0, 6.0), steps=8)
+    assert student.grounding_weight == 0.0 and student.guidance_distilled and student.distilled_steps == 8
+    assert teacher.grounding_weight == 0.5
 
 
 def test_a_unet_without_the_option_is_unchanged():

@@ -6,7 +6,7 @@ import torch
 
 import imagen
 from imagen.data.augment import augment, random_hflip, random_shift
-from imagen.tasks.classify import RECIPE_MODEL
+from imagen.tasks.classify import RECIPE_MODEL, RECIPE_OPTIONS
 
 
 def test_random_shift_moves_content_and_keeps_size():
@@ -83,6 +83,10 @@ def test_classify_recipe_fits_the_data():
     fitted, _ = fit(64, 5000, patch_size=16)
     assert fitted["image_size"] == 64 and "patch_size" not in fitted
     assert ClassifyTask.fit_recipe(_Data(32, 500), "shapes", {}) == ({}, [])  # Shapes keeps its measured recipe
+    # A run started from another keeps that run's model (and resolution) and gets the schedule fitted to the data.
+    fitted, notes = ClassifyTask.fit_recipe(_Data(28, 550), "folder", {}, init_model=object())
+    assert fitted["epochs"] == MAX_EPOCHS and fitted["lr"] == RECIPE_OPTIONS["lr"] and fitted["augment"] == "shift"
+    assert not {"image_size", "patch_size", "preset", *RECIPE_MODEL} & set(fitted) and len(notes) == 1
 
 
 class _Data:
@@ -91,6 +95,16 @@ class _Data:
 
     def __len__(self):
         return self.n
+
+
+def test_finetune_from_a_pretrained_run_on_a_folder_gets_the_fitted_schedule(tmp_path, pretrained):
+    data = _folder(tmp_path / "data", 40, 12)
+    imagen.finetune("classify", str(data), tmp_path / "run", init_from=pretrained, epochs=1, progress=False)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    pre = json.loads((pretrained / "config.json").read_text())["model"]
+    assert cfg["model"] == {**pre, "vocab_size": cfg["model"]["vocab_size"]}  # the pretrained model, not the recipe's
+    assert cfg["train"]["lr"] == RECIPE_OPTIONS["lr"] and cfg["train"]["epochs"] == 1  # the user's epochs win
+    assert cfg["task_config"]["augment"] == RECIPE_OPTIONS["augment"]
 
 
 def test_bare_finetune_on_a_folder_of_large_images_says_what_it_chose(tmp_path, caplog):

@@ -109,14 +109,15 @@ class ClassifyTask(Task):
     search_space = {**Task.search_space, "label_smoothing": {"low": 0.0, "high": 0.2}}
 
     @classmethod
-    def fit_recipe(cls, dataset, spec, given):
+    def fit_recipe(cls, dataset, spec, given, init_model=None):
         """Real images: a model, resolution and schedule fitted to the data (Shapes keeps `recipe`, measured there).
 
         The image size is the data's own up to MAX_AUTO_IMAGE_SIZE, the patch grid about 8 x 8 behind a four-layer
         convolutional stem, and the schedule a number of images seen (TARGET_IMAGES_SEEN) spread over between
         MIN_EPOCHS and MAX_EPOCHS epochs, so 1,000 images get many epochs and 50,000 a few; the best validated weights
-        are kept and patience stops a run that no longer improves. Figures: bench/RESULTS.md ("Encoder on real
-        images")."""
+        are kept and patience stops a run that no longer improves. A run started from another (`init_model`, that
+        run's model config) keeps its model and resolution and gets the same schedule. Figures: bench/RESULTS.md
+        ("Encoder on real images")."""
         if is_shapes(spec):
             return {}, []
         fitted, notes = {}, []
@@ -129,17 +130,19 @@ class ClassifyTask(Task):
                 notes.append(why)
             return value
 
-        if "image_size" in given:  # the patch that divides it into the grid nearest PATCH_GRID x PATCH_GRID
-            size = given["image_size"]
-            choose("patch_size", min((p for p in range(1, size + 1) if size % p == 0), key=lambda p: abs(size / p - PATCH_GRID)))
-        else:
-            size = min(dataset.image_size, MAX_AUTO_IMAGE_SIZE)
-            patch = choose("patch_size", max(2, round(size / PATCH_GRID)))
-            size = max(patch, size - size % patch)
-            choose("image_size", size, f"images are {dataset.image_size} px: training at {size} px with "
-                                       f"{patch} px patches ({size // patch} x {size // patch}); --image-size to change")
-        for name, value in RECIPE_MODEL.items():
-            choose(name, value)
+        if init_model is None:  # from scratch: the recipe's model; otherwise it is the run's this one starts from
+            if "image_size" in given:  # the patch that divides it into the grid nearest PATCH_GRID x PATCH_GRID
+                size = given["image_size"]
+                choose("patch_size", min((p for p in range(1, size + 1) if size % p == 0),
+                                         key=lambda p: abs(size / p - PATCH_GRID)))
+            else:
+                size = min(dataset.image_size, MAX_AUTO_IMAGE_SIZE)
+                patch = choose("patch_size", max(2, round(size / PATCH_GRID)))
+                size = max(patch, size - size % patch)
+                choose("image_size", size, f"images are {dataset.image_size} px: training at {size} px with "
+                                           f"{patch} px patches ({size // patch} x {size // patch}); --image-size to change")
+            for name, value in RECIPE_MODEL.items():
+                choose(name, value)
         for name, value in RECIPE_OPTIONS.items():
             choose(name, value)
         n = len(dataset)

@@ -35,7 +35,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -56,7 +56,7 @@ def cpu_has_fast_bf16() -> bool:
     amx_probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if "AMX" in capability.upper() or bool(amx_probe and amx_probe()):
         return True
-    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 # On CPU, bf16 autocast pays only once matrix products dominate: measured on a 2-core AVX512-BF16 EPYC

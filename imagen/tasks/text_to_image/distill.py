@@ -82,10 +82,11 @@ class GuidanceDistillationTask(TextToImageTask):
 
 def student_config(teacher: StageConfig, guidance_range: Sequence[float], steps: int | None = None) -> StageConfig:
     """The teacher's stage config, conditioned on the guidance scale and marked guidance-distilled (and, with
-    `steps`, progressively distilled to that many DDIM steps)."""
+    `steps`, progressively distilled to that many DDIM steps). A student learns from its teacher's outputs only, so
+    it records no grounding loss."""
     sampling = {"distilled_steps": steps, "distilled_sampler": PROGRESSIVE_SAMPLER} if steps is not None else {}
     return dataclasses.replace(teacher, unet=dataclasses.replace(teacher.unet, guidance_cond=True), guidance_distilled=True,
-                               guidance_range=tuple(guidance_range), **sampling)
+                               guidance_range=tuple(guidance_range), grounding_weight=0.0, **sampling)
 
 
 def student_stage(teacher: TextToImageStage, guidance_range: tuple[float, float], steps: int | None = None) -> TextToImageStage:
