@@ -63,7 +63,8 @@ def _folder(root, size, n_per_class, mode="L"):
 
 def test_classify_recipe_fits_the_data():
     """The default recipe on real images: size, patch grid and epochs follow the data; the user's options win."""
-    from imagen.tasks.classify import MAX_AUTO_IMAGE_SIZE, MAX_EPOCHS, MIN_EPOCHS, TARGET_IMAGES_SEEN, ClassifyTask
+    from imagen.tasks.classify import (INIT_LAYER_DECAY, MAX_AUTO_IMAGE_SIZE, MAX_EPOCHS, MIN_EPOCHS, TARGET_IMAGES_SEEN,
+                                       ClassifyTask)
 
     def fit(size, n, **given):
         return ClassifyTask.fit_recipe(_Data(size, n), "folder", given)
@@ -87,11 +88,32 @@ def test_classify_recipe_fits_the_data():
     fitted, notes = ClassifyTask.fit_recipe(_Data(28, 550), "folder", {}, init_model=object())
     assert fitted["epochs"] == MAX_EPOCHS and fitted["lr"] == RECIPE_OPTIONS["lr"] and fitted["augment"] == "shift"
     assert not {"image_size", "patch_size", "preset", *RECIPE_MODEL} & set(fitted) and len(notes) == 1
+    assert fitted["layer_decay"] == INIT_LAYER_DECAY < 1
+
+
+def test_pretrain_recipe_fits_real_images_as_classify_does():
+    """Pretraining on real images gets the classify recipe's model, so a run fine-tuned from it has the model it would
+    have had from scratch; image-only pretraining is MAE-style; the user's options win; Shapes keeps its defaults."""
+    from imagen.tasks.classify import ClassifyTask
+    from imagen.tasks.pretrain import MAE_OPTIONS, PRETRAIN_IMAGES_SEEN, PRETRAIN_OPTIONS, PretrainTask
+
+    fitted, notes = PretrainTask.fit_recipe(_Data(28, 55000), "folder", {})
+    model_keys = {"image_size", "patch_size", *RECIPE_MODEL}
+    assert {k: fitted[k] for k in model_keys} == {k: v for k, v in ClassifyTask.fit_recipe(_Data(28, 55000), "folder", {})[0].items()
+                                                  if k in model_keys}
+    assert {k: fitted[k] for k in {**PRETRAIN_OPTIONS, **MAE_OPTIONS}} == {**PRETRAIN_OPTIONS, **MAE_OPTIONS}
+    assert fitted["epochs"] == round(PRETRAIN_IMAGES_SEEN / 55000) == 12 and any("MAE" in line for line in notes)
+    # Captioned data pretrains with every objective, SimMIM's head unless asked; given values are never chosen.
+    fitted, _ = PretrainTask.fit_recipe(_Data(28, 5000, has_text=True), "folder", {"max_steps": 10, "lr": 5e-4})
+    assert not {"epochs", "lr", *MAE_OPTIONS} & set(fitted) and fitted["stem_layers"] == RECIPE_MODEL["stem_layers"]
+    fitted, _ = PretrainTask.fit_recipe(_Data(28, 5000, has_text=True), "folder", {"image_only": True})
+    assert fitted["mim_decoder_layers"] == MAE_OPTIONS["mim_decoder_layers"]
+    assert PretrainTask.fit_recipe(_Data(32, 500), "shapes", {}) == ({}, [])
 
 
 class _Data:
-    def __init__(self, size, n):
-        self.image_size, self.n = size, n
+    def __init__(self, size, n, has_text=False):
+        self.image_size, self.n, self.has_text = size, n, has_text
 
     def __len__(self):
         return self.n
@@ -104,7 +126,7 @@ def test_finetune_from_a_pretrained_run_on_a_folder_gets_the_fitted_schedule(tmp
     pre = json.loads((pretrained / "config.json").read_text())["model"]
     assert cfg["model"] == {**pre, "vocab_size": cfg["model"]["vocab_size"]}  # the pretrained model, not the recipe's
     assert cfg["train"]["lr"] == RECIPE_OPTIONS["lr"] and cfg["train"]["epochs"] == 1  # the user's epochs win
-    assert cfg["task_config"]["augment"] == RECIPE_OPTIONS["augment"]
+    assert cfg["task_config"]["augment"] == RECIPE_OPTIONS["augment"] and cfg["train"]["layer_decay"] < 1
 
 
 def test_bare_finetune_on_a_folder_of_large_images_says_what_it_chose(tmp_path, caplog):

@@ -32,14 +32,49 @@ TARGET_IMAGES_SEEN = 550_000  # 10 epochs of Fashion-MNIST
 MIN_EPOCHS, MAX_EPOCHS = 5, 100
 RECIPE_MODEL = {"preset": "mini", "stem_layers": 4, "stem_channels": 64, "qk_norm": True}
 RECIPE_OPTIONS = {"lr": 2e-3, "batch_size": 128, "augment": "shift", "label_smoothing": 0.1}
+INIT_LAYER_DECAY = 0.75  # fine-tuning a run started --init-from another
 
 
 
-def recipe_epochs(num_images: int) -> tuple[int, int]:
+def recipe_epochs(num_images: int, images_seen: int = TARGET_IMAGES_SEEN) -> tuple[int, int]:
     """The recipe's schedule for `num_images` training images: (epochs, early-stopping patience), about
-    TARGET_IMAGES_SEEN images seen within [MIN_EPOCHS, MAX_EPOCHS] epochs, patience a fifth of them (at least 3)."""
-    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(TARGET_IMAGES_SEEN / max(1, num_images))))
+    `images_seen` images seen within [MIN_EPOCHS, MAX_EPOCHS] epochs, patience a fifth of them (at least 3)."""
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(images_seen / max(1, num_images))))
     return epochs, max(3, epochs // 5)
+
+
+class RecipeChoices:
+    """What a recipe fits to the data: `choose` keeps the user's value when `given` has it, else records the
+    recipe's (and the line that says why); `fitted` and `notes` are what a task's fit_recipe returns."""
+
+    def __init__(self, given):
+        self.given, self.fitted, self.notes = given, {}, []
+
+    def choose(self, name, value, why=None):
+        if name in self.given:
+            return self.given[name]
+        self.fitted[name] = value
+        if why:
+            self.notes.append(why)
+        return value
+
+
+def fit_image_model(dataset, recipe: RecipeChoices) -> None:
+    """The model for real images, shared by the classify and pretrain recipes: the data's own image size up to
+    MAX_AUTO_IMAGE_SIZE (or the user's --image-size), the patch that gives about PATCH_GRID x PATCH_GRID patches,
+    and RECIPE_MODEL."""
+    if "image_size" in recipe.given:  # the patch that divides it into the grid nearest PATCH_GRID x PATCH_GRID
+        size = recipe.given["image_size"]
+        recipe.choose("patch_size", min((p for p in range(1, size + 1) if size % p == 0),
+                                        key=lambda p: abs(size / p - PATCH_GRID)))
+    else:
+        size = min(dataset.image_size, MAX_AUTO_IMAGE_SIZE)
+        patch = recipe.choose("patch_size", max(2, round(size / PATCH_GRID)))
+        size = max(patch, size - size % patch)
+        recipe.choose("image_size", size, f"images are {dataset.image_size} px: training at {size} px with {patch} px "
+                                          f"patches ({size // patch} x {size // patch}); --image-size to change")
+    for name, value in RECIPE_MODEL.items():
+        recipe.choose(name, value)
 
 
 @dataclass
@@ -116,42 +151,24 @@ class ClassifyTask(Task):
         convolutional stem, and the schedule a number of images seen (TARGET_IMAGES_SEEN) spread over between
         MIN_EPOCHS and MAX_EPOCHS epochs, so 1,000 images get many epochs and 50,000 a few; the best validated weights
         are kept and patience stops a run that no longer improves. A run started from another (`init_model`, that
-        run's model config) keeps its model and resolution and gets the same schedule. Figures: bench/RESULTS.md
-        ("Encoder on real images")."""
+        run's model config) keeps its model and resolution and gets the same schedule with layer-wise lr decay.
+        Figures: bench/RESULTS.md ("Encoder on real images", "Label efficiency")."""
         if is_shapes(spec):
             return {}, []
-        fitted, notes = {}, []
-
-        def choose(name, value, why=None):  # the user's value wins; a chosen one is said
-            if name in given:
-                return given[name]
-            fitted[name] = value
-            if why:
-                notes.append(why)
-            return value
-
+        recipe = RecipeChoices(given)
         if init_model is None:  # from scratch: the recipe's model; otherwise it is the run's this one starts from
-            if "image_size" in given:  # the patch that divides it into the grid nearest PATCH_GRID x PATCH_GRID
-                size = given["image_size"]
-                choose("patch_size", min((p for p in range(1, size + 1) if size % p == 0),
-                                         key=lambda p: abs(size / p - PATCH_GRID)))
-            else:
-                size = min(dataset.image_size, MAX_AUTO_IMAGE_SIZE)
-                patch = choose("patch_size", max(2, round(size / PATCH_GRID)))
-                size = max(patch, size - size % patch)
-                choose("image_size", size, f"images are {dataset.image_size} px: training at {size} px with "
-                                           f"{patch} px patches ({size // patch} x {size // patch}); --image-size to change")
-            for name, value in RECIPE_MODEL.items():
-                choose(name, value)
+            fit_image_model(dataset, recipe)
+        else:  # layer-wise lr decay keeps the pretrained lower layers close to where they were (BEiT, MAE)
+            recipe.choose("layer_decay", INIT_LAYER_DECAY)
         for name, value in RECIPE_OPTIONS.items():
-            choose(name, value)
+            recipe.choose(name, value)
         n = len(dataset)
         if not {"epochs", "max_steps"} & set(given):
             epochs, patience = recipe_epochs(n)
-            choose("epochs", epochs, f"{n} training images: {epochs} epochs (--epochs to change), keeping the best "
-                                     "validated weights")
-            choose("early_stopping_patience", patience)
-        return fitted, notes
+            recipe.choose("epochs", epochs, f"{n} training images: {epochs} epochs (--epochs to change), keeping the "
+                                            "best validated weights")
+            recipe.choose("early_stopping_patience", patience)
+        return recipe.fitted, recipe.notes
 
     # -- data -----------------------------------------------------------------------------------------
 

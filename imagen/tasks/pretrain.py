@@ -18,10 +18,17 @@ from imagen.errors import DataError
 from imagen.eval.classification import linear_probe
 from imagen.models.pretraining import PretrainingModel
 from imagen.tasks.base import Task
-from imagen.tasks.classify import SHAPES_DEFAULT_LABEL, classification_score, is_shapes, labelled_split
+from imagen.tasks.classify import (SHAPES_DEFAULT_LABEL, RecipeChoices, classification_score, fit_image_model, is_shapes,
+                                   labelled_split, recipe_epochs)
 
 # Labelled training images the linear probe is fit on, at most.
 PROBE_TRAIN_SIZE = 5000
+# The recipe for real images (PretrainTask.fit_recipe), measured with 1 % of Fashion-MNIST's labels
+# (bench/label_efficiency.py, bench/RESULTS.md "Label efficiency"): the classify recipe's model, MAE-style masked image
+# modelling with a one-block decoder, and about 2,600 steps of 256 images (20 minutes on two CPU cores).
+PRETRAIN_OPTIONS = {"lr": 1e-3, "batch_size": 256, "weight_decay": 0.05}
+MAE_OPTIONS = {"mim_decoder_layers": 1, "mim_mask_ratio": 0.75, "mim_blank_pixels": True}  # image-only pretraining
+PRETRAIN_IMAGES_SEEN = 660_000  # 12 epochs of Fashion-MNIST's 55,000
 # The tokenizer's [MASK] id when a run has no tokenizer (image-only): Tokenizer's special tokens come first.
 DEFAULT_MASK_ID = 4
 
@@ -34,7 +41,31 @@ class PretrainTask(Task):
     Config = PretrainConfig
     headline = ("accuracy", "macro_f1")  # of the linear probe
     predict_inputs = None  # nothing to predict with: fine-tune it first
-    recipe = {}  # TrainConfig's defaults
+    recipe = {}  # TrainConfig's defaults on Shapes; other data gets the recipe `fit_recipe` fits to it
+
+    @classmethod
+    def fit_recipe(cls, dataset, spec, given, init_model=None):
+        """Real images: the classify recipe's model and resolution (so a fine-tuning run started from this one gets
+        the model it would have had from scratch), AdamW at PRETRAIN_OPTIONS, about PRETRAIN_IMAGES_SEEN images seen,
+        and, for image-only pretraining, MAE-style masked image modelling (MAE_OPTIONS). Shapes keeps the measured
+        defaults; a run started from another keeps its model."""
+        if is_shapes(spec):
+            return {}, []
+        recipe = RecipeChoices(given)
+        if init_model is None:
+            fit_image_model(dataset, recipe)
+        for name, value in PRETRAIN_OPTIONS.items():
+            recipe.choose(name, value)
+        if given.get("image_only") or not getattr(dataset, "has_text", False):
+            for name, value in MAE_OPTIONS.items():
+                recipe.choose(name, value)
+            recipe.notes.append("image-only pretraining: MAE-style masked image modelling, 75 % of the patches masked, "
+                                "a one-block decoder (--set pretrain.mim_decoder_layers=0 for SimMIM's linear head)")
+        if not {"epochs", "max_steps"} & set(given):
+            n = len(dataset)
+            epochs, _ = recipe_epochs(n, PRETRAIN_IMAGES_SEEN)
+            recipe.choose("epochs", epochs, f"{n} training images: {epochs} epochs (--epochs or --max-steps to change)")
+        return recipe.fitted, recipe.notes
 
     @property
     def find_unused_parameters(self) -> bool:
