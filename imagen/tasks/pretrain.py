@@ -57,10 +57,11 @@ class PretrainTask(Task):
         for name, value in PRETRAIN_OPTIONS.items():
             recipe.choose(name, value)
         if given.get("image_only") or not getattr(dataset, "has_text", False):
-            for name, value in MAE_OPTIONS.items():
-                recipe.choose(name, value)
-            recipe.notes.append("image-only pretraining: MAE-style masked image modelling, 75 % of the patches masked, "
-                                "a one-block decoder (--set pretrain.mim_decoder_layers=0 for SimMIM's linear head)")
+            mae = {name: recipe.choose(name, value) for name, value in MAE_OPTIONS.items()}
+            if mae["mim_decoder_layers"]:
+                recipe.notes.append(f"image-only pretraining: MAE-style masked image modelling, {mae['mim_mask_ratio']:.0%} "
+                                    f"of the patches masked, a {mae['mim_decoder_layers']}-block decoder (--set "
+                                    "pretrain.mim_decoder_layers=0 for SimMIM's linear head)")
         if not {"epochs", "max_steps"} & set(given):
             n = len(dataset)
             epochs, _ = recipe_epochs(n, PRETRAIN_IMAGES_SEEN)
