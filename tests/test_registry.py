@@ -62,11 +62,13 @@ def refreshed(world):
     models = world["root"] / "models" / "shapes"
     assert main(["registry", "init", str(models), "--run", str(world["run"])]) == 0
     outputs, entries = [], []
-    for data in ("new", "scrambled"):
+    # The scrambled refresh replays none of the old data: with 30 % of true examples mixed in, whether 60 steps
+    # spoil the model depended on the thread count's float order (promoted on one thread, refused on two).
+    for data, replay in (("new", []), ("scrambled", ["--replay", "0"])):
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             code = main(["refresh", "--registry", str(models), "--data", str(world[data]), "--holdout", str(world["holdout"]),
-                         "--json", *REFRESH])
+                         "--json", *REFRESH, *replay])
         assert code == 0
         outputs.append(stdout.getvalue())
         entries.append(json.loads(stdout.getvalue().strip().splitlines()[-1]))
@@ -115,10 +117,10 @@ def test_history_lines_are_complete(refreshed):
     assert len(lines) == 3
     history = [json.loads(line) for line in lines]
     assert history[0]["event"] == "init" and history[0]["version"] == "0001"
-    for entry, printed in zip(history[1:], entries):
+    for entry, printed, replay in zip(history[1:], entries, (0.3, 0.0)):  # the default share, then --replay 0
         assert set(entry) == HISTORY_KEYS
         assert entry == printed
-        assert entry["metric"] == "accuracy" and entry["tolerance"] == 0.005 and entry["replay"] == 0.3
+        assert entry["metric"] == "accuracy" and entry["tolerance"] == 0.005 and entry["replay"] == replay
         for side in ("current", "candidate"):
             assert isinstance(entry["metrics"][side]["accuracy"], float)
         assert entry["holdout_examples"] == 60
