@@ -73,7 +73,8 @@ def main():
     imagen.finetune("classify", "fashion-mnist", out / "pretrained-short", init_from=pretrained, layer_decay=1.0, **short)
     rows["pretrained + fine-tuned, short schedule"] = imagen.evaluate(out / "pretrained-short", "fashion-mnist",
                                                                       split="test", **quiet)
-    model = imagen.load(pretrained).config.model  # the same architecture from scratch
+    pre = imagen.load(pretrained).config
+    model = pre.model  # the same architecture from scratch
     shape = {"preset": "mini", **{k: getattr(model, k) for k in ("image_size", "patch_size", "stem_layers",
                                                                     "stem_channels", "qk_norm")}}
     imagen.finetune("classify", "fashion-mnist", out / "scratch", **shape, **short)
@@ -82,7 +83,6 @@ def main():
     rows["scratch, bare command"] = imagen.evaluate(out / "scratch-recipe", "fashion-mnist", split="test", **quiet)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    pre = imagen.load(pretrained).config
     how = (f"{'reused ' + str(pretrained) if args.pretrained else f'pretraining {pretrain_min:.1f} min'}: "
            f"{pre.train.max_steps or pre.train.epochs} {'steps' if pre.train.max_steps else 'epochs'} of "
            f"{pre.train.batch_size}, mask ratio {pre.task_config['mim_mask_ratio']}, decoder "

@@ -160,7 +160,7 @@ def _new_run_config(task_cls, data, *, init_from, preset, freeze, n, on_bad_samp
     # another keeps that run's model; the recipe fits the rest (its schedule) to the data.
     given = {**_set_values(sets, task_cls), **model_opts, **train_opts, **task_opts,
              **({"preset": preset} if preset is not None else {})}
-    fitted, notes = task_cls.fit_recipe(train_ds, data, given, init_model=init.config.model if init is not None else None)
+    fitted, notes = task_cls.fit_recipe(train_ds, data, given, from_run=init is not None)
     preset = preset or fitted.pop("preset", None) or DEFAULT_PRESET
     fit_model, fit_train, fit_task = _split_options(fitted, task_cls)
     model_opts, train_opts = {**fit_model, **model_opts}, {**fit_train, **train_opts}

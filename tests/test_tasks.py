@@ -85,7 +85,7 @@ def test_classify_recipe_fits_the_data():
     assert fitted["image_size"] == 64 and "patch_size" not in fitted
     assert ClassifyTask.fit_recipe(_Data(32, 500), "shapes", {}) == ({}, [])  # Shapes keeps its measured recipe
     # A run started from another keeps that run's model (and resolution) and gets the schedule fitted to the data.
-    fitted, notes = ClassifyTask.fit_recipe(_Data(28, 550), "folder", {}, init_model=object())
+    fitted, notes = ClassifyTask.fit_recipe(_Data(28, 550), "folder", {}, from_run=True)
     assert fitted["epochs"] == MAX_EPOCHS and fitted["lr"] == RECIPE_OPTIONS["lr"] and fitted["augment"] == "shift"
     assert not {"image_size", "patch_size", "preset", *RECIPE_MODEL} & set(fitted) and len(notes) == 1
     assert fitted["layer_decay"] == INIT_LAYER_DECAY < 1

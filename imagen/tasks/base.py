@@ -90,12 +90,11 @@ class Task:
     find_unused_parameters = True
 
     @classmethod
-    def fit_recipe(cls, dataset, spec, given: dict[str, Any], init_model=None) -> tuple[dict[str, Any], list[str]]:
+    def fit_recipe(cls, dataset, spec, given: dict[str, Any], from_run: bool = False) -> tuple[dict[str, Any], list[str]]:
         """The defaults this task's recipe picks for the training data `dataset` (of `spec`): option name -> value
         (TrainConfig, EncoderConfig or task option names, or "preset"), and lines that say what was chosen and why.
-        `given` holds the options the user set (name -> value); they are never chosen. `init_model` is the model
-        config of the run this one starts from (--init-from), None from scratch: its architecture is not the recipe's
-        to choose. By default nothing depends on the data."""
+        `given` holds the options the user set (name -> value); they are never chosen. `from_run` is True when
+        the run starts from another (--init-from), whose architecture is then not the recipe's to choose. By default nothing depends on the data."""
         return {}, []
 
     def __init__(self, run_config, tokenizer=None):

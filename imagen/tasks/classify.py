@@ -144,19 +144,18 @@ class ClassifyTask(Task):
     search_space = {**Task.search_space, "label_smoothing": {"low": 0.0, "high": 0.2}}
 
     @classmethod
-    def fit_recipe(cls, dataset, spec, given, init_model=None):
+    def fit_recipe(cls, dataset, spec, given, from_run=False):
         """Real images: a model, resolution and schedule fitted to the data (Shapes keeps `recipe`, measured there).
 
         The image size is the data's own up to MAX_AUTO_IMAGE_SIZE, the patch grid about 8 x 8 behind a four-layer
         convolutional stem, and the schedule a number of images seen (TARGET_IMAGES_SEEN) spread over between
         MIN_EPOCHS and MAX_EPOCHS epochs, so 1,000 images get many epochs and 50,000 a few; the best validated weights
-        are kept and patience stops a run that no longer improves. A run started from another (`init_model`, that
-        run's model config) keeps its model and resolution and gets the same schedule with layer-wise lr decay.
+        are kept and patience stops a run that no longer improves. A run started from another (`from_run`) keeps its model and resolution and gets the same schedule with layer-wise lr decay.
         Figures: bench/RESULTS.md ("Encoder on real images", "Label efficiency")."""
         if is_shapes(spec):
             return {}, []
         recipe = RecipeChoices(given)
-        if init_model is None:  # from scratch: the recipe's model; otherwise it is the run's this one starts from
+        if not from_run:  # from scratch: the recipe's model; otherwise it is the run's this one starts from
             fit_image_model(dataset, recipe)
         else:  # layer-wise lr decay keeps the pretrained lower layers close to where they were (BEiT, MAE)
             recipe.choose("layer_decay", INIT_LAYER_DECAY)

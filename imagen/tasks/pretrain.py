@@ -44,7 +44,7 @@ class PretrainTask(Task):
     recipe = {}  # TrainConfig's defaults on Shapes; other data gets the recipe `fit_recipe` fits to it
 
     @classmethod
-    def fit_recipe(cls, dataset, spec, given, init_model=None):
+    def fit_recipe(cls, dataset, spec, given, from_run=False):
         """Real images: the classify recipe's model and resolution (so a fine-tuning run started from this one gets
         the model it would have had from scratch), AdamW at PRETRAIN_OPTIONS, about PRETRAIN_IMAGES_SEEN images seen,
         and, for image-only pretraining, MAE-style masked image modelling (MAE_OPTIONS). Shapes keeps the measured
@@ -52,11 +52,11 @@ class PretrainTask(Task):
         if is_shapes(spec):
             return {}, []
         recipe = RecipeChoices(given)
-        if init_model is None:
+        if not from_run:
             fit_image_model(dataset, recipe)
         for name, value in PRETRAIN_OPTIONS.items():
             recipe.choose(name, value)
-        if given.get("image_only") or not getattr(dataset, "has_text", False):
+        if given.get("image_only") or not dataset.has_text:
             mae = {name: recipe.choose(name, value) for name, value in MAE_OPTIONS.items()}
             if mae["mim_decoder_layers"]:
                 recipe.notes.append(f"image-only pretraining: MAE-style masked image modelling, {mae['mim_mask_ratio']:.0%} "
