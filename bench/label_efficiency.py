@@ -8,7 +8,7 @@ By default every run is a bare command with the recipes for real images: `imagen
 --image-only` (tasks/pretrain.py: the classify recipe's model, `mini` behind a four-layer 64-channel stem with
 QK-norm; MAE-style masked image modelling, 75 % masked, a one-block decoder; 12 epochs of 256) and `imagen finetune
 --task classify --data fashion-mnist --n 550 [--init-from PRETRAIN]` (tasks/classify.py: 100 epochs for 550 images,
-the best validated weights; from a pretrained run with layer-wise lr decay 0.75). Rows: the pretraining run's linear
+the best validated weights; from a pretrained run with layer-wise lr decay 0.65). Rows: the pretraining run's linear
 probe (scikit-learn logistic regression on the frozen pooled encoder, fit on the first 5,000 labelled training
 images, the pretrain task's own evaluation); pretrained + fine-tuned by the bare command; pretrained + fine-tuned
 with a short fixed schedule (400 steps of 64, no layer decay); from scratch with that short schedule; and from
