@@ -25,7 +25,7 @@ import torch
 
 import imagen
 
-BEST = {"epochs": 15, "augment": "shift-flip"}
+BEST = {"epochs": 25, "augment": "shift-flip"}
 
 
 def _value(text: str):
