@@ -62,9 +62,13 @@ def test_page_generates_a_picture_in_chromium(tmp_path):
         page.fill("#prompt", "a blue square")
         page.fill("#n", "2")
         page.fill("#steps", "3")
-        page.evaluate("""() => {  // every text the progress label shows, however briefly
+        page.evaluate("""() => {  // every text the progress label shows, however briefly: each textContent set
+            // adds a new text node, so the records keep every value even when one callback batches several events
             window.labels = [];
-            new MutationObserver(() => window.labels.push(document.getElementById("progress-label").textContent))
+            new MutationObserver(records => records.forEach(r => r.type === "characterData"
+                    ? window.labels.push(r.target.data)
+                    : r.addedNodes.length ? r.addedNodes.forEach(n => window.labels.push(n.textContent))
+                                          : window.labels.push("")))
                 .observe(document.getElementById("progress-label"), {childList: true, characterData: true, subtree: true});
         }""")
         page.click("#generate")
