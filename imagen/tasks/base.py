@@ -94,7 +94,8 @@ class Task:
         """The defaults this task's recipe picks for the training data `dataset` (of `spec`): option name -> value
         (TrainConfig, EncoderConfig or task option names, or "preset"), and lines that say what was chosen and why.
         `given` holds the options the user set (name -> value); they are never chosen. `from_run` is True when
-        the run starts from another (--init-from), whose architecture is then not the recipe's to choose. By default nothing depends on the data."""
+        the run starts from another (--init-from), whose architecture is then not the recipe's to choose. By default
+        nothing depends on the data."""
         return {}, []
 
     def __init__(self, run_config, tokenizer=None):

@@ -150,7 +150,8 @@ class ClassifyTask(Task):
         The image size is the data's own up to MAX_AUTO_IMAGE_SIZE, the patch grid about 8 x 8 behind a four-layer
         convolutional stem, and the schedule a number of images seen (TARGET_IMAGES_SEEN) spread over between
         MIN_EPOCHS and MAX_EPOCHS epochs, so 1,000 images get many epochs and 50,000 a few; the best validated weights
-        are kept and patience stops a run that no longer improves. A run started from another (`from_run`) keeps its model and resolution and gets the same schedule with layer-wise lr decay.
+        are kept and patience stops a run that no longer improves. A run started from another (`from_run`) keeps its
+        model and resolution and gets the same schedule with layer-wise lr decay.
         Figures: bench/RESULTS.md ("Encoder on real images", "Label efficiency")."""
         if is_shapes(spec):
             return {}, []
