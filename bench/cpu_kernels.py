@@ -35,7 +35,7 @@ from imagen.models.heads import EncoderForClassification
 from imagen.models.unet import EfficientUNet
 from imagen.tasks.classify import RECIPE_MODEL
 from imagen.tasks.text_to_image.training import default_stages
-from imagen.train.device import cpu_flags, cpu_has_fast_bf16, resolve_precision
+from imagen.train.device import cpu_flags, cpu_has_fast_bf16, cpu_name, resolve_precision
 
 FUSED_ATTENTION = layers.attention
 VARIANTS = ("fp32", "fp32-matmul-attn", "fp32-channels-last", "fp32-fused-adamw", "bf16", "bf16-fused-attn",
@@ -43,19 +43,10 @@ VARIANTS = ("fp32", "fp32-matmul-attn", "fp32-channels-last", "fp32-fused-adamw"
 
 
 def cpu_description() -> str:
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
     flags = cpu_flags()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')}, model "
-            f"{fields.get('model', '?')}; flags: {' '.join(shown) or 'none of avx2/avx512/amx'}; "
-            f"torch capability {torch.backends.cpu.get_cpu_capability()}; {torch.get_num_threads()} threads)")
+    return (f"{cpu_name()}; flags: {' '.join(shown) or 'none of avx2/avx512/amx'}; "
+            f"torch capability {torch.backends.cpu.get_cpu_capability()}; {torch.get_num_threads()} threads")
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:

@@ -21,7 +21,6 @@ next to the undistilled teacher at N DDIM (and N DPM-Solver++) steps, and the U-
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import subprocess
 import time
@@ -33,13 +32,7 @@ from imagen.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLING_STEPS
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i
 from imagen.tasks.text_to_image import distill_t2i, progressive_distill_t2i, train_t2i
 from imagen.eval.t2i import compositional_prompts
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+from imagen.train.device import cpu_name
 
 
 def seconds_per_image(pipe: TextToImagePipeline, prompts: list[str], config: SamplingConfig, stop_at=None) -> float:
@@ -114,7 +107,7 @@ def main():
                          device=args.device, echo=quiet)
         rows.append((name, calls, base_s, full_s, r, rmse))
 
-    print(f"\nCPU: {cpu_model()}; torch threads {torch.get_num_threads()}; commit {commit}")
+    print(f"\nCPU: {cpu_name()}; torch threads {torch.get_num_threads()}; commit {commit}")
     print(f"distillation ({args.stages}, {args.distill_steps or 'default'} steps): {distill_wall:.1f} wall min, "
           f"{distill_cpu:.1f} CPU min of this process")
     print(f"sampling: {args.steps} {guided.sampler} steps, guidance {args.guidance:g}; accuracy on {args.n_per_category} "
@@ -170,7 +163,7 @@ def progressive(args, teacher: Path, student: Path, commit: str) -> None:
             scores = evaluate_t2i(run, "shapes", config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
                                   device=args.device, echo=quiet)
         rows.append((name, calls_per_image(pipe, config, stop_at), rmse, scores))
-    print(f"\nCPU: {cpu_model()}; torch threads {torch.get_num_threads()}; commit {commit}")
+    print(f"\nCPU: {cpu_name()}; torch threads {torch.get_num_threads()}; commit {commit}")
     print(f"progressive distillation ({args.stages}) to {n} steps, {args.distill_steps or 'default'} optimiser steps per "
           f"phase: {distill_wall:.1f} wall min; pictures up to stage {stop_at}, guidance {args.guidance:g}, {len(prompts)} "
           "prompts, seed 0, RMSE on pixels in [-1, 1]\n")

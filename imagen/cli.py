@@ -79,7 +79,7 @@ def _positive_float(text):
 
 
 def _add_data_args(p):
-    p.add_argument("--data", default="shapes", help="built-in name (shapes, fashion-mnist, emoji) or a path (default: shapes)")
+    p.add_argument("--data", default="shapes", help="built-in name (shapes, fashion-mnist, emoji; shapes:compositional draws more two-object and counted scenes) or a path (default: shapes)")
     # --num-samples: torchrun's own parser takes "--n" after the program for an abbreviation of its --nnodes.
     p.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=None, help="number of training samples to use (default: all / built-in size)")
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip", help="skip unreadable samples (named in a warning) or stop (default: skip)")

@@ -158,3 +158,48 @@ def test_paraphrases_name_every_object_and_leave_the_sample_stream_alone():
     ds = load_dataset("shapes", "train", n=8)
     sets = ds.caption_sets()
     assert [cs[0] for cs in sets] == ds.texts() and all(len(cs) == PARAPHRASES + 1 for cs in sets)
+
+
+def _kind(objects: list[dict]) -> str:
+    names = {(o["color"], o["shape"]) for o in objects}
+    if len(objects) == 1:
+        return "single"
+    if len(objects) == 2 and len(names) == 2:
+        return "pair"
+    return "group" if len(names) == 1 else "other"
+
+
+def test_compositional_mix_draws_its_kinds_of_scene_and_words_them_truthfully():
+    n = 2000
+    ds = load_dataset("shapes:compositional", "train", n=n)
+    plain = load_dataset("shapes", "train", n=n)
+    kinds = {"single": 0, "pair": 0, "group": 0, "other": 0}
+    relations = counted = 0
+    for i in range(n):
+        s = ds[i]
+        kinds[_kind(s["objects"])] += 1
+        relations += any(r in s["text"] for r in (" left of ", " right of ", " above ", " below "))
+        counted += any(f" {w} " in f" {s['text']}" for w in ("two", "three"))  # "two green triangles" anywhere
+        for o in s["objects"]:
+            assert o["color"] in s["text"] and o["shape"] in s["text"], (s["text"], s["objects"])
+    # Shares from SCENE_MIXES (placement may drop an object that does not fit: a few scenes change kind).
+    assert abs(kinds["single"] / n - 0.25) < 0.04 and abs(kinds["pair"] / n - 0.45) < 0.05
+    assert abs(kinds["group"] / n - 0.20) < 0.04
+    # Relations and counts are twice / three times as common as in the uniform mix; the default is unchanged.
+    plain_relations = sum(any(r in t for r in (" left of ", " right of ", " above ", " below ")) for t in plain.texts())
+    assert relations > 1.8 * plain_relations and relations / n > 0.2 and counted / n > 0.15
+    assert plain.texts() == [ShapesWorld(seed=0).sample(i)["text"] for i in range(n)]
+    # The spec is recorded whole and splits keep their own streams.
+    assert ds.texts()[:8] == [ShapesWorld(seed=0, mix="compositional").sample(i)["text"] for i in range(8)]
+    assert load_dataset("shapes:compositional", "val", n=n).texts()[:8] != ds.texts()[:8]
+
+
+def test_scene_mix_bad_input_says_what_to_use():
+    with pytest.raises(DataError, match="choose one of: uniform, compositional"):
+        load_dataset("shapes:balanced", "train", n=4)
+    with pytest.raises(DataError, match="only shapes has variants"):
+        load_dataset("fashion-mnist:compositional", "train", n=4)
+    with pytest.raises(DataError, match="use plain 'shapes'"):
+        load_dataset("shapes:compositional", "train", label="shape", n=4)
+    with pytest.raises(DataError, match="leave min_objects"):
+        ShapesWorld(mix="compositional", max_objects=2)

@@ -98,13 +98,41 @@ def test_lowres_conditioning_changes_the_output():
         model(x_t, t, text_states=kwargs["text_states"])
 
 
-@pytest.mark.parametrize("overrides", [dict(lowres_cond=False), dict(lowres_cond=True), dict(cross_attn_levels=(True, False))])
+@pytest.mark.parametrize("overrides", [dict(lowres_cond=False), dict(lowres_cond=True), dict(cross_attn_levels=(True, False)),
+                                       dict(text_pool_queries=3)])
 def test_every_parameter_gets_a_gradient(overrides):
     model = _model(**overrides).train()
     x_t, t, kwargs = _inputs(model.config)
     model(x_t, t, **kwargs).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, missing
+
+
+def test_attention_pool_starts_silent_then_reads_what_a_mean_cannot():
+    torch.manual_seed(0)
+    plain = EfficientUNet(_config()).eval()
+    pooled = EfficientUNet(_config(text_pool_queries=2)).eval()
+    assert plain.text_pool is None and pooled.num_parameters() > plain.num_parameters()
+    missing = pooled.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("text_pool.") for k in missing)
+    x_t, t, kwargs = _inputs(pooled.config)
+    # Zero-initialised projection: the pool joins a trained U-Net without changing its predictions.
+    torch.testing.assert_close(pooled(x_t, t, **kwargs), plain(x_t, t, **kwargs))
+    with torch.no_grad():
+        pooled.text_pool.out[-1].weight.normal_(0, 0.5)
+    # Two captions with the same mean token state: the mean pool gives both one conditioning vector, the
+    # attention pool two (the U-Net builds the context with its null token first, as here).
+    a, b = torch.randn(1, 1, TEXT_DIM), torch.randn(1, 1, TEXT_DIM)
+    two = torch.cat([a, b], 1).expand(B, -1, -1)
+    same_mean = torch.cat([(a + b) / 2, (a + b) / 2], 1).expand(B, -1, -1)
+    mask = torch.ones(B, 2, dtype=torch.bool)
+
+    def cond(model, states):
+        context = torch.cat([model.null_text.expand(B, -1, -1), states], 1)
+        return model.conditioning(t, states, mask, None, None, context=context, context_mask=torch.ones(B, 3, dtype=torch.bool))
+
+    torch.testing.assert_close(cond(plain, two), cond(plain, same_mean))
+    assert (cond(pooled, two) - cond(pooled, same_mean)).abs().amax() > 1e-3
 
 
 def test_cross_attention_only_levels_attend_to_text_without_self_attention():

@@ -9,7 +9,7 @@ from . import fashion_mnist as fm
 from .dataset import ImageTextDataset
 from imagen.errors import DataError
 from .files import SPLITS, load_files, split_indices
-from .shapes import LABEL_KINDS, ShapesWorld, class_names
+from .shapes import LABEL_KINDS, SCENE_MIXES, ShapesWorld, class_names
 
 BUILTINS = ("shapes", "fashion-mnist", "emoji")
 SHAPES_DEFAULT_N = {"train": 4000, "val": 500, "test": 1000}
@@ -28,17 +28,25 @@ class _ShapesFetch:
         return s
 
 
-def _shapes(split: str, seed: int, label: str | None, n: int | None, size: int | None, lang: str) -> ImageTextDataset:
+def _shapes(split: str, seed: int, label: str | None, n: int | None, size: int | None, lang: str,
+            mix: str | None) -> ImageTextDataset:
     if label is not None and label not in LABEL_KINDS:
         raise DataError(f"unknown label {label!r} for shapes; choose one of: {', '.join(LABEL_KINDS)}")
+    mix = mix or "uniform"
+    if mix not in SCENE_MIXES:
+        raise DataError(f"unknown Shapes scene mix {mix!r} (in 'shapes:{mix}'); choose one of: {', '.join(SCENE_MIXES)}")
     if n is None:
         count = SHAPES_DEFAULT_N[split]
     else:
         count = {"train": n, "val": max(1, n // 8), "test": max(1, n // 4)}[split]
     # A single object makes shape/colour labels unambiguous; counting needs 1-3 objects.
     max_objects = 1 if label in ("shape", "color", "color-shape") else 3
+    if max_objects == 1 and SCENE_MIXES[mix] is not None:
+        raise DataError(f"the {label!r} label needs one object per image; the {mix!r} scene mix draws several: "
+                        "use plain 'shapes'")
     # Each split draws from its own seed stream so train/val/test never share images.
-    world = ShapesWorld(seed=seed * 3 + SPLITS.index(split), size=size or 32, lang=lang, max_objects=max_objects)
+    world = ShapesWorld(seed=seed * 3 + SPLITS.index(split), size=size or 32, lang=lang, max_objects=max_objects,
+                        mix=mix)
     return ImageTextDataset.from_function(
         _ShapesFetch(world, label), count, name="shapes", split=split, class_names=class_names(label) if label else None,
         image_size=world.size, has_text=True, has_labels=label is not None, caption_fn=world.captions)
@@ -74,11 +82,29 @@ def _emoji(split: str, seed: int, label: str | None, n: int | None, size: int | 
         class_names=None, has_text=True, has_labels=False)
 
 
+def _split_variant(spec) -> tuple[str, str | None]:
+    """"NAME:VARIANT" -> (NAME, VARIANT) when NAME is a built-in's; anything else is (spec, None)."""
+    name, sep, variant = str(spec).partition(":")
+    if sep and _normal_key(name) in BUILTINS:
+        return name, variant.lower()
+    return str(spec), None
+
+
+def _normal_key(name: str) -> str:
+    key = name.lower().replace("_", "-")
+    return "fashion-mnist" if key == "fashionmnist" else key
+
+
 def builtin_key(spec) -> str | None:
-    """The built-in dataset a spec names ("Fashion_MNIST" -> "fashion-mnist"), or None for a path."""
-    key = str(spec).lower().replace("_", "-")
-    key = "fashion-mnist" if key == "fashionmnist" else key
+    """The built-in dataset a spec names ("Fashion_MNIST" -> "fashion-mnist", "shapes:compositional" ->
+    "shapes"), or None for a path."""
+    key = _normal_key(_split_variant(spec)[0])
     return key if key in BUILTINS else None
+
+
+def builtin_variant(spec) -> str | None:
+    """The variant a built-in spec names after a colon ("shapes:compositional" -> "compositional"), else None."""
+    return _split_variant(spec)[1] if builtin_key(spec) else None
 
 
 def is_builtin(spec) -> bool:
@@ -101,9 +127,12 @@ def load_dataset(spec: str, split: str = "train", *, seed: int = 0, label: str |
     if size is not None and size < 1:
         raise DataError(f"image size must be positive, got {size}")
     spec = str(spec)
-    key = builtin_key(spec)
+    key, variant = builtin_key(spec), builtin_variant(spec)
+    if variant is not None and key != "shapes":
+        raise DataError(f"{spec!r}: only shapes has variants (shapes:{', shapes:'.join(SCENE_MIXES)}); "
+                        f"use plain {key!r}")
     if key == "shapes":
-        return _shapes(split, seed, label, n, size, lang)
+        return _shapes(split, seed, label, n, size, lang, variant)
     if key == "fashion-mnist":
         return _fashion_mnist(split, label, n, size)
     if key == "emoji":

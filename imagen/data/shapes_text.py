@@ -84,11 +84,12 @@ def relation_phrase(a: dict, b: dict, lang: str) -> str:
     return f"a {object_name(a, lang)} {rel_en} a {object_name(b, lang)}"
 
 
-def caption(objects: list[dict], rng: np.random.Generator, lang: str = "en") -> str:
-    """A caption naming every object's colour and shape, with optional size, position or relation."""
+def caption(objects: list[dict], rng: np.random.Generator, lang: str = "en", p_relation: float = 0.35) -> str:
+    """A caption naming every object's colour and shape, with optional size, position or relation (a pair of
+    different objects is worded by its relation with probability p_relation)."""
     groups = Counter((o["color"], o["shape"]) for o in objects)
     style = rng.random()
-    if len(objects) == 2 and len(groups) == 2 and style < 0.35:
+    if len(objects) == 2 and len(groups) == 2 and style < p_relation:
         return relation_phrase(objects[0], objects[1], lang)
     with_size, with_pos = _coin(rng, 0.35), _coin(rng, 0.35)
     if len(groups) < len(objects) and (style < 0.7 or not (with_size or with_pos)):

@@ -56,6 +56,7 @@ class UNetConfig:
     lowres_cond: bool = False  # super-resolution stage: conditioned on an upsampled low-resolution image
     groups: int = 8  # GroupNorm groups
     guidance_cond: bool = False  # conditioned on the guidance scale (a guidance-distilled student)
+    text_pool_queries: int = 0  # > 0: an attention pool with this many learned queries over the token states (Imagen)
 
     def __post_init__(self):
         # JSON round-trips turn tuples into lists.
@@ -67,6 +68,7 @@ class UNetConfig:
         for name, hi in dict(image_size=MAX_IMAGE_SIZE, in_channels=16, out_channels=16, dim=MAX_DIM, num_heads=MAX_HEADS,
                              text_dim=MAX_DIM, groups=MAX_DIM).items():
             check_range(f"unet.{name}", getattr(self, name), 1, hi)
+        check_range("unet.text_pool_queries", self.text_pool_queries, 0, 64)
         for name in ("cond_dim", "time_dim"):
             if getattr(self, name) is not None:
                 check_range(f"unet.{name}", getattr(self, name), 1, 4 * MAX_DIM)
@@ -223,6 +225,28 @@ class AttentionBlock(nn.Module):
         return h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
 
 
+class AttentionPool(nn.Module):
+    """Imagen's attention pooling of the text: learned queries attend over the token states (the null token
+    included), and their outputs, concatenated, are projected to the conditioning vector. A mean-pooled sentence
+    embedding cannot say which colour goes with which shape; queries that attend to "purple" and to the noun after
+    it can. The projection starts at zero, so the pool joins a trained U-Net's conditioning without changing it."""
+
+    def __init__(self, text_dim: int, out_dim: int, num_queries: int, num_heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, num_queries, text_dim) * text_dim**-0.5)
+        self.norm = nn.LayerNorm(text_dim)
+        self.attn = Attention(text_dim, num_heads)
+        self.out = nn.Sequential(nn.LayerNorm(num_queries * text_dim), nn.Linear(num_queries * text_dim, out_dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, context, context_mask):
+        """(B, S, text_dim) token states and their (B, S) mask -> (B, out_dim)."""
+        queries = self.queries.expand(context.shape[0], -1, -1).to(context.dtype)
+        pooled = self.attn(queries, context=self.norm(context), key_mask=context_mask)  # (B, Q, text_dim)
+        return self.out(pooled.flatten(1))
+
+
 # --- levels --------------------------------------------------------------------------------------------------
 
 
@@ -290,6 +314,8 @@ class EfficientUNet(nn.Module):
         self.lowres_noise_mlp = (
             nn.Sequential(nn.Linear(c.dim, c.time_dim), nn.SiLU(), nn.Linear(c.time_dim, c.time_dim)) if c.lowres_cond else None
         )
+        self.text_pool = (AttentionPool(c.text_dim, c.time_dim, c.text_pool_queries, c.num_heads)
+                          if c.text_pool_queries else None)
         self.guidance_mlp = None
         if c.guidance_cond:
             self.guidance_mlp = nn.Sequential(nn.Linear(c.dim, c.time_dim), nn.SiLU(), nn.Linear(c.time_dim, c.time_dim))
@@ -341,8 +367,10 @@ class EfficientUNet(nn.Module):
             for attn in blocks:
                 attn.recorded = None
 
-    def conditioning(self, t, text_states, text_mask, text_embed, lowres_noise_level, guidance=None) -> torch.Tensor:
-        """One (B, time_dim) vector: time embedding + pooled text + [low-res noise level] + [guidance scale], summed."""
+    def conditioning(self, t, text_states, text_mask, text_embed, lowres_noise_level, guidance=None,
+                     context=None, context_mask=None) -> torch.Tensor:
+        """One (B, time_dim) vector: time embedding + pooled text + [attention-pooled tokens (`context`, the null
+        token first)] + [low-res noise level] + [guidance scale], summed."""
         c = self.config
         cond = self.time_mlp(timestep_embedding(t, c.dim))
         if text_embed is None and text_states is not None:
@@ -351,6 +379,8 @@ class EfficientUNet(nn.Module):
             text_embed = masked_mean(text_states, text_mask)
         if text_embed is not None:
             cond = cond + self.text_proj(text_embed)
+        if self.text_pool is not None and context is not None:
+            cond = cond + self.text_pool(context, context_mask)
         if self.lowres_noise_mlp is not None:
             # Levels in [0, 1] are spread over the timestep range so the sinusoid frequencies suit them.
             cond = cond + self.lowres_noise_mlp(timestep_embedding(lowres_noise_level * 1000, c.dim))
@@ -393,7 +423,7 @@ class EfficientUNet(nn.Module):
             text_mask = text_mask.bool()
             context = torch.cat([self.null_text.expand(B, -1, -1).to(text_states.dtype), text_states], dim=1)  # (B, 1+S, text_dim)
             context_mask = F.pad(text_mask, (1, 0), value=True)  # (B, 1+S), the null token always visible
-        cond = self.conditioning(t, text_states, text_mask, text_embed, lowres_noise_level, guidance)
+        cond = self.conditioning(t, text_states, text_mask, text_embed, lowres_noise_level, guidance, context, context_mask)
 
         x = self.init_conv(x_t)
         skips = []

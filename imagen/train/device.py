@@ -35,15 +35,30 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return set()
+    return fields
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo().get("flags", "").split())
+
+
+def cpu_name() -> str:
+    """The CPU as benchmark figures name it: "AMD EPYC (family 25, model 17)"; models share marketing names."""
+    fields = _cpuinfo()
+    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')})")
 
 
 def cpu_has_fast_bf16() -> bool:
