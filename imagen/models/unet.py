@@ -9,7 +9,8 @@ block), the down and up levels, the model. What makes the U-Net "efficient" in t
 - residual sums and the U-Net skip connections are scaled by 1/sqrt(2).
 
 Conditioning: the timestep, the pooled text embedding and (super-resolution stages) the noise-augmentation
-level of the low-resolution image are summed into one vector that modulates every residual block (FiLM);
+level of the low-resolution image (and, with `text_pool_queries`, an attention pool over the token states) are
+summed into one vector that modulates every residual block (FiLM);
 the per-token text states are attended to by cross-attention at the levels named in `attn_levels` (with
 self-attention) and `cross_attn_levels` (cross-attention alone, without the costly self-attention over many
 pixels; on Shapes, adding it at the base stage's 16x16 level measured worse, so no default uses it).
@@ -228,8 +229,9 @@ class AttentionBlock(nn.Module):
 class AttentionPool(nn.Module):
     """Imagen's attention pooling of the text: learned queries attend over the token states (the null token
     included), and their outputs, concatenated, are projected to the conditioning vector. A mean-pooled sentence
-    embedding cannot say which colour goes with which shape; queries that attend to "purple" and to the noun after
-    it can. The projection starts at zero, so the pool joins a trained U-Net's conditioning without changing it."""
+    embedding cannot tell which colour goes with which shape; learned queries over the contextual token states can
+    carry it (on Shapes, 6,000-step screens measured no gain: bench/RESULTS.md). The projection starts at zero, so
+    the pool joins a trained U-Net's conditioning without changing it."""
 
     def __init__(self, text_dim: int, out_dim: int, num_queries: int, num_heads: int):
         super().__init__()
