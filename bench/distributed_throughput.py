@@ -6,9 +6,9 @@
 
 Each configuration trains the same run for --steps optimiser steps: a classify run (Shapes, colour-shape labels, fp32)
 or, with --task t2i, the text-to-image base stage (`imagen train-t2i --data shapes --sizes 16`, its precision
-chosen by the toolkit), at the same global batch; the figure is the mean of the samples/s that rank 0 logs for the whole job (every process's
-samples), without the first log window (start-up). Both use the same cores: N processes with --threads intra-op
-threads each, against one process with N x --threads threads. Prints a markdown table for bench/RESULTS.md. On CPU
+chosen by the toolkit), at the same global batch; the figure is the mean of the samples/s that rank 0 logs for the
+whole job (every process's samples), without the first log window (start-up). Both use the same cores: N processes
+with --threads intra-op threads each, against one process with N x --threads threads. Prints a markdown table for bench/RESULTS.md. On CPU
 gloo's all-reduce of the gradients is part of every step; nothing here is hidden from it.
 """
 
