@@ -14,13 +14,18 @@ Progressive mode (`--progressive N`: `imagen distill --steps N`) prints instead,
 RMSE of the student's N-step pictures against the teacher's 25-step DPM-Solver++ ones (same prompts, same noise),
 next to the undistilled teacher at N DDIM (and N DPM-Solver++) steps, and the U-Net calls per image:
 
-    python bench/t2i_distill.py --teacher RUN --progressive 8 --distill-steps 1000     # 64 -> 8, four phases
+    python bench/t2i_distill.py --teacher RUN --progressive 8 --distill-steps 1000     # 64 -> 8, three phases
     python bench/t2i_distill.py --teacher RUN --progressive 2 --from-steps 8 --distill-steps 3 --timing-prompts 2  # smoke
+    python bench/t2i_distill.py --teacher RUN --student RUN2 --progressive 8   # score RUN2 = `imagen distill RUN --steps 8`
+
+Accuracy in progressive mode is read by both readers (learned evaluator / pixel check), per category, with the
+difference from the reference on the same prompts and its paired standard error: a within-3-points claim needs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import time
@@ -61,8 +66,12 @@ def main():
     p.add_argument("--progressive", type=int, default=None, metavar="N", help="progressive distillation to N DDIM steps instead")
     p.add_argument("--from-steps", type=int, default=None, help="with --progressive: the first teacher's DDIM steps (default: imagen distill's)")
     p.add_argument("--reference-steps", type=int, default=25, help="with --progressive: the teacher's DPM-Solver++ steps of the reference")
+    p.add_argument("--student", default=None, help="with --progressive and --teacher: score this run, already distilled "
+                   "from --teacher with `imagen distill --steps N`, instead of distilling (copied, not touched)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
+    if args.student and not (args.progressive and args.teacher):
+        p.error("--student scores a progressively distilled run against its teacher: give --progressive N and --teacher")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     quiet = lambda *a, **k: None  # noqa: E731
@@ -133,19 +142,35 @@ def calls_per_image(pipe: TextToImagePipeline, config: SamplingConfig, stop_at: 
     return calls
 
 
+def paired_difference(records: list[dict], reference: list[dict], reader: str = "evaluator") -> tuple[float, float]:
+    """Accuracy of `records` minus that of `reference` on the same prompts (same order, same seeds), and the standard
+    error of that difference from the per-prompt differences (each -1, 0 or 1): pairs that agree cancel, so a student
+    that draws what its teacher drew is measured far more tightly than two independent accuracies would be."""
+    if [r["prompt"] for r in records] != [r["prompt"] for r in reference]:
+        raise ValueError("paired accuracies need the same prompts in the same order")
+    d = torch.tensor([float(a[reader]["correct"]) - float(b[reader]["correct"]) for a, b in zip(records, reference)])
+    return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
+
+
 def progressive(args, teacher: Path, student: Path, commit: str) -> None:
-    """--progressive: distil to N steps, then the RMSE table against the teacher's reference sampling."""
+    """--progressive: distil to N steps (or score --student), then one table against the teacher's reference sampling:
+    U-Net calls, seconds per image, RMSE, accuracy per category by both readers, FID, and the paired difference in
+    accuracy from the reference on the same prompts."""
     stages = args.stages.split(",")
-    wall = time.perf_counter()
-    progressive_distill_t2i(teacher, student, args.progressive, start_steps=args.from_steps, stages=stages,
-                            max_steps=args.distill_steps, progress=False, device=args.device,
-                            **({"lr": args.lr} if args.lr else {}))
-    distill_wall = (time.perf_counter() - wall) / 60
+    if args.student:
+        shutil.copytree(args.student, student, ignore=shutil.ignore_patterns("eval", "samples", "tensorboard", "phase-*"))
+        distill_wall = None
+    else:
+        wall = time.perf_counter()
+        progressive_distill_t2i(teacher, student, args.progressive, start_steps=args.from_steps, stages=stages,
+                                max_steps=args.distill_steps, progress=False, device=args.device,
+                                **({"lr": args.lr} if args.lr else {}))
+        distill_wall = (time.perf_counter() - wall) / 60
     n, batch = args.progressive, args.timing_prompts
     prompts = [p["prompt"] for p in compositional_prompts(batch // 3 + 1, seed=7)][:batch]
     stop_at = [s for s in TextToImagePipeline.from_run(teacher).stage_names if s in stages][-1]
     reference_config = SamplingConfig(steps=args.reference_steps, guidance=args.guidance, batch_size=batch)
-    rows, reference = [], None
+    rows, reference, reference_records = [], None, None
     quiet = lambda *a, **k: None  # noqa: E731
     for name, run, config in (
             (f"teacher, {args.reference_steps} dpmpp2m steps (reference)", teacher, reference_config),
@@ -156,27 +181,39 @@ def progressive(args, teacher: Path, student: Path, commit: str) -> None:
         pipe = TextToImagePipeline.from_run(run, device=args.device)
         with torch.no_grad():
             images = pipe.generate(prompts, config, stop_at=stop_at)  # seed 0: every row starts from the same noise
+            seconds = seconds_per_image(pipe, prompts, config, stop_at=stop_at)
         reference = images if reference is None else reference
         rmse = float((images - reference).square().mean().sqrt())  # pixels in [-1, 1]
-        scores = None
+        scores, delta = None, None
         if args.n_per_category > 0:  # the whole cascade, as `imagen evaluate-t2i` samples it with this config
             scores = evaluate_t2i(run, "shapes", config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
                                   device=args.device, echo=quiet)
-        rows.append((name, calls_per_image(pipe, config, stop_at), rmse, scores))
+            records = [json.loads(line) for line in (run / "eval" / "t2i-shapes-prompts.jsonl").read_text().splitlines()]
+            reference_records = reference_records or records
+            delta = [paired_difference(records, reference_records, reader) for reader in ("evaluator", "pixel")]
+        rows.append((name, calls_per_image(pipe, config, stop_at), seconds, rmse, scores, delta))
     print(f"\nCPU: {cpu_name()}; torch threads {torch.get_num_threads()}; commit {commit}")
-    print(f"progressive distillation ({args.stages}) to {n} steps, {args.distill_steps or 'default'} optimiser steps per "
-          f"phase: {distill_wall:.1f} wall min; pictures up to stage {stop_at}, guidance {args.guidance:g}, {len(prompts)} "
-          "prompts, seed 0, RMSE on pixels in [-1, 1]\n")
+    how = (f"{args.distill_steps or 'default'} optimiser steps per phase: {distill_wall:.1f} wall min" if distill_wall is not None
+           else f"the distilled run {args.student}")
+    print(f"progressive distillation ({args.stages}) to {n} steps, {how}; pictures up to stage {stop_at}, guidance "
+          f"{args.guidance:g}; RMSE on {len(prompts)} prompts, seed 0, pixels in [-1, 1]; seconds per image up to {stop_at}, "
+          f"one batch of {len(prompts)}\n")
     if args.n_per_category > 0:
-        print(f"accuracy and FID: the whole cascade ({args.n_per_category} held-out prompts per category, FID on "
-              f"{args.fid_samples} test images); the teacher's few-step rows take those steps at every stage\n")
-    print("| sampling | U-Net calls per image | RMSE vs reference | compositional | single | relation | count | FID |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, calls, rmse, r in rows:
-        scored = (f"{r['compositional_accuracy']:.3f} | {r['single_accuracy']:.3f} | {r['relation_accuracy']:.3f} | "
-                  f"{r['count_accuracy']:.3f} | {r['fid']:.2f}") if r else "- | - | - | - | -"
-        print(f"| {name} | {calls} | {rmse:.3f} | {scored} |", flush=True)
-
+        print(f"accuracy (learned evaluator / pixel check) and FID: the whole cascade ({args.n_per_category} held-out prompts "
+              f"per category, FID on {args.fid_samples} test images); the teacher's few-step rows take those steps at every "
+              "stage; difference: all prompts minus the reference on the same prompts, +- 2 standard errors of the paired "
+              "difference\n")
+    print("| sampling | U-Net calls per image | s/image | RMSE vs reference | single | relation | count | and | all prompts "
+          "| difference from the reference | FID |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, calls, seconds, rmse, r, delta in rows:
+        cells = ["-"] * 7
+        if r:
+            cells = [f"{r[k + '_accuracy']:.3f} / {r['pixel_' + k + '_accuracy']:.3f}"
+                     for k in ("single", "relation", "count", "and", "compositional")]
+            cells.append(" / ".join(f"{d:+.3f} +- {2 * se:.3f}" for d, se in delta))
+            cells.append(f"{r['fid']:.2f}")
+        print(f"| {name} | {calls} | {seconds:.3f} | {rmse:.3f} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

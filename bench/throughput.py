@@ -71,8 +71,8 @@ def main():
     if args.child:
         print(json.dumps(measure(*args.child, args.batch_size, args.image_size, args.steps, args.device)))
         return
-    print(f"| preset | params (M) | precision | images/s | peak memory (MB) | device |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| preset | params (M) | precision | images/s | peak memory (MB) | device |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for preset in args.presets:
         for precision in args.precisions:
             cmd = [sys.executable, __file__, "--child", preset, precision, "--batch-size", str(args.batch_size),

@@ -197,6 +197,10 @@ def test_compositional_mix_draws_its_kinds_of_scene_and_words_them_truthfully():
 def test_scene_mix_bad_input_says_what_to_use():
     with pytest.raises(DataError, match="choose one of: uniform, compositional"):
         load_dataset("shapes:balanced", "train", n=4)
+    with pytest.raises(DataError, match=r"unknown Shapes scene mix '' \(in 'shapes:'\)"):
+        load_dataset("shapes:", "train", n=4)  # an empty variant is a typo, not the uniform mix
+    with pytest.raises(DataError, match="unknown Shapes scene mix 'balanced'; choose one of"):
+        ShapesWorld(mix="balanced")
     with pytest.raises(DataError, match="only shapes has variants"):
         load_dataset("fashion-mnist:compositional", "train", n=4)
     with pytest.raises(DataError, match="use plain 'shapes'"):

@@ -141,6 +141,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     train = class_data(38)
     config = cfg(checkpoint_every=None, eval_every=None)
     straight = Trainer(classifier(0), Classify(), train, None, config, tmp_path / "a").fit()
+    assert straight.status == "completed"
     # Ctrl-C in the second micro-batch of step 4: the checkpoint holds the 3 finished steps.
     trainer = Trainer(classifier(0), Crashing(8, KeyboardInterrupt()), train, None, config, tmp_path / "b")
     result = trainer.fit()

@@ -9,7 +9,7 @@ from . import fashion_mnist as fm
 from .dataset import ImageTextDataset
 from imagen.errors import DataError
 from .files import SPLITS, load_files, split_indices
-from .shapes import LABEL_KINDS, SCENE_MIXES, ShapesWorld, class_names
+from .shapes import LABEL_KINDS, SCENE_MIXES, ShapesWorld, class_names, scene_mix
 
 BUILTINS = ("shapes", "fashion-mnist", "emoji")
 SHAPES_DEFAULT_N = {"train": 4000, "val": 500, "test": 1000}
@@ -32,16 +32,15 @@ def _shapes(split: str, seed: int, label: str | None, n: int | None, size: int |
             mix: str | None) -> ImageTextDataset:
     if label is not None and label not in LABEL_KINDS:
         raise DataError(f"unknown label {label!r} for shapes; choose one of: {', '.join(LABEL_KINDS)}")
-    mix = mix or "uniform"
-    if mix not in SCENE_MIXES:
-        raise DataError(f"unknown Shapes scene mix {mix!r} (in 'shapes:{mix}'); choose one of: {', '.join(SCENE_MIXES)}")
+    mix = "uniform" if mix is None else mix  # "shapes:" names an empty mix: refused below, not taken as uniform
+    shares = scene_mix(mix, spec=f"shapes:{mix}")
     if n is None:
         count = SHAPES_DEFAULT_N[split]
     else:
         count = {"train": n, "val": max(1, n // 8), "test": max(1, n // 4)}[split]
     # A single object makes shape/colour labels unambiguous; counting needs 1-3 objects.
     max_objects = 1 if label in ("shape", "color", "color-shape") else 3
-    if max_objects == 1 and SCENE_MIXES[mix] is not None:
+    if max_objects == 1 and shares is not None:
         raise DataError(f"the {label!r} label needs one object per image; the {mix!r} scene mix draws several: "
                         "use plain 'shapes'")
     # Each split draws from its own seed stream so train/val/test never share images.

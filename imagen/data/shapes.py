@@ -59,6 +59,15 @@ SCENE_MIXES: dict[str, dict[str, float] | None] = {
 PAIR_RELATION_SHARE = {"uniform": 0.35, "compositional": 0.5}
 
 
+def scene_mix(mix: str, spec: str | None = None) -> dict[str, float] | None:
+    """The shares of a scene mix by name (None: uniform), or a one-line DataError naming the choices (and the data
+    spec the name came from, when given)."""
+    if mix not in SCENE_MIXES:
+        where = f" (in {spec!r})" if spec is not None else ""
+        raise DataError(f"unknown Shapes scene mix {mix!r}{where}; choose one of: {', '.join(SCENE_MIXES)}")
+    return SCENE_MIXES[mix]
+
+
 class ShapesWorld:
     """Deterministic Shapes generator: sample(index) depends only on (seed, index)."""
 
@@ -71,9 +80,7 @@ class ShapesWorld:
                             f"got {min_objects}..{max_objects}")
         if not 8 <= size <= MAX_SIZE:
             raise DataError(f"Shapes canvas size {size} is out of range; use 8 to {MAX_SIZE} pixels")
-        if mix not in SCENE_MIXES:
-            raise DataError(f"unknown Shapes scene mix {mix!r}; choose one of: {', '.join(SCENE_MIXES)}")
-        if SCENE_MIXES[mix] is not None and (min_objects, max_objects) != (1, MAX_OBJECTS):
+        if scene_mix(mix) is not None and (min_objects, max_objects) != (1, MAX_OBJECTS):
             raise DataError(f"the {mix!r} scene mix draws 1 to {MAX_OBJECTS} objects itself; "
                             f"leave min_objects / max_objects at 1 / {MAX_OBJECTS}")
         self.seed, self.size, self.lang = int(seed), int(size), lang

@@ -25,7 +25,7 @@ from imagen.atomic import write_json
 from imagen.config import DEFAULT_REFRESH_REPLAY, DEFAULT_REFRESH_TOLERANCE, TrainConfig, to_dict
 from imagen.data import load_dataset
 from imagen.data.registry import recorded_spec
-from imagen.errors import ConfigError, DataError, RunError
+from imagen.errors import ConfigError, DataError
 from imagen.registry.store import Registry
 from imagen.runs import CONFIG_NAME, TOKENIZER_NAME, open_run
 from imagen.tasks.base import EvalData
