@@ -1,25 +1,30 @@
-"""Guidance distillation (`imagen distill`) on Shapes: the distilled run against its teacher at the same sampling
-steps - compositional accuracy, FID, sampling time per image (teacher: 2 U-Net evaluations per step at a guided
-stage, student: 1), and how far the student's pictures are from the teacher's guided ones from the same seed.
+"""Distillation (`imagen distill`) on Shapes: a distilled run against its teacher, as one Markdown table per run of
+this bench, for bench/RESULTS.md, with the CPU model and the commit.
+
+Every row is a way to sample: the teacher's 25-step DPM-Solver++ pictures with guidance are the reference, and each
+row gives the U-Net calls and seconds per image, the RMSE of its pictures against the reference's (same prompts,
+same noise), accuracy per category read by both readers (learned evaluator / pixel check), FID, and the difference
+in accuracy from the reference on the same prompts with its paired standard error (a within-3-points claim needs
+it: pairs that agree cancel).
+
+Guidance distillation (the default; `imagen distill RUN`): the student samples with one U-Net call per step where
+the teacher takes two. Rows: the reference, the teacher at --steps, the student at --steps, and the teacher's
+conditional branch alone (what one call per step gives without distillation).
 
     python bench/t2i_distill.py --teacher runs/bench-t2i                  # distil a trained run (copied, not touched)
+    python bench/t2i_distill.py --teacher runs/bench-t2i --steps 8        # ... and compare at 8 steps (8 calls)
     python bench/t2i_distill.py --train-max-steps 14000                   # train the teacher first (the default recipe)
     python bench/t2i_distill.py --teacher /tmp/demo-full/text-to-image --distill-steps 50 --n-per-category 8 \
         --fid-samples 32 --timing-prompts 8                               # a smoke run, minutes on one core
 
-Prints one Markdown table (rows: teacher, student, and the teacher's unguided conditional branch - what one call
-per step gives without distillation) for bench/RESULTS.md, with the CPU model and the commit.
-
-Progressive mode (`--progressive N`: `imagen distill --steps N`) prints instead, up to the last distilled stage, the
-RMSE of the student's N-step pictures against the teacher's 25-step DPM-Solver++ ones (same prompts, same noise),
-next to the undistilled teacher at N DDIM (and N DPM-Solver++) steps, and the U-Net calls per image:
+Progressive distillation (`--progressive N`: `imagen distill --steps N`): rows are the reference, the student at its N
+DDIM steps, and the undistilled teacher at N DDIM and N DPM-Solver++ steps.
 
     python bench/t2i_distill.py --teacher RUN --progressive 8 --distill-steps 1000     # 64 -> 8, three phases
     python bench/t2i_distill.py --teacher RUN --progressive 2 --from-steps 8 --distill-steps 3 --timing-prompts 2  # smoke
-    python bench/t2i_distill.py --teacher RUN --student RUN2 --progressive 8   # score RUN2 = `imagen distill RUN --steps 8`
 
-Accuracy in progressive mode is read by both readers (learned evaluator / pixel check), per category, with the
-difference from the reference on the same prompts and its paired standard error: a within-3-points claim needs it.
+`--student RUN2` scores a run already distilled from --teacher (with --progressive N when it was distilled with
+--steps N) instead of distilling one.
 """
 
 from __future__ import annotations
@@ -58,23 +63,22 @@ def main():
     p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: imagen distill's)")
     p.add_argument("--stages", default="base", help="stages to distil (default: base)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale of every comparison")
-    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS, help="sampling steps of every comparison")
+    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS, help="guidance distillation: DPM-Solver++ steps of the teacher and student rows")
     p.add_argument("--n-per-category", type=int, default=200, help="held-out prompts per category for compositional accuracy "
-                   "(0: --progressive prints RMSE only)")
+                   "(0: RMSE and timing only)")
     p.add_argument("--fid-samples", type=int, default=500)
     p.add_argument("--timing-prompts", type=int, default=32, help="prompts timed (one image each, one batch)")
     p.add_argument("--progressive", type=int, default=None, metavar="N", help="progressive distillation to N DDIM steps instead")
     p.add_argument("--from-steps", type=int, default=None, help="with --progressive: the first teacher's DDIM steps (default: imagen distill's)")
-    p.add_argument("--reference-steps", type=int, default=25, help="with --progressive: the teacher's DPM-Solver++ steps of the reference")
-    p.add_argument("--student", default=None, help="with --progressive and --teacher: score this run, already distilled "
-                   "from --teacher with `imagen distill --steps N`, instead of distilling (copied, not touched)")
+    p.add_argument("--reference-steps", type=int, default=DEFAULT_SAMPLING_STEPS, help="the teacher's DPM-Solver++ steps of the reference")
+    p.add_argument("--student", default=None, help="with --teacher: score this run, already distilled from it (with "
+                   "--progressive N: by `imagen distill --steps N`), instead of distilling (copied, not touched)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    if args.student and not (args.progressive and args.teacher):
-        p.error("--student scores a progressively distilled run against its teacher: give --progressive N and --teacher")
+    if args.student and not args.teacher:
+        p.error("--student scores a distilled run against its teacher: give --teacher too")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    quiet = lambda *a, **k: None  # noqa: E731
     out = Path(args.out)
     if args.teacher and Path(args.teacher).resolve().is_relative_to(out.resolve()):
         p.error(f"--teacher {args.teacher} lies inside --out {out}, which this bench clears; choose another --out")
@@ -89,45 +93,102 @@ def main():
                   device=args.device)
         print(f"teacher trained in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
-    if args.progressive:
-        return progressive(args, teacher, out / "student", commit)
     student = out / "student"
-    wall, cpu = time.perf_counter(), time.process_time()
-    distill_t2i(teacher, student, stages=args.stages.split(","), max_steps=args.distill_steps, progress=False,
-                device=args.device, **({"lr": args.lr} if args.lr else {}))
-    distill_wall, distill_cpu = (time.perf_counter() - wall) / 60, (time.process_time() - cpu) / 60
+    stages = args.stages.split(",")
+    if args.student:
+        shutil.copytree(args.student, student, ignore=shutil.ignore_patterns("eval", "samples", "tensorboard", "phase-*"))
+        how = f"the distilled run {args.student}"
+    else:
+        wall = time.perf_counter()
+        if args.progressive:
+            progressive_distill_t2i(teacher, student, args.progressive, start_steps=args.from_steps, stages=stages,
+                                    max_steps=args.distill_steps, progress=False, device=args.device,
+                                    **({"lr": args.lr} if args.lr else {}))
+        else:
+            distill_t2i(teacher, student, stages=stages, max_steps=args.distill_steps, progress=False, device=args.device,
+                        **({"lr": args.lr} if args.lr else {}))
+        how = (f"{args.distill_steps or 'default'} optimiser steps{' per phase' if args.progressive else ''}: "
+               f"{(time.perf_counter() - wall) / 60:.1f} wall min")
 
-    guided = SamplingConfig(steps=args.steps, guidance=args.guidance, batch_size=args.timing_prompts)
-    unguided = SamplingConfig(steps=args.steps, guidance=1.0, batch_size=args.timing_prompts)
-    prompts = [p["prompt"] for p in compositional_prompts(args.timing_prompts // 3 + 1, seed=7)][:args.timing_prompts]
-    rows = []
-    reference = None
-    for name, run, config in (("teacher (guided)", teacher, guided), ("student (distilled)", student, guided),
-                              ("teacher, conditional branch only (guidance 1)", teacher, unguided)):
+    batch = args.timing_prompts
+    reference = SamplingConfig(steps=args.reference_steps, guidance=args.guidance, batch_size=batch)
+    rows = [(f"teacher, {args.reference_steps} dpmpp2m steps (reference)", teacher, reference)]  # guided
+    if args.progressive:
+        n = args.progressive
+        kind = f"progressive distillation ({args.stages}) to {n} DDIM steps"
+        rows += [  # a progressively distilled stage takes its own DDIM steps whatever the config; the others the reference's
+            (f"student, {n} DDIM steps (distilled)", student, reference),
+            (f"teacher, {n} DDIM steps", teacher, SamplingConfig(steps=n, sampler="ddim", guidance=args.guidance, batch_size=batch)),
+            (f"teacher, {n} dpmpp2m steps", teacher, SamplingConfig(steps=n, guidance=args.guidance, batch_size=batch))]
+    else:
+        kind = f"guidance distillation ({args.stages})"
+        guided = SamplingConfig(steps=args.steps, guidance=args.guidance, batch_size=batch)
+        if args.steps != args.reference_steps:
+            rows.append((f"teacher, {args.steps} dpmpp2m steps", teacher, guided))
+        rows += [(f"student, {args.steps} dpmpp2m steps (distilled)", student, guided),
+                 (f"teacher, {args.steps} dpmpp2m steps, conditional branch only (guidance 1)", teacher,
+                  SamplingConfig(steps=args.steps, guidance=1.0, batch_size=batch))]
+    stop_at = [s for s in TextToImagePipeline.from_run(teacher).stage_names if s in stages][-1]
+    scored = score(args, rows, stop_at)
+    print(f"\nCPU: {cpu_name()}; torch threads {torch.get_num_threads()}; commit {commit}")
+    print(f"{kind}, {how}; pictures up to stage {stop_at}, guidance {args.guidance:g}; RMSE against the reference on "
+          f"{batch} prompts, seed 0, pixels in [-1, 1]; seconds per image up to {stop_at}, one batch of {batch}\n")
+    print_table(args, scored)
+
+
+def score(args, rows, stop_at: str) -> list[tuple]:
+    """Each (name, run, config) row sampled: U-Net calls and seconds per image up to `stop_at`, RMSE of those pictures
+    against the first row's (same prompts, same noise), and - unless --n-per-category 0 - the whole cascade's accuracy
+    by both readers, FID, and the paired difference in accuracy from the first row on the same prompts."""
+    batch = args.timing_prompts
+    prompts = [p["prompt"] for p in compositional_prompts(batch // 3 + 1, seed=7)][:batch]
+    quiet = lambda *a, **k: None  # noqa: E731
+    scored, reference, reference_records = [], None, None
+    for name, run, config in rows:
         pipe = TextToImagePipeline.from_run(run, device=args.device)
         with torch.no_grad():
-            images = pipe.generate(prompts, config)
+            images = pipe.generate(prompts, config, stop_at=stop_at)  # seed 0: every row starts from the same noise
+            seconds = seconds_per_image(pipe, prompts, config, stop_at=stop_at)
         reference = images if reference is None else reference
         rmse = float((images - reference).square().mean().sqrt())  # pixels in [-1, 1]
-        base_s = seconds_per_image(pipe, prompts, config, stop_at="base")
-        full_s = seconds_per_image(pipe, prompts, config)
-        calls = sum(1 if (s.config.guidance_distilled or config.guidance == 1.0) else 2 for s in pipe.stages)
-        r = evaluate_t2i(run, "shapes", config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
-                         device=args.device, echo=quiet)
-        rows.append((name, calls, base_s, full_s, r, rmse))
+        r, delta = None, None
+        if args.n_per_category > 0:  # the whole cascade, as `imagen evaluate-t2i` samples it with this config
+            r = evaluate_t2i(run, "shapes", config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
+                             device=args.device, echo=quiet)
+            records = [json.loads(line) for line in (run / "eval" / "t2i-shapes-prompts.jsonl").read_text().splitlines()]
+            reference_records = reference_records or records
+            delta = [paired_difference(records, reference_records, reader) for reader in ("evaluator", "pixel")]
+        scored.append((name, calls_per_image(pipe, config, stop_at), seconds, rmse, r, delta))
+    return scored
 
-    print(f"\nCPU: {cpu_name()}; torch threads {torch.get_num_threads()}; commit {commit}")
-    print(f"distillation ({args.stages}, {args.distill_steps or 'default'} steps): {distill_wall:.1f} wall min, "
-          f"{distill_cpu:.1f} CPU min of this process")
-    print(f"sampling: {args.steps} {guided.sampler} steps, guidance {args.guidance:g}; accuracy on {args.n_per_category} "
-          f"prompts per category; FID on {args.fid_samples} test images; RMSE vs the guided teacher on {len(prompts)} "
-          "prompts, same seed, pixels in [-1, 1]\n")
-    print("| run | U-Net calls per step (all stages) | s/image base | s/image cascade | compositional | single | relation "
-          "| count | FID | RMSE vs teacher |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, calls, base_s, full_s, r, rmse in rows:
-        print(f"| {name} | {calls} | {base_s:.3f} | {full_s:.3f} | {r['compositional_accuracy']:.3f} | {r['single_accuracy']:.3f} "
-              f"| {r['relation_accuracy']:.3f} | {r['count_accuracy']:.3f} | {r['fid']:.2f} | {rmse:.3f} |", flush=True)
+
+def print_table(args, scored: list[tuple]) -> None:
+    if args.n_per_category > 0:
+        print(f"accuracy (learned evaluator / pixel check) and FID: the whole cascade ({args.n_per_category} held-out prompts "
+              f"per category, FID on {args.fid_samples} test images); a teacher's few-step rows take those steps at every "
+              "stage; difference: all prompts minus the reference on the same prompts, +- 2 standard errors of the paired "
+              "difference\n")
+    print("| sampling | U-Net calls per image | s/image | RMSE vs reference | single | relation | count | and | all prompts "
+          "| difference from the reference | FID |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, calls, seconds, rmse, r, delta in scored:
+        cells = ["-"] * 7
+        if r:
+            cells = [f"{r[k + '_accuracy']:.3f} / {r['pixel_' + k + '_accuracy']:.3f}"
+                     for k in ("single", "relation", "count", "and", "compositional")]
+            cells.append(" / ".join(f"{d:+.3f} +- {2 * se:.3f}" for d, se in delta))
+            cells.append(f"{r['fid']:.2f}")
+        print(f"| {name} | {calls} | {seconds:.3f} | {rmse:.3f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def paired_difference(records: list[dict], reference: list[dict], reader: str = "evaluator") -> tuple[float, float]:
+    """Accuracy of `records` minus that of `reference` on the same prompts (same order, same seeds), and the standard
+    error of that difference from the per-prompt differences (each -1, 0 or 1): pairs that agree cancel, so a student
+    that draws what its teacher drew is measured far more tightly than two independent accuracies would be."""
+    if [r["prompt"] for r in records] != [r["prompt"] for r in reference]:
+        raise ValueError("paired accuracies need the same prompts in the same order")
+    d = torch.tensor([float(a[reader]["correct"]) - float(b[reader]["correct"]) for a, b in zip(records, reference)])
+    return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
 
 
 def calls_per_image(pipe: TextToImagePipeline, config: SamplingConfig, stop_at: str) -> int:
@@ -141,79 +202,6 @@ def calls_per_image(pipe: TextToImagePipeline, config: SamplingConfig, stop_at: 
             return calls
     return calls
 
-
-def paired_difference(records: list[dict], reference: list[dict], reader: str = "evaluator") -> tuple[float, float]:
-    """Accuracy of `records` minus that of `reference` on the same prompts (same order, same seeds), and the standard
-    error of that difference from the per-prompt differences (each -1, 0 or 1): pairs that agree cancel, so a student
-    that draws what its teacher drew is measured far more tightly than two independent accuracies would be."""
-    if [r["prompt"] for r in records] != [r["prompt"] for r in reference]:
-        raise ValueError("paired accuracies need the same prompts in the same order")
-    d = torch.tensor([float(a[reader]["correct"]) - float(b[reader]["correct"]) for a, b in zip(records, reference)])
-    return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
-
-
-def progressive(args, teacher: Path, student: Path, commit: str) -> None:
-    """--progressive: distil to N steps (or score --student), then one table against the teacher's reference sampling:
-    U-Net calls, seconds per image, RMSE, accuracy per category by both readers, FID, and the paired difference in
-    accuracy from the reference on the same prompts."""
-    stages = args.stages.split(",")
-    if args.student:
-        shutil.copytree(args.student, student, ignore=shutil.ignore_patterns("eval", "samples", "tensorboard", "phase-*"))
-        distill_wall = None
-    else:
-        wall = time.perf_counter()
-        progressive_distill_t2i(teacher, student, args.progressive, start_steps=args.from_steps, stages=stages,
-                                max_steps=args.distill_steps, progress=False, device=args.device,
-                                **({"lr": args.lr} if args.lr else {}))
-        distill_wall = (time.perf_counter() - wall) / 60
-    n, batch = args.progressive, args.timing_prompts
-    prompts = [p["prompt"] for p in compositional_prompts(batch // 3 + 1, seed=7)][:batch]
-    stop_at = [s for s in TextToImagePipeline.from_run(teacher).stage_names if s in stages][-1]
-    reference_config = SamplingConfig(steps=args.reference_steps, guidance=args.guidance, batch_size=batch)
-    rows, reference, reference_records = [], None, None
-    quiet = lambda *a, **k: None  # noqa: E731
-    for name, run, config in (
-            (f"teacher, {args.reference_steps} dpmpp2m steps (reference)", teacher, reference_config),
-            # its distilled stages take their own DDIM steps; the others the reference's
-            (f"student, {n} DDIM steps (distilled)", student, reference_config),
-            (f"teacher, {n} DDIM steps", teacher, SamplingConfig(steps=n, sampler="ddim", guidance=args.guidance, batch_size=batch)),
-            (f"teacher, {n} dpmpp2m steps", teacher, SamplingConfig(steps=n, guidance=args.guidance, batch_size=batch))):
-        pipe = TextToImagePipeline.from_run(run, device=args.device)
-        with torch.no_grad():
-            images = pipe.generate(prompts, config, stop_at=stop_at)  # seed 0: every row starts from the same noise
-            seconds = seconds_per_image(pipe, prompts, config, stop_at=stop_at)
-        reference = images if reference is None else reference
-        rmse = float((images - reference).square().mean().sqrt())  # pixels in [-1, 1]
-        scores, delta = None, None
-        if args.n_per_category > 0:  # the whole cascade, as `imagen evaluate-t2i` samples it with this config
-            scores = evaluate_t2i(run, "shapes", config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
-                                  device=args.device, echo=quiet)
-            records = [json.loads(line) for line in (run / "eval" / "t2i-shapes-prompts.jsonl").read_text().splitlines()]
-            reference_records = reference_records or records
-            delta = [paired_difference(records, reference_records, reader) for reader in ("evaluator", "pixel")]
-        rows.append((name, calls_per_image(pipe, config, stop_at), seconds, rmse, scores, delta))
-    print(f"\nCPU: {cpu_name()}; torch threads {torch.get_num_threads()}; commit {commit}")
-    how = (f"{args.distill_steps or 'default'} optimiser steps per phase: {distill_wall:.1f} wall min" if distill_wall is not None
-           else f"the distilled run {args.student}")
-    print(f"progressive distillation ({args.stages}) to {n} steps, {how}; pictures up to stage {stop_at}, guidance "
-          f"{args.guidance:g}; RMSE on {len(prompts)} prompts, seed 0, pixels in [-1, 1]; seconds per image up to {stop_at}, "
-          f"one batch of {len(prompts)}\n")
-    if args.n_per_category > 0:
-        print(f"accuracy (learned evaluator / pixel check) and FID: the whole cascade ({args.n_per_category} held-out prompts "
-              f"per category, FID on {args.fid_samples} test images); the teacher's few-step rows take those steps at every "
-              "stage; difference: all prompts minus the reference on the same prompts, +- 2 standard errors of the paired "
-              "difference\n")
-    print("| sampling | U-Net calls per image | s/image | RMSE vs reference | single | relation | count | and | all prompts "
-          "| difference from the reference | FID |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, calls, seconds, rmse, r, delta in rows:
-        cells = ["-"] * 7
-        if r:
-            cells = [f"{r[k + '_accuracy']:.3f} / {r['pixel_' + k + '_accuracy']:.3f}"
-                     for k in ("single", "relation", "count", "and", "compositional")]
-            cells.append(" / ".join(f"{d:+.3f} +- {2 * se:.3f}" for d, se in delta))
-            cells.append(f"{r['fid']:.2f}")
-        print(f"| {name} | {calls} | {seconds:.3f} | {rmse:.3f} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()
