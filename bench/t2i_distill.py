@@ -45,12 +45,12 @@ from imagen.eval.t2i import compositional_prompts
 from imagen.train.device import cpu_name
 
 
-def seconds_per_image(pipe: TextToImagePipeline, prompts: list[str], config: SamplingConfig, stop_at=None) -> float:
-    """Wall seconds per image of `pipe.generate` (after one warm-up call)."""
+def timed_generate(pipe: TextToImagePipeline, prompts: list[str], config: SamplingConfig, stop_at=None):
+    """`pipe.generate(prompts)` after one warm-up call: (its pictures, wall seconds per image)."""
     pipe.generate(prompts[:1], config, stop_at=stop_at)
     start = time.perf_counter()
-    pipe.generate(prompts, config, stop_at=stop_at)
-    return (time.perf_counter() - start) / len(prompts)
+    images = pipe.generate(prompts, config, stop_at=stop_at)
+    return images, (time.perf_counter() - start) / len(prompts)
 
 
 def main():
@@ -80,8 +80,18 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     out = Path(args.out)
-    if args.teacher and Path(args.teacher).resolve().is_relative_to(out.resolve()):
-        p.error(f"--teacher {args.teacher} lies inside --out {out}, which this bench clears; choose another --out")
+    for option, given in (("--teacher", args.teacher), ("--student", args.student)):
+        if given and Path(given).resolve().is_relative_to(out.resolve()):
+            p.error(f"{option} {given} lies inside --out {out}, which this bench clears; choose another --out")
+    if args.student:  # checked before --out is cleared: a wrong run would print rows that describe another sampling
+        config_file = Path(args.student) / "config.json"
+        record = json.loads(config_file.read_text()).get("distillation") if config_file.is_file() else None
+        if record is None:
+            p.error(f"--student {args.student} is not a run made by `imagen distill` (no distillation in its config.json)")
+        if record.get("steps") != args.progressive:
+            p.error(f"--student {args.student} was distilled with --steps {record.get('steps')}; give --progressive "
+                    f"{record.get('steps')}" if record.get("steps") else f"--student {args.student} is guidance-distilled "
+                    "only; drop --progressive")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     teacher = out / "teacher"  # evaluate-t2i writes into a run's eval/: never into the run we were given
@@ -147,8 +157,8 @@ def score(args, rows, stop_at: str) -> list[tuple]:
     for name, run, config in rows:
         pipe = TextToImagePipeline.from_run(run, device=args.device)
         with torch.no_grad():
-            images = pipe.generate(prompts, config, stop_at=stop_at)  # seed 0: every row starts from the same noise
-            seconds = seconds_per_image(pipe, prompts, config, stop_at=stop_at)
+            # seed 0: every row starts from the same noise
+            images, seconds = timed_generate(pipe, prompts, config, stop_at=stop_at)
         reference = images if reference is None else reference
         rmse = float((images - reference).square().mean().sqrt())  # pixels in [-1, 1]
         r, delta = None, None
