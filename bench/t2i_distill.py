@@ -9,11 +9,14 @@ it: pairs that agree cancel).
 
 Guidance distillation (the default; `imagen distill RUN`): the student samples with one U-Net call per step where
 the teacher takes two. Rows: the reference, the teacher at --steps, the student at --steps, and the teacher's
-conditional branch alone (what one call per step gives without distillation).
+conditional branch alone (what one call per step gives without distillation; guidance 1 at every stage). --steps
+applies to the distilled --stages only (`SamplingConfig.stage_steps`); the others keep the reference's steps, so
+`--stages sr1 --steps 8` measures the super-resolution stage at 8 calls under the reference's base stage.
 
     python bench/t2i_distill.py --teacher runs/bench-t2i                  # distil a trained run (copied, not touched)
     python bench/t2i_distill.py --teacher runs/bench-t2i --steps 8        # ... and compare at 8 steps (8 calls)
     python bench/t2i_distill.py --train-max-steps 14000                   # train the teacher first (the default recipe)
+    python bench/t2i_distill.py --teacher RUN --stages sr1 --steps 8      # a cascade's SR stage at 8 calls
     python bench/t2i_distill.py --teacher /tmp/demo-full/text-to-image --distill-steps 50 --n-per-category 8 \
         --fid-samples 32 --timing-prompts 8                               # a smoke run, minutes on one core
 
@@ -30,6 +33,7 @@ DDIM steps, and the undistilled teacher at N DDIM and N DPM-Solver++ steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -132,12 +136,13 @@ def main():
             (f"teacher, {n} dpmpp2m steps", teacher, SamplingConfig(steps=n, guidance=args.guidance, batch_size=batch))]
     else:
         kind = f"guidance distillation ({args.stages})"
-        guided = SamplingConfig(steps=args.steps, guidance=args.guidance, batch_size=batch)
+        few = {name: args.steps for name in stages}  # the distilled stages at --steps, the others as the reference
+        guided = SamplingConfig(steps=args.reference_steps, stage_steps=few, guidance=args.guidance, batch_size=batch)
         if args.steps != args.reference_steps:
             rows.append((f"teacher, {args.steps} dpmpp2m steps", teacher, guided))
         rows += [(f"student, {args.steps} dpmpp2m steps (distilled)", student, guided),
-                 (f"teacher, {args.steps} dpmpp2m steps, conditional branch only (guidance 1)", teacher,
-                  SamplingConfig(steps=args.steps, guidance=1.0, batch_size=batch))]
+                 (f"teacher, {args.steps} dpmpp2m steps, conditional branch only (guidance 1 at every stage)", teacher,
+                  dataclasses.replace(guided, guidance=1.0))]
     stop_at = [s for s in TextToImagePipeline.from_run(teacher).stage_names if s in stages][-1]
     scored = score(args, rows, stop_at)
     print(f"\nCPU: {cpu_name()}; torch threads {torch.get_num_threads()}; commit {commit}")
@@ -175,8 +180,9 @@ def score(args, rows, stop_at: str) -> list[tuple]:
 def print_table(args, scored: list[tuple]) -> None:
     if args.n_per_category > 0:
         print(f"accuracy (learned evaluator / pixel check) and FID: the whole cascade ({args.n_per_category} held-out prompts "
-              f"per category, FID on {args.fid_samples} test images); a teacher's few-step rows take those steps at every "
-              "stage; difference: all prompts minus the reference on the same prompts, +- 2 standard errors of the paired "
+              f"per category, FID on {args.fid_samples} test images); few-step rows take those steps at the distilled "
+              "stages (a progressive teacher's rows: at every stage), the others the reference's; U-Net calls per stage; "
+              "difference: all prompts minus the reference on the same prompts, +- 2 standard errors of the paired "
               "difference\n")
     print("| sampling | U-Net calls per image | s/image | RMSE vs reference | single | relation | count | and | all prompts "
           "| difference from the reference | FID |")
@@ -201,16 +207,16 @@ def paired_difference(records: list[dict], reference: list[dict], reader: str = 
     return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
 
 
-def calls_per_image(pipe: TextToImagePipeline, config: SamplingConfig, stop_at: str) -> int:
-    """U-Net evaluations per image up to `stop_at`: each stage's steps (its own, when distilled with --steps), two per
-    step where classifier-free guidance runs both branches."""
-    calls = 0
+def calls_per_image(pipe: TextToImagePipeline, config: SamplingConfig, stop_at: str) -> str:
+    """U-Net evaluations per image of each stage up to `stop_at` ("50 + 8"): its steps (its own, when distilled with
+    --steps or named in the config's stage_steps), two per step where classifier-free guidance runs both branches."""
+    calls = []
     for stage in pipe.stages:
         c = stage.config
-        calls += c.sampling(config).steps * (1 if c.guidance_distilled or config.guidance == 1.0 else 2)
+        calls.append(c.sampling(config).steps * (1 if c.guidance_distilled or config.guidance == 1.0 else 2))
         if c.name == stop_at:
-            return calls
-    return calls
+            break
+    return " + ".join(map(str, calls))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,26 @@ def _positive_int(text):
     return value
 
 
+def _sampling_steps(text):
+    """--steps: N for every stage, or steps per stage: base=8,sr1=25, or 25,base=8 (a stage not named takes the bare
+    count, else the default). Returns (count or None, {stage: count})."""
+    steps, stages = None, {}
+    for item in text.split(","):
+        name, named, count = (part.strip() for part in item.strip().rpartition("="))
+        if named and not name:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: name the stage before '=', e.g. base=8")
+        value = _positive_int(count)
+        if not named:
+            if steps is not None:
+                raise argparse.ArgumentTypeError(f"{text!r}: one bare step count (for every stage); name the others, e.g. 25,base=8")
+            steps = value
+        elif name in stages:
+            raise argparse.ArgumentTypeError(f"{text!r}: stage {name!r} is named twice")
+        else:
+            stages[name] = value
+    return steps, stages
+
+
 def _positive_float(text):
     try:
         value = float(text)
@@ -150,7 +170,10 @@ def _add_sampling_args(p):
     """Options of `imagen.diffusion.SamplingConfig`; each dest is the field's name, so `_sampling_config` passes it on."""
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=0, help="random seed; same seed, same pictures (default: 0)")
-    g.add_argument("--steps", type=_positive_int, default=DEFAULT_SAMPLING_STEPS, help=f"sampling steps; a stage distilled with `imagen distill --steps` always takes its own DDIM steps (default: {DEFAULT_SAMPLING_STEPS})")
+    g.add_argument("--steps", type=_sampling_steps, default=(DEFAULT_SAMPLING_STEPS, {}), metavar="N | STAGE=N,...",
+                   help="sampling steps, for every stage (25) or per stage (base=8,sr1=25, or 25,base=8: a stage not named "
+                        "takes the bare count); a stage distilled with `imagen distill --steps` always takes its own DDIM "
+                        f"steps (default: {DEFAULT_SAMPLING_STEPS})")
     g.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER, help=f"sampler, except at a stage distilled with --steps (DDIM) (default: {DEFAULT_SAMPLER})")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 1 = off (default: {DEFAULT_GUIDANCE:g})")
@@ -167,7 +190,9 @@ def _sampling_config(args):
 
     from imagen.api import SamplingConfig
 
-    return SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if hasattr(args, f.name)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if hasattr(args, f.name)}
+    steps, stage_steps = given.pop("steps")
+    return SamplingConfig(**given, steps=DEFAULT_SAMPLING_STEPS if steps is None else steps, stage_steps=stage_steps)
 
 
 def _sizes(text):

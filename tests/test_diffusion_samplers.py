@@ -311,6 +311,22 @@ def test_sampling_config_validates_once_with_one_line_errors():
     assert SamplingConfig(sampler="ddim", eta=0.5).eta == 0.5
 
 
+def test_stage_steps_give_named_stages_their_own_count():
+    from imagen.errors import GenerationError
+
+    config = SamplingConfig(steps=25, stage_steps={"sr1": 12, "base": 8})
+    assert config.stage_steps == (("base", 8), ("sr1", 12))  # sorted pairs: the same request, the same (hashable) key
+    assert hash(config) == hash(SamplingConfig(steps=25, stage_steps=[("base", 8), ("sr1", 12)]))
+    assert config.for_stage("base").steps == 8 and config.for_stage("sr1").steps == 12
+    assert config.for_stage("sr2").steps == 25 and config.for_stage("sr2") is config
+    assert config.for_stage("base").stage_steps == ()  # what `sample` gets is one plain count
+    for bad, needle in [({"base": 0}, "steps of stage 'base' must be a positive integer, got 0"),
+                        ({"base": 2.5}, "got 2.5"), ({"base": True}, "got True"), ({"": 3}, "non-empty string"),
+                        ([("base", 3), ("base", 4)], "names a stage twice"), (8, "must map stage names to step counts")]:
+        with pytest.raises(GenerationError, match=needle):
+            SamplingConfig(stage_steps=bad)
+
+
 def test_sampling_config_percentile_reaches_the_threshold(monkeypatch):
     import imagen.diffusion.samplers as samplers
 

@@ -193,6 +193,34 @@ def test_a_distilled_stage_samples_with_one_call_per_step(teacher, student, one_
     assert not torch.allclose(both, pipe.generate(prompts, SamplingConfig(steps=4, guidance=6.0)))
 
 
+def test_per_stage_steps_sample_the_distilled_base_in_few_calls(capsys, student, tmp_path, one_thread):
+    # The 8-call route of a cascade: the guidance-distilled base stage at few steps, the super-resolution stage at more.
+    prompts, B = ["a red circle", "a blue square"], 2
+    config = SamplingConfig(steps=5, stage_steps={"base": 2}, guidance=3.0)
+    pipe = TextToImagePipeline.from_run(student)
+    assert pipe.sampling_plan(config) == [{"stage": "base", "sampler": "dpmpp2m", "steps": 2, "unet_calls": 2},
+                                          {"stage": "sr1", "sampler": "dpmpp2m", "steps": 5, "unet_calls": 10}]
+    calls = {name: _count_calls(pipe, name) for name in ("base", "sr1")}
+    images = pipe.generate(prompts, config)
+    assert images.shape == (B, 3, 16, 16) and calls == {"base": [B] * 2, "sr1": [2 * B] * 5}
+    # The base stage samples exactly as it does with 2 steps for every stage.
+    torch.testing.assert_close(pipe.generate(prompts, config, stop_at="base"),
+                               pipe.generate(prompts, SamplingConfig(steps=2, guidance=3.0), stop_at="base"), rtol=0, atol=0)
+    with pytest.raises(GenerationError, match="has no stage 'sr2' to give its own steps; its stages are base, sr1"):
+        pipe.check_config(SamplingConfig(stage_steps={"sr2": 3}))
+    # From the command line: `--steps 5,base=2` is the same request; bad specs are one line, before anything is written.
+    out = tmp_path / "grid.png"
+    assert run(capsys, "generate", "--run", student, "a red circle", "--steps", "5,base=2", "--out", out)[0] == 0
+    assert out.is_file()
+    for steps, needle in [("base=2,base=3", "stage 'base' is named twice"), ("=3", "name the stage before '='"),
+                          ("5,6", "one bare step count"), ("base=0", "must be a positive integer, got 0"),
+                          ("sr3=4", "has no stage 'sr3'")]:
+        line = one_line_error(*run(capsys, "generate", "--run", student, "a red circle", "--steps", steps,
+                                   "--out", tmp_path / "bad.png")[::2])
+        assert needle in line, (steps, line)
+    assert not (tmp_path / "bad.png").exists()
+
+
 # Each stage runs 5 steps, base first: stopped in the base stage, or (slow) in the super-resolution stage.
 @pytest.mark.parametrize("at", [3, pytest.param(5 + 2, marks=pytest.mark.slow)])
 def test_interrupted_and_resumed_distillation_equals_uninterrupted(at, capsys, teacher, tmp_path, monkeypatch, one_thread):

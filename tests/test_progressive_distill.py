@@ -11,6 +11,7 @@ from cli_helpers import assert_same_weights, one_line_error, run_cli as run
 from imagen.diffusion import (DDIMSampler, SamplingConfig, NoiseSchedule, model_output_to_x0_eps, progressive_distillation_loss,
                               progressive_distillation_target, progressive_timesteps, spaced_timesteps)
 from imagen.diffusion.process import min_snr_weight
+from imagen.errors import GenerationError
 
 
 def _teacher(x_t, t, text_embed):
@@ -148,6 +149,10 @@ def test_a_progressively_distilled_stage_samples_on_its_grid_with_one_call_per_s
     assert pipe.sampling_plan(SamplingConfig(steps=3, guidance=3.0)) == [
         {"stage": "base", "sampler": "ddim", "steps": 2, "unet_calls": 2},
         {"stage": "sr1", "sampler": "dpmpp2m", "steps": 3, "unet_calls": 6}]
+    # Per-stage steps: naming its own count is the same request; another count is refused, not silently ignored.
+    assert pipe.sampling_plan(SamplingConfig(steps=3, stage_steps={"base": 2}, guidance=3.0))[0]["steps"] == 2
+    with pytest.raises(GenerationError, match="progressively distilled to 2 DDIM steps.*drop base=8"):
+        pipe.check_config(SamplingConfig(steps=3, stage_steps={"base": 8}, guidance=3.0))
     # An exported step graph says which grid it was distilled for (only that grid makes good pictures).
     from imagen.export.onnx import graph_for_stage
     info = graph_for_stage(pipe.stages[0], text_len=4).info

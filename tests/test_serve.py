@@ -226,6 +226,19 @@ def test_api_key(models):
     serve(models, check, api_key="s3cret")
 
 
+def test_generate_takes_steps_per_stage(models):
+    # A few-step base stage before a super-resolution stage that needs more: each stage reports its own count.
+    body = {"prompt": "a red circle", "seed": 3, "steps": 3, "stage_steps": {"base": 2}, "model": "t2i", "stream": True}
+
+    async def check(client, app):
+        async with client.stream("POST", "/v1/generate", json=body) as r:
+            return "".join([chunk async for chunk in r.aiter_text()])
+
+    events = sse(serve(models, check))
+    expected = [{"step": i, "steps": n, "stage": stage} for stage, n in (("base", 2), ("sr1", 3)) for i in range(1, n + 1)]
+    assert [data for kind, data in events[:-1]] == expected and events[-1][0] == "result"
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"prompt": "x" * 1001}, 422, "prompt"),
     ({"prompt": ""}, 422, "prompt"),
@@ -235,6 +248,9 @@ def test_api_key(models):
     ({"prompt": "a", "steps": 1001}, 422, "steps"),
     ({"prompt": "a", "steps": 0}, 422, "steps"),
     ({"prompt": "a", "steps": 1000, "sampler": "unipc"}, 422, "steps must be in [1, 996]"),  # skips the cosine tail
+    ({"prompt": "a", "stage_steps": {"sr9": 2}}, 422, "has no stage 'sr9'"),
+    ({"prompt": "a", "stage_steps": {"base": 0}}, 422, "stage_steps"),
+    ({"prompt": "a", "stage_steps": {f"s{i}": 1 for i in range(17)}}, 422, "stage_steps"),
     ({"prompt": "a", "model": "/etc/passwd"}, 404, "no generate model"),
     ({"prompt": "a", "model": "cls"}, 422, "no generate model"),
     ({"prompt": "a", "out": "/tmp/x.png"}, 422, "out"),  # no field can name a server path

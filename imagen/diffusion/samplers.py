@@ -6,8 +6,8 @@ Samplers hold no weights and take a denoiser callable.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -316,12 +316,16 @@ def make_sampler(name: str, schedule: NoiseSchedule, eta: float = 0.0) -> Sample
 class SamplingConfig:
     """Every option of text-to-image sampling, validated once; it travels as one object from the CLI to `sample`.
 
-    `sample` reads sampler, steps, threshold, percentile, eta and strength; the pipeline reads guidance,
-    negative, aug_level, seed, n (samples per prompt) and batch_size.
+    `sample` reads sampler, steps, threshold, percentile, eta and strength; the pipeline reads stage_steps,
+    guidance, negative, aug_level, seed, n (samples per prompt) and batch_size.
+    `stage_steps` gives named stages of a cascade their own step count ({"base": 8} with steps=25: eight at the base
+    stage, 25 at the others), e.g. a guidance-distilled base stage that holds at few steps before super-resolution
+    stages that need more; it is kept as sorted (name, steps) pairs, so a config stays hashable.
     """
 
     sampler: str = DEFAULT_SAMPLER
     steps: int = DEFAULT_SAMPLING_STEPS
+    stage_steps: Mapping[str, int] | tuple[tuple[str, int], ...] = ()  # stage name -> steps; the others take `steps`
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale; 1 = off
     negative: str | None = None  # negative prompt: takes the place of the empty prompt in guidance
     threshold: str = DEFAULT_THRESHOLD
@@ -341,6 +345,7 @@ class SamplingConfig:
         check_sampler(self.sampler, self.eta)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
             raise GenerationError(f"steps must be a positive integer, got {self.steps!r}")
+        object.__setattr__(self, "stage_steps", _stage_steps(self.stage_steps))
         if self.guidance < 0:
             raise GenerationError(f"guidance must be >= 0, got {self.guidance}")
         if self.threshold not in THRESHOLDS:
@@ -355,6 +360,30 @@ class SamplingConfig:
             raise GenerationError(f"n (samples per prompt) must be a positive integer, at most {MAX_SAMPLES_PER_PROMPT}, got {self.n!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise GenerationError(f"batch size must be a positive integer, got {self.batch_size!r}")
+
+
+    def for_stage(self, name: str) -> "SamplingConfig":
+        """This config as stage `name` samples with it: its own step count when `stage_steps` names it."""
+        steps = dict(self.stage_steps).get(name)
+        return self if steps is None or steps == self.steps else replace(self, steps=steps, stage_steps=())
+
+
+def _stage_steps(value) -> tuple[tuple[str, int], ...]:
+    """`SamplingConfig.stage_steps` as sorted (name, steps) pairs, or a GenerationError naming the bad entry."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(name, steps) for name, steps in pairs]
+    except (TypeError, ValueError):
+        raise GenerationError(f"stage_steps must map stage names to step counts, e.g. {{'base': 8}}, got {value!r}") from None
+    for name, steps in pairs:
+        if not isinstance(name, str) or not name:
+            raise GenerationError(f"stage_steps: a stage name must be a non-empty string, got {name!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise GenerationError(f"stage_steps: steps of stage {name!r} must be a positive integer, got {steps!r}")
+    names = [name for name, _ in pairs]
+    if len(set(names)) < len(names):
+        raise GenerationError(f"stage_steps names a stage twice: {', '.join(names)}")
+    return tuple(sorted(pairs))
 
 
 def model_output_to_x0_eps(

@@ -89,13 +89,19 @@ class StageConfig:
         return self.unet.lowres_cond
 
     def sampling(self, config: SamplingConfig) -> SamplingConfig:
-        """The options this stage samples with: `config`, except that a progressively distilled stage always takes
-        the sampler (deterministic) and step count it was distilled for. Its student learnt to jump between the
-        points of that one timestep grid, so another step count or sampler would only make worse pictures; the
-        requested steps and sampler still apply to the cascade's other stages."""
+        """The options this stage samples with: `config` with this stage's own steps when its `stage_steps` name it,
+        except that a progressively distilled stage always takes the sampler (deterministic) and step count it was
+        distilled for. Its student learnt to jump between the points of that one timestep grid, so another step
+        count or sampler would only make worse pictures (naming another count for it is refused); the requested
+        steps and sampler still apply to the cascade's other stages."""
+        own = config.for_stage(self.name)
         if self.distilled_steps is None:
-            return config
-        return dataclasses.replace(config, sampler=self.distilled_sampler, steps=self.distilled_steps, eta=0.0)
+            return own
+        named = dict(config.stage_steps).get(self.name)
+        if named is not None and named != self.distilled_steps:
+            raise GenerationError(f"stage {self.name} is progressively distilled to {self.distilled_steps} DDIM steps "
+                                  f"and samples with exactly those; drop {self.name}={named} from the steps")
+        return dataclasses.replace(own, sampler=self.distilled_sampler, steps=self.distilled_steps, eta=0.0)
 
     def check_guidance(self, guidance: float, negative: bool = False) -> None:
         """GenerationError when a guidance-distilled stage cannot sample at `guidance` (or with a negative prompt)."""

@@ -129,11 +129,15 @@ class TextToImagePipeline:
         return plan
 
     def check_config(self, config: SamplingConfig, stop_at: str | None = None) -> None:
-        """GenerationError when a stage that will run (all, or those up to `stop_at`) cannot sample with `config`:
-        more steps than its timesteps or than the ones its sampler walks there, or a guidance-distilled stage asked
+        """GenerationError when `config` names a stage the run has not in its stage_steps, or when a stage that will
+        run (all, or those up to `stop_at`) cannot sample with `config`: more steps than its timesteps or than the ones its sampler walks there, or a guidance-distilled stage asked
         for a guidance outside its range or a negative prompt. A progressively distilled stage is checked with the
         sampler and steps it samples with (`StageConfig.sampling`)."""
         names = self.stage_names
+        unknown = [name for name, _ in config.stage_steps if name not in names]
+        if unknown:
+            raise GenerationError(f"steps: {self.path} has no stage {unknown[0]!r} to give its own steps; "
+                                  f"its stages are {', '.join(names)}")
         stages = self.stages[:names.index(stop_at) + 1] if stop_at in names else self.stages
         for stage in stages:
             c = stage.config

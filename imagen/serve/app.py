@@ -3,7 +3,7 @@
     GET  /            the page (static/index.html): generate from a prompt, or upload a picture to predict
     GET  /healthz     alive;  GET /readyz  models loaded;  GET /metrics  Prometheus text
     GET  /v1/models   the loaded runs, their tasks and options
-    POST /v1/generate JSON {prompt, negative, n, seed, steps, guidance, sampler, model} -> {images: [base64 PNG], seed}
+    POST /v1/generate JSON {prompt, negative, n, seed, steps, stage_steps, guidance, sampler, model} -> {images: [base64 PNG], seed}
                       with "stream": true (or Accept: text/event-stream): server-sent events, `event: progress`
                       {step, steps, stage} after every sampling step of the batch, then `event: result` (the same
                       JSON) or `event: error` {error, status}
@@ -25,6 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -67,6 +68,7 @@ class GenerateRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     seed: int = Field(default=0, ge=0, lt=2**63)
     steps: int = Field(default=DEFAULT_SAMPLING_STEPS, ge=1, le=1000)
+    stage_steps: dict[str, Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=dict, max_length=16)  # {"base": 8}
     guidance: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=100)
     sampler: str = DEFAULT_SAMPLER
     model: str | None = None
@@ -223,7 +225,7 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
             raise RequestError(422, f"sampler: one of {', '.join(SAMPLER_NAMES)}, got {body.sampler!r}")
         model = pick(body.model, generates=True)
         try:
-            config = api.SamplingConfig(sampler=body.sampler, steps=body.steps, guidance=body.guidance,
+            config = api.SamplingConfig(sampler=body.sampler, steps=body.steps, stage_steps=body.stage_steps, guidance=body.guidance,
                                         negative=body.negative or None)
             model.pipeline.check_config(config)
         except USER_ERRORS as exc:
