@@ -45,7 +45,7 @@ import torch
 from imagen.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLING_STEPS
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i
 from imagen.tasks.text_to_image import distill_t2i, progressive_distill_t2i, train_t2i
-from imagen.eval.t2i import compositional_prompts
+from imagen.eval.t2i import compositional_prompts, paired_accuracy_difference
 from imagen.train.device import cpu_name
 
 
@@ -172,7 +172,7 @@ def score(args, rows, stop_at: str) -> list[tuple]:
                              device=args.device, echo=quiet)
             records = [json.loads(line) for line in (run / "eval" / "t2i-shapes-prompts.jsonl").read_text().splitlines()]
             reference_records = reference_records or records
-            delta = [paired_difference(records, reference_records, reader) for reader in ("evaluator", "pixel")]
+            delta = [paired_accuracy_difference(records, reference_records, reader) for reader in ("evaluator", "pixel")]
         scored.append((name, calls_per_image(pipe, config, stop_at), seconds, rmse, r, delta))
     return scored
 
@@ -195,16 +195,6 @@ def print_table(args, scored: list[tuple]) -> None:
             cells.append(" / ".join(f"{d:+.3f} +- {2 * se:.3f}" for d, se in delta))
             cells.append(f"{r['fid']:.2f}")
         print(f"| {name} | {calls} | {seconds:.3f} | {rmse:.3f} | " + " | ".join(cells) + " |", flush=True)
-
-
-def paired_difference(records: list[dict], reference: list[dict], reader: str = "evaluator") -> tuple[float, float]:
-    """Accuracy of `records` minus that of `reference` on the same prompts (same order, same seeds), and the standard
-    error of that difference from the per-prompt differences (each -1, 0 or 1): pairs that agree cancel, so a student
-    that draws what its teacher drew is measured far more tightly than two independent accuracies would be."""
-    if [r["prompt"] for r in records] != [r["prompt"] for r in reference]:
-        raise ValueError("paired accuracies need the same prompts in the same order")
-    d = torch.tensor([float(a[reader]["correct"]) - float(b[reader]["correct"]) for a, b in zip(records, reference)])
-    return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
 
 
 def calls_per_image(pipe: TextToImagePipeline, config: SamplingConfig, stop_at: str) -> str:

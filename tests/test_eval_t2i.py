@@ -13,8 +13,8 @@ from imagen.data import Tokenizer
 from imagen.eval import evaluator as ev_mod
 from imagen.eval.evaluator import EvalError, ShapesEvaluator, evaluator_accuracy, get_evaluator, sample_batch, train_evaluator
 from imagen.eval.t2i import (FAILURE_KINDS, alignment_score, compositional_accuracy, compositional_prompts, failure_kind, fid,
-                             frechet_distance, inception_fid, reference_generator, relation_holds, render_expected,
-                             score_scene)
+                             frechet_distance, inception_fid, paired_accuracy_difference, reference_generator, relation_holds,
+                             render_expected, score_scene)
 from imagen.models.pretraining import PretrainingModel
 
 
@@ -329,3 +329,17 @@ def test_full_evaluator_accuracy_and_sanity(tmp_path):
     b = sample_batch(np.random.default_rng(2), 500, 32)[0]
     noise = torch.randint(0, 256, a.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     assert fid(a, noise, ev) > 100 * fid(a, b, ev)
+
+
+def test_paired_accuracy_difference_is_the_mean_and_standard_error_of_per_prompt_differences():
+    def rows(evaluator, pixel, prompts="abcd"):
+        return [{"prompt": p, "evaluator": {"correct": e}, "pixel": {"correct": x}} for p, e, x in zip(prompts, evaluator, pixel)]
+
+    run, reference = rows([1, 1, 0, 1], [0, 0, 0, 0]), rows([1, 0, 0, 0], [0, 0, 0, 0])
+    # differences 0, 1, 0, 1: mean 1/2, sample standard deviation sqrt(1/3), standard error sqrt(1/3) / 2
+    mean, se = paired_accuracy_difference(run, reference)
+    assert mean == 0.5 and se == pytest.approx((1 / 3) ** 0.5 / 2, rel=1e-12)
+    assert paired_accuracy_difference(run, reference, "pixel") == (0.0, 0.0)  # every pair agrees: no noise at all
+    assert paired_accuracy_difference(run, run) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same prompts in the same order"):
+        paired_accuracy_difference(run, rows([1, 0, 0, 0], [0] * 4, prompts="abdc"))

@@ -270,6 +270,19 @@ def _aggregate(scores: list[tuple[str, dict]]) -> dict[str, float]:
     return out
 
 
+def paired_accuracy_difference(records: Sequence[dict], reference: Sequence[dict], reader: str = "evaluator") -> tuple[float, float]:
+    """Accuracy of `records` minus that of `reference` (rows of RUN/eval/t2i-shapes-prompts.jsonl, the same prompts in
+    the same order, sampled from the same seeds) as read by `reader` ("evaluator" or "pixel"), and the standard error
+    of that difference from the per-prompt differences (each -1, 0 or 1). Pairs that agree cancel, so a sampler or a
+    distilled run that draws what its teacher drew is measured far more tightly than two independent accuracies."""
+    if [r["prompt"] for r in records] != [r["prompt"] for r in reference]:
+        raise ValueError("paired accuracies need the same prompts in the same order")
+    d = np.array([float(a[reader]["correct"]) - float(b[reader]["correct"]) for a, b in zip(records, reference)])
+    if len(d) == 0:
+        raise ValueError("paired accuracies need at least one prompt")
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 # --- FID -----------------------------------------------------------------------------------------------
 
 
