@@ -361,7 +361,6 @@ class SamplingConfig:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise GenerationError(f"batch size must be a positive integer, got {self.batch_size!r}")
 
-
     def for_stage(self, name: str) -> "SamplingConfig":
         """This config as stage `name` samples with it: its own step count when `stage_steps` names it."""
         steps = dict(self.stage_steps).get(name)

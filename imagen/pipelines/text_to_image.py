@@ -129,9 +129,10 @@ class TextToImagePipeline:
         return plan
 
     def check_config(self, config: SamplingConfig, stop_at: str | None = None) -> None:
-        """GenerationError when `config` names a stage the run has not in its stage_steps, or when a stage that will
-        run (all, or those up to `stop_at`) cannot sample with `config`: more steps than its timesteps or than the ones its sampler walks there, or a guidance-distilled stage asked
-        for a guidance outside its range or a negative prompt. A progressively distilled stage is checked with the
+        """GenerationError when `config`'s stage_steps name a stage the run does not have, or when a stage that will
+        run (all, or those up to `stop_at`) cannot sample with `config`: more steps than its timesteps or than the
+        ones its sampler walks there, or a guidance-distilled stage asked for a guidance outside its range or a
+        negative prompt. A progressively distilled stage is checked with the
         sampler and steps it samples with (`StageConfig.sampling`)."""
         names = self.stage_names
         unknown = [name for name, _ in config.stage_steps if name not in names]
