@@ -9,9 +9,10 @@ it: pairs that agree cancel).
 
 Guidance distillation (the default; `imagen distill RUN`): the student samples with one U-Net call per step where
 the teacher takes two. Rows: the reference, the teacher at --steps, the student at --steps, and the teacher's
-conditional branch alone (what one call per step gives without distillation; guidance 1 at every stage). --steps
-applies to the distilled --stages only (`SamplingConfig.stage_steps`); the others keep the reference's steps, so
-`--stages sr1 --steps 8` measures the super-resolution stage at 8 calls under the reference's base stage.
+conditional branch alone (what one call per step gives without distillation; left out when an undistilled stage
+runs first, as guidance is one scale for the whole cascade). --steps applies to the distilled --stages only
+(`SamplingConfig.stage_steps`); the others keep the reference's steps, so `--stages sr1 --steps 8` measures the
+super-resolution stage at 8 calls under the reference's base stage.
 
     python bench/t2i_distill.py --teacher runs/bench-t2i                  # distil a trained run (copied, not touched)
     python bench/t2i_distill.py --teacher runs/bench-t2i --steps 8        # ... and compare at 8 steps (8 calls)
@@ -140,10 +141,13 @@ def main():
         guided = SamplingConfig(steps=args.reference_steps, stage_steps=few, guidance=args.guidance, batch_size=batch)
         if args.steps != args.reference_steps:
             rows.append((f"teacher, {args.steps} dpmpp2m steps", teacher, guided))
-        rows += [(f"student, {args.steps} dpmpp2m steps (distilled)", student, guided),
-                 (f"teacher, {args.steps} dpmpp2m steps, conditional branch only (guidance 1 at every stage)", teacher,
-                  dataclasses.replace(guided, guidance=1.0))]
-    stop_at = [s for s in TextToImagePipeline.from_run(teacher).stage_names if s in stages][-1]
+        rows.append((f"student, {args.steps} dpmpp2m steps (distilled)", student, guided))
+    names = TextToImagePipeline.from_run(teacher).stage_names
+    stop_at = [s for s in names if s in stages][-1]
+    if not args.progressive and set(names[:names.index(stop_at) + 1]) <= set(stages):
+        # guidance is one scale for the whole cascade: this row only where every stage it runs is a distilled one
+        rows.append((f"teacher, {args.steps} dpmpp2m steps, conditional branch only (guidance 1)", teacher,
+                     dataclasses.replace(guided, guidance=1.0)))
     scored = score(args, rows, stop_at)
     print(f"\nCPU: {cpu_name()}; torch threads {torch.get_num_threads()}; commit {commit}")
     print(f"{kind}, {how}; pictures up to stage {stop_at}, guidance {args.guidance:g}; RMSE against the reference on "
