@@ -98,8 +98,11 @@ def test_two_processes_train_a_text_to_image_stage_as_one_does(tmp_path):
     assert one.returncode == 0, one.stderr
     two = imagen(*T2I, "--out", tmp_path / "two", "--nproc", "2")
     assert two.returncode == 0, two.stderr
+    # Equal up to float32 summation order (two half-batch gradients averaged vs one batch): 1.06e-5 after 20 AdamW
+    # steps on an AVX2-only CPU, under 1e-5 elsewhere; ranks stepping on unsynchronised gradients drift by the order
+    # of AdamW's steps (the learning rate, 1e-3).
     assert max_difference(tmp_path / "one" / "base" / "model.safetensors",
-                          tmp_path / "two" / "base" / "model.safetensors") <= 1e-5
+                          tmp_path / "two" / "base" / "model.safetensors") <= 5e-5
     # Rank 0 alone writes the sample grids.
     assert sorted(p.name for p in (tmp_path / "two" / "base" / "samples").iterdir()) == ["step-000010.png", "step-000020.png"]
 
