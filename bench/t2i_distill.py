@@ -27,7 +27,8 @@ DDIM steps, and the undistilled teacher at N DDIM and N DPM-Solver++ steps.
     python bench/t2i_distill.py --teacher RUN --progressive 8 --distill-steps 1000     # 64 -> 8, three phases
     python bench/t2i_distill.py --teacher RUN --progressive 2 --from-steps 8 --distill-steps 3 --timing-prompts 2  # smoke
 
-`--student RUN2` scores a run already distilled from --teacher (with --progressive N when it was distilled with
+Each row's per-prompt readings are kept as OUT/row-K-prompts.jsonl (K from 0, the reference), for differences per
+category (`imagen.eval.t2i.paired_accuracy_difference`). `--student RUN2` scores a run already distilled from --teacher (with --progressive N when it was distilled with
 --steps N) instead of distilling one.
 """
 
@@ -46,7 +47,7 @@ import torch
 from imagen.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLING_STEPS
 from imagen.pipelines import SamplingConfig, TextToImagePipeline, evaluate_t2i
 from imagen.tasks.text_to_image import distill_t2i, progressive_distill_t2i, train_t2i
-from imagen.eval.t2i import compositional_prompts, paired_accuracy_difference
+from imagen.eval.t2i import CATEGORIES, compositional_prompts, paired_accuracy_difference
 from imagen.train.device import cpu_name
 
 
@@ -163,7 +164,7 @@ def score(args, rows, stop_at: str) -> list[tuple]:
     prompts = [p["prompt"] for p in compositional_prompts(batch // 3 + 1, seed=7)][:batch]
     quiet = lambda *a, **k: None  # noqa: E731
     scored, reference, reference_records = [], None, None
-    for name, run, config in rows:
+    for i, (name, run, config) in enumerate(rows):
         pipe = TextToImagePipeline.from_run(run, device=args.device)
         with torch.no_grad():
             # seed 0: every row starts from the same noise
@@ -174,9 +175,14 @@ def score(args, rows, stop_at: str) -> list[tuple]:
         if args.n_per_category > 0:  # the whole cascade, as `imagen evaluate-t2i` samples it with this config
             r = evaluate_t2i(run, "shapes", config, n_per_category=args.n_per_category, fid_samples=args.fid_samples,
                              device=args.device, echo=quiet)
-            records = [json.loads(line) for line in (run / "eval" / "t2i-shapes-prompts.jsonl").read_text().splitlines()]
+            per_prompt = run / "eval" / "t2i-shapes-prompts.jsonl"  # rewritten by the next row of the same run: kept
+            shutil.copy2(per_prompt, Path(args.out) / f"row-{i}-prompts.jsonl")
+            records = [json.loads(line) for line in per_prompt.read_text().splitlines()]
             reference_records = reference_records or records
-            delta = [paired_accuracy_difference(records, reference_records, reader) for reader in ("evaluator", "pixel")]
+            delta = {category: [paired_accuracy_difference([a for a in records if category in (None, a["category"])],
+                                                           [b for b in reference_records if category in (None, b["category"])],
+                                                           reader) for reader in ("evaluator", "pixel")]
+                     for category in (None, *CATEGORIES)}  # None: all prompts
         scored.append((name, calls_per_image(pipe, config, stop_at), seconds, rmse, r, delta))
     return scored
 
@@ -196,9 +202,18 @@ def print_table(args, scored: list[tuple]) -> None:
         if r:
             cells = [f"{r[k + '_accuracy']:.3f} / {r['pixel_' + k + '_accuracy']:.3f}"
                      for k in ("single", "relation", "count", "and", "compositional")]
-            cells.append(" / ".join(f"{d:+.3f} +- {2 * se:.3f}" for d, se in delta))
+            cells.append(_difference(delta[None]))
             cells.append(f"{r['fid']:.2f}")
         print(f"| {name} | {calls} | {seconds:.3f} | {rmse:.3f} | " + " | ".join(cells) + " |", flush=True)
+    if args.n_per_category > 0 and len(scored) > 1:
+        print("\ndifference from the reference per category (learned evaluator / pixel check), +- 2 standard errors\n")
+        print("| sampling | " + " | ".join(CATEGORIES) + " |\n| --- |" + " --- |" * len(CATEGORIES))
+        for name, *_, delta in scored[1:]:
+            print(f"| {name} | " + " | ".join(_difference(delta[c]) for c in CATEGORIES) + " |")
+
+
+def _difference(pair) -> str:
+    return " / ".join(f"{d:+.3f} +- {2 * se:.3f}" for d, se in pair)
 
 
 def calls_per_image(pipe: TextToImagePipeline, config: SamplingConfig, stop_at: str) -> str:
