@@ -28,8 +28,8 @@ DDIM steps, and the undistilled teacher at N DDIM and N DPM-Solver++ steps.
     python bench/t2i_distill.py --teacher RUN --progressive 2 --from-steps 8 --distill-steps 3 --timing-prompts 2  # smoke
 
 Each row's per-prompt readings are kept as OUT/row-K-prompts.jsonl (K from 0, the reference), for differences per
-category (`imagen.eval.t2i.paired_accuracy_difference`). `--student RUN2` scores a run already distilled from --teacher (with --progressive N when it was distilled with
---steps N) instead of distilling one.
+category (`imagen.eval.t2i.paired_accuracy_difference`). `--student RUN2` scores a run already distilled from
+--teacher (with --progressive N when it was distilled with --steps N) instead of distilling one.
 """
 
 from __future__ import annotations
