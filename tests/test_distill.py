@@ -221,6 +221,18 @@ def test_per_stage_steps_sample_the_distilled_base_in_few_calls(capsys, student,
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_distill_ends_with_a_command_that_samples_the_few_step_route(capsys, teacher, tmp_path, one_thread):
+    out = tmp_path / "both"
+    code, stdout, _ = run(capsys, "distill", teacher, "--stages", "base,sr1", "--out", out, "--max-steps", "1",
+                          "--sample-every", "100", *TINY)
+    assert code == 0
+    command = stdout.strip().splitlines()[-1].split(": ", 1)[1]
+    assert command == f'imagen generate --run {out} --steps 25,base=8,sr1=8 "PROMPT" --out grid.png'
+    steps = command.split("--steps ")[1].split()[0]
+    assert run(capsys, "generate", "--run", out, "a red circle", "--steps", steps, "--out", tmp_path / "g.png")[0] == 0
+    assert (tmp_path / "g.png").is_file()
+
+
 # Each stage runs 5 steps, base first: stopped in the base stage, or (slow) in the super-resolution stage.
 @pytest.mark.parametrize("at", [3, pytest.param(5 + 2, marks=pytest.mark.slow)])
 def test_interrupted_and_resumed_distillation_equals_uninterrupted(at, capsys, teacher, tmp_path, monkeypatch, one_thread):
