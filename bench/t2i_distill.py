@@ -67,7 +67,7 @@ def main():
     p.add_argument("--train-sr-max-steps", type=int, default=None, help="without --teacher: super-resolution steps (default: the recipe's)")
     p.add_argument("--distill-steps", type=int, default=None, help="distillation steps per stage (default: imagen distill's)")
     p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: imagen distill's)")
-    p.add_argument("--stages", default="base", help="stages to distil (default: base)")
+    p.add_argument("--stages", default=None, help="stages to distil (default: base; with --student, the ones it distilled)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale of every comparison")
     p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS, help="guidance distillation: DPM-Solver++ steps of the teacher and student rows")
     p.add_argument("--n-per-category", type=int, default=200, help="held-out prompts per category for compositional accuracy "
@@ -98,6 +98,11 @@ def main():
             p.error(f"--student {args.student} was distilled with --steps {record.get('steps')}; give --progressive "
                     f"{record.get('steps')}" if record.get("steps") else f"--student {args.student} is guidance-distilled "
                     "only; drop --progressive")
+        # the rows sample --steps at the stages it distilled: other --stages would label them wrongly
+        if args.stages is not None and set(args.stages.split(",")) != set(record["stages"]):
+            p.error(f"--student {args.student} distilled the stages {','.join(record['stages'])}; drop --stages or give those")
+        args.stages = ",".join(record["stages"])
+    args.stages = args.stages or "base"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     teacher = out / "teacher"  # evaluate-t2i writes into a run's eval/: never into the run we were given
