@@ -3,12 +3,13 @@
     python bench/t2i_binding.py --run RUN [--n 100] [--steps 25] [--guidance 3]
 
 A stage sees each caption twice: its token states (cross-attention) and one pooled vector (added to the timestep
-embedding). A mean-pooled sentence vector barely tells "a purple circle and a green square" from "a purple square
-and a green circle", so it cannot carry binding; if the U-Net leans on it, binding suffers. This bench takes the
-"and" prompts whose two objects differ in colour and in shape, builds each one's swapped caption (shapes
-exchanged), and samples the base stage with the token states of one caption and the pooled vector of the other
-(or none). The pixel check reads every picture; the table gives how often it shows the true caption's scene and how
-often the swapped one's. Inference only: measured on a trained run, nothing is trained.
+embedding). Both carry the binding (a linear probe reads which colour goes with which shape from a shape word's
+state 0.99 of the time and from the mean-pooled vector 0.88: bench/t2i_text_probe.py); this bench asks which of
+the two a trained stage takes it from. It takes the "and" prompts whose two objects differ in colour and in
+shape, builds each one's swapped caption (shapes exchanged), and samples the base stage with the token states of
+one caption and the pooled vector of the other (or none). The pixel check reads every picture; the table gives how
+often it shows the true caption's scene and how often the swapped one's. Inference only: measured on a trained
+run, nothing is trained.
 """
 
 from __future__ import annotations

@@ -228,10 +228,11 @@ class AttentionBlock(nn.Module):
 
 class AttentionPool(nn.Module):
     """Imagen's attention pooling of the text: learned queries attend over the token states (the null token
-    included), and their outputs, concatenated, are projected to the conditioning vector. A mean-pooled sentence
-    embedding cannot tell which colour goes with which shape; learned queries over the contextual token states can
-    carry it (on Shapes, 6,000-step screens measured no gain: bench/RESULTS.md). The projection starts at zero, so
-    the pool joins a trained U-Net's conditioning without changing it."""
+    included), and their outputs, concatenated, are projected to the conditioning vector: learned queries can pick
+    out what the mean of the token states blurs (on Shapes the mean still tells which colour goes with which shape
+    to a linear probe 0.88 of the time, a shape word's own state 0.99; 6,000-step screens measured no gain from
+    the pool: bench/RESULTS.md). The projection starts at zero, so the pool joins a trained U-Net's conditioning
+    without changing it."""
 
     def __init__(self, text_dim: int, out_dim: int, num_queries: int, num_heads: int):
         super().__init__()
