@@ -8,9 +8,13 @@ Prints the CPU (model, family, the flags that decide bf16 speed), its measured m
     fp32              fp32, PyTorch's fused attention kernel (what `imagen.models.layers.attention` runs in fp32)
     fp32-matmul-attn  fp32, attention written out as two matrix products
     fp32-channels-last, fp32-fused-adamw   layout / optimiser variants
-    bf16              bf16 autocast, attention as matrix products (what the toolkit runs in bf16 on CPU)
+    fp32-channels-last-fused-adamw         both (what the toolkit trains in fp32 on a CPU without native bf16)
+    bf16              bf16 autocast, attention as matrix products
     bf16-fused-attn   bf16 autocast, the fused attention kernel
-    bf16-channels-last, bf16-fused-adamw   layout / optimiser variants in bf16
+    bf16-channels-last, bf16-fused-adamw   layout / optimiser variants in bf16 (the second is the toolkit's bf16)
+
+The toolkit's own choice on the machine at hand (`precision auto`, fused AdamW, and channels-last weights where
+`imagen.train.device.channels_last_pays`) is named under each table.
 
 Variants run round-robin, one step each per round, and the median step time is reported, so noise from the
 machine hits every variant alike; compare rows within one run. Each row also gives the achieved FLOP/s of the step
@@ -35,11 +39,11 @@ from imagen.models.heads import EncoderForClassification
 from imagen.models.unet import EfficientUNet
 from imagen.tasks.classify import RECIPE_MODEL
 from imagen.tasks.text_to_image.training import default_stages
-from imagen.train.device import cpu_flags, cpu_has_fast_bf16, cpu_name, resolve_precision
+from imagen.train.device import channels_last_pays, cpu_flags, cpu_has_fast_bf16, cpu_name, resolve_precision
 
 FUSED_ATTENTION = layers.attention
-VARIANTS = ("fp32", "fp32-matmul-attn", "fp32-channels-last", "fp32-fused-adamw", "bf16", "bf16-fused-attn",
-            "bf16-channels-last", "bf16-fused-adamw")
+VARIANTS = ("fp32", "fp32-matmul-attn", "fp32-channels-last", "fp32-fused-adamw", "fp32-channels-last-fused-adamw",
+            "bf16", "bf16-fused-attn", "bf16-channels-last", "bf16-fused-adamw")
 
 
 def cpu_description() -> str:
@@ -155,7 +159,8 @@ def main():
                 f"{achieved / peak['bf16' if v.startswith('bf16') else 'fp32']:.1%}"
             print(f"| {v} | {speed[v]:.1f} | {versus} | {achieved / 1e9:.1f} | {share} |")
         fastest = max(speed, key=speed.get)
-        chosen = "bf16" if auto == "bf16" else "fp32"
+        layout = "-channels-last" if channels_last_pays(torch.device("cpu"), auto) else ""
+        chosen = next((v for v in (f"{auto}{layout}-fused-adamw", auto) if v in speed), auto)
         print(f"fastest here: {fastest}; the toolkit's choice ({chosen}) runs at {speed.get(chosen, float('nan')):.1f} "
               f"images/s ({speed.get(chosen, float('nan')) / speed[fastest]:.0%} of the fastest)", flush=True)
 

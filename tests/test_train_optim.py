@@ -168,3 +168,32 @@ def test_layer_decay_off_keeps_two_groups_and_needs_blocks():
         build_optimizer(Tagger(), TrainConfig(layer_decay=0.75))
     with pytest.raises(ConfigError, match="layer_decay"):
         TrainConfig(layer_decay=1.5)
+
+
+def test_loaded_optimizer_state_takes_each_parameters_layout():
+    # Moments saved from contiguous weights, loaded for channels-last ones: the fused AdamW step must equal the one
+    # taken in the original layout.
+    from imagen.train.optim import load_optimizer_state
+
+    torch.manual_seed(0)
+    w, g1, g2 = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
+    p = nn.Parameter(w.clone())
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    p.grad = g1.clone()
+    opt.step()
+    p.grad = g2.clone()
+    opt.step()  # the reference second step, all contiguous
+
+    q = nn.Parameter(w.clone())
+    opt_q = torch.optim.AdamW([q], lr=0.1, fused=True)
+    q.grad = g1.clone()
+    opt_q.step()
+    saved = opt_q.state_dict()
+    q.data = q.data.contiguous(memory_format=torch.channels_last)  # this machine's layout
+    opt_q = torch.optim.AdamW([q], lr=0.1, fused=True)
+    load_optimizer_state(opt_q, saved)
+    state = opt_q.state[q]
+    assert state["exp_avg"].stride() == state["exp_avg_sq"].stride() == q.stride()
+    q.grad = g2.clone().contiguous(memory_format=torch.channels_last)
+    opt_q.step()
+    torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=1e-6)

@@ -285,3 +285,46 @@ def test_a_resumed_run_keeps_the_precision_it_started_in(tmp_path, monkeypatch):
     fresh.fit()
     assert fresh.precision == "bf16" and json.loads(
         (latest_checkpoint(tmp_path / "c") / "trainer_state.json").read_text())["precision"] == "bf16"
+
+
+def conv_classifier(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.GELU(), nn.Conv2d(6, 4, 3, stride=2), nn.Flatten(),
+                         nn.Linear(4 * 3 * 3, 4))
+
+
+def image_data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 2, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_fp32_on_a_cpu_without_native_bf16_trains_channels_last(tmp_path, monkeypatch, native_bf16):
+    import imagen.train.device as device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: native_bf16)
+    trainer = Trainer(conv_classifier(0), Classify(), image_data(16), None, cfg(max_steps=2), tmp_path)
+    conv = trainer.model[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == (not native_bf16)
+    assert trainer.model[4].weight.is_contiguous()  # 2-D weights keep their layout
+    trainer.fit()
+    assert torch.isfinite(conv).all()
+
+
+def test_a_checkpoint_resumes_in_the_other_weight_layout(tmp_path, monkeypatch):
+    # A run checkpointed where weights train channels-last, resumed where they do not (another machine): the
+    # optimiser's moments must follow the parameters' layout, or fused AdamW updates them from the wrong elements.
+    import imagen.train.device as device
+
+    train, val = image_data(38), image_data(12, seed=1)
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)  # default layout
+    Trainer(conv_classifier(0), Classify(), train, val, cfg(), tmp_path / "a").fit()
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)  # channels-last
+    with pytest.raises(RuntimeError, match="crash"):
+        Trainer(conv_classifier(0), Crashing(21, RuntimeError("crash")), train, val, cfg(), tmp_path / "b").fit()
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    Trainer(conv_classifier(5), Classify(), train, val, cfg(), tmp_path / "b").fit(resume=True)
+    last = "checkpoints/step-00000012/model.safetensors"  # the last weights (model.safetensors is the best, earlier)
+    a, b = weights(tmp_path / "a" / last), weights(tmp_path / "b" / last)
+    for name in a:  # the layouts sum in different orders: equal to float32 rounding, not bit for bit
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

@@ -21,6 +21,8 @@ from torch import nn
 from imagen.errors import CheckpointError
 from imagen.atomic import atomic_dir, atomic_path, write_json
 
+from .optim import load_optimizer_state
+
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 STATE_FILE = "trainer_state.json"
@@ -179,7 +181,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, s
             f"checkpoint {path} is damaged ({reason}); delete it to resume from an earlier one"
         ) from None
     if optimizer is not None:
-        optimizer.load_state_dict(training["optimizer"])
+        load_optimizer_state(optimizer, training["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(training["scheduler"])
     if scaler is not None and "scaler" in training:

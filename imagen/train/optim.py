@@ -87,6 +87,22 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """`optimizer.load_state_dict`, then every per-parameter state tensor laid out in memory as its parameter.
+
+    A checkpoint keeps its moments in the layout its weights had (channels-last or not: `channels_last_pays` in
+    imagen.train.device decides per machine). Fused AdamW reads the moments in the parameter's layout without
+    checking, so a channels-last parameter with contiguous moments would be updated from the wrong elements.
+    """
+    optimizer.load_state_dict(state_dict)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)  # p's strides, value's numbers
+
+
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier for optimiser step `step` (0-based): linear warmup to 1, then cosine down to `min_ratio`.
 

@@ -37,10 +37,10 @@ from . import distributed
 from .batching import check_shares, make_loader, num_batches
 from .checkpoint import (CheckpointError, best_weights_path, check_world_size, latest_checkpoint, load_checkpoint,
                          load_weights, save_best, save_checkpoint, save_weights)
-from .device import (LEGACY_CPU_BF16_MIN_PARAMS, autocast_context, batch_size_of, move_to_device, peak_memory_mb,
-                     resolve_device, resolve_precision)
+from .device import (LEGACY_CPU_BF16_MIN_PARAMS, autocast_context, batch_size_of, channels_last_pays, move_to_device,
+                     peak_memory_mb, resolve_device, resolve_precision)
 from .loggers import MetricsLogger, NullLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, load_optimizer_state
 from .rng import get_rng_state, seed_everything, set_rng_state
 from .signals import StopRequested, pending_stop, stop_signals_deferred, stop_signals_handled
 
@@ -103,6 +103,8 @@ class Trainer:
         self.device = distributed.rank_device(resolve_device(cfg.device))
         self.precision = resolve_precision(cfg.precision, self.device, sum(p.numel() for p in model.parameters()))
         self.model = model.to(self.device)
+        if channels_last_pays(self.device, self.precision):
+            self.model.to(memory_format=torch.channels_last)  # 4-D weights only: the same model, faster steps
         self.collate_fn = collate_fn or getattr(task, "collate", None) or default_collate
         if val_data is not None:
             _, mode = task.monitor
@@ -247,7 +249,7 @@ class Trainer:
         if "error" in shared:
             raise CheckpointError(shared["error"])
         if not self.dist.is_main:
-            self.optimizer.load_state_dict(shared["optimizer"])
+            load_optimizer_state(self.optimizer, shared["optimizer"])
             self.scheduler.load_state_dict(shared["scheduler"])
         distributed.broadcast_module(self.model)
         set_rng_state(shared["rng"][self.dist.rank])
