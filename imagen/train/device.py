@@ -102,9 +102,10 @@ def resolve_precision(precision: str, device: torch.device, num_params: int | No
 def channels_last_pays(device: torch.device, precision: str) -> bool:
     """Whether training keeps 4-D weights (convolutions) channels-last: on a CPU without native bf16, in fp32.
 
-    `python bench/cpu_kernels.py` on an AVX2-only AMD EPYC (family 25 model 1), fp32: the text-to-image base U-Net
-    trained 1.09x faster channels-last, the classify encoder 1.05x. On an AVX512-BF16 EPYC in bf16 it cost the U-Net
-    9 % (the encoder gained 6 %), so CPUs that train in bf16 keep the default layout; GPUs are not measured.
+    `python bench/cpu_kernels.py` on AVX2-only AMD EPYCs (family 25 model 1), fp32: the text-to-image base U-Net's
+    step 1.04-1.09x faster channels-last (two machines), 1.05x with fused AdamW on both sides; the classify encoder
+    (a ViT behind a small stem) 1.00-1.05x. On an AVX512-BF16 EPYC in bf16 it cost the U-Net 9 %, so CPUs that train
+    in bf16 keep the default layout; GPUs are not measured.
     """
     return device.type == "cpu" and precision == "fp32" and not cpu_has_fast_bf16()
 
