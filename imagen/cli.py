@@ -15,6 +15,7 @@ from pathlib import Path
 # torch-free imports only, so `imagen --help` stays fast
 from imagen.config import (
     CAPTION_MODES,
+    COMPILE_MODES,
     DEFAULT_AUG_LEVEL,
     DEFAULT_DISTILL_GUIDANCE_RANGE,
     DEFAULT_DISTILL_LR,
@@ -139,6 +140,9 @@ def _add_train_args(p, lr=None, batch_size=None, epochs=None, recipe_note=None, 
     g.add_argument("--seed", type=int, default=None, help=f"random seed (default: {d('seed')})")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="auto = bf16 on CUDA and on CPUs with AMX (default: auto)")
     g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    g.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                   help="torch.compile the networks that train: default, reduce-overhead (CUDA graphs too, for small "
+                        "models on a GPU) or max-autotune; the first steps wait for the compiler (default: off)")
     g.add_argument("--report-to", default=None, help="comma list of loggers: jsonl, tensorboard, wandb (offline) (default: jsonl,tensorboard)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are kept, an interrupted one runs again" if search
@@ -158,6 +162,7 @@ def _train_kwargs(args) -> dict:
         image_size=getattr(args, "image_size", None), grad_clip=args.grad_clip,
         grad_accum=args.grad_accum, eval_every=args.eval_every, early_stopping_patience=args.early_stopping_patience,
         checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision, device=args.device,
+        compile=getattr(args, "compile", None),
     )
     if args.report_to:
         kw["report_to"] = tuple(s.strip() for s in args.report_to.split(",") if s.strip())

@@ -30,6 +30,9 @@ DEFAULT_T2I_STEPS = {"base": 14000, "sr": 1500}
 CAPTION_MODES = ("all", "first")
 DEFAULT_T2I_CAPTIONS = "first"
 
+# torch.compile modes a training run may ask for (`--compile`); "off" trains the eager modules.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
 # Guidance distillation (`imagen distill`): which stages, the guidance scales the student learns (drawn uniformly:
 # 1 = no guidance, up to twice the default), and its optimiser steps (batch 32) and peak learning rate; the student
 # starts as the teacher, so it fine-tunes more gently than a stage trains.
@@ -209,6 +212,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | mps
+    # torch.compile of the task's networks (off | default | reduce-overhead | max-autotune); reduce-overhead also
+    # replays CUDA graphs, for small models whose steps are bound by kernel launches on a GPU.
+    compile: str = "off"
     num_workers: int = 0
     report_to: tuple[str, ...] = ("jsonl", "tensorboard")  # plus "wandb" (offline)
     progress: bool = True
@@ -229,6 +235,8 @@ class TrainConfig:
             raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode {self.compile!r}; choose {', '.join(COMPILE_MODES)}")
         if self.lr == 0:
             raise ConfigError("learning rate must be positive, got 0")
         if self.layer_decay == 0:

@@ -30,7 +30,8 @@ TOKENIZER_NAME = "tokenizer.json"
 # Training options that --resume may change (the run records the new value): how long to train and how to watch
 # it, not what is trained. Any other change would make the run differ from what its config says it is.
 RESUMABLE_TRAIN_OPTIONS = frozenset({"max_steps", "epochs", "eval_every", "early_stopping_patience", "checkpoint_every",
-                                     "keep_checkpoints", "log_every", "progress", "report_to", "device", "num_workers"})
+                                     "keep_checkpoints", "log_every", "progress", "report_to", "device", "num_workers",
+                                     "compile"})
 
 LOCK_NAME = ".lock"  # held (flock) by the process writing the run; the kernel releases it if the process dies
 

@@ -297,3 +297,17 @@ def test_generate_mask_of_another_size(capsys, t2i_run, tmp_path):
                                 "--mask", tmp_path / "mask.png", "--out", tmp_path / "x.png")[::2])
     assert line.endswith("--mask %s is 10x20 but --init-image %s is 20x20; give a mask of the image's size"
                          % (tmp_path / "mask.png", tmp_path / "init.png")), line
+
+
+@pytest.mark.slow  # inductor compiles the U-Net's forward and backward: about 2 minutes on 2 CPU cores
+def test_a_compiled_unet_trains_like_the_eager_one(capsys, tmp_path, one_thread):
+    # --compile: whole padded captions (one input shape), the U-Net compiled in place; the same updates to float
+    # rounding and the same weight names as an eager run.
+    args = ["train-t2i", "--data", "shapes", "--max-steps", "3", "--sizes", "8", "--n", "48", "--batch-size", "8",
+            "--no-progress", "--precision", "fp32", "--set", "base.unet.dim=16", "--set", "base.unet.num_heads=2"]
+    assert run(capsys, *args, "--out", tmp_path / "eager")[0] == 0
+    assert run(capsys, *args, "--compile", "default", "--out", tmp_path / "compiled")[0] == 0
+    a, b = (load_file(str(tmp_path / name / "base" / "model.safetensors")) for name in ("eager", "compiled"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)

@@ -59,3 +59,17 @@ def test_precompute_encodes_each_distinct_caption_once_and_batches_carry_its_enc
 def test_mismatched_captions_are_refused():
     with pytest.raises(ValueError, match="3 images but 2 caption lists"):
         T2ISplit(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), ["a", "b"])
+
+
+@pytest.mark.parametrize("trim_text", [True, False])
+def test_batches_drop_shared_padding_unless_the_unet_is_compiled(trim_text):
+    # Captions of 1, 2 and 5 words: a batch of the first two needs 2 token slots of the 5 encoded. A compiled U-Net
+    # (trim_text=False) gets every slot, so every batch has one shape; either way the tensors are contiguous.
+    split = T2ISplit(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), ["one", "two words", "five words in this caption"],
+                     trim_text=trim_text)
+    split.precompute(CountingStage())
+    batch = split.__getitems__([0, 1])
+    assert batch["text_states"].shape == (2, 2 if trim_text else 5, 2)
+    assert batch["text_mask"].tolist() == [[True, False] + [False] * 3 * (not trim_text),
+                                           [True, True] + [False] * 3 * (not trim_text)]
+    assert batch["text_states"].is_contiguous() and batch["text_mask"].is_contiguous()

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imagen.config import TrainConfig
+from imagen.errors import ConfigError
 from imagen.train import CheckpointError, Trainer, TrainingError, latest_checkpoint
 
 TIME_KEYS = {"samples_per_s"}  # wall-clock dependent, so excluded from equality checks
@@ -328,3 +329,35 @@ def test_a_checkpoint_resumes_in_the_other_weight_layout(tmp_path, monkeypatch):
     a, b = weights(tmp_path / "a" / last), weights(tmp_path / "b" / last)
     for name in a:  # the layouts sum in different orders: equal to float32 rounding, not bit for bit
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+class CompileOnlyTheHead(Classify):
+    """Names the modules `cfg.compile` compiles: here only the last layer."""
+
+    def compile_targets(self, model):
+        return [model[4]]
+
+
+def test_compiled_training_matches_eager_and_keeps_weight_names(tmp_path):
+    # torch.compile (inductor on this CPU) in place: the same updates to float rounding, the same checkpoint keys.
+    train = class_data(32)
+    Trainer(classifier(0, dropout=0.0), Classify(), train, None, cfg(max_steps=4), tmp_path / "eager").fit()
+    trainer = Trainer(classifier(0, dropout=0.0), Classify(), train, None, cfg(max_steps=4, compile="default"),
+                      tmp_path / "compiled")
+    assert trainer.model._compiled_call_impl is not None
+    trainer.fit()
+    a, b = weights(tmp_path / "eager" / "model.safetensors"), weights(tmp_path / "compiled" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_targets_the_modules_the_task_names(tmp_path):
+    trainer = Trainer(classifier(0), CompileOnlyTheHead(), class_data(8), None, cfg(compile="reduce-overhead"), tmp_path)
+    assert trainer.model[4]._compiled_call_impl is not None
+    assert trainer.model._compiled_call_impl is None and trainer.model[0]._compiled_call_impl is None
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ConfigError, match="unknown compile mode 'fast'.*off, default, reduce-overhead, max-autotune"):
+        cfg(compile="fast")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA backends tried on CUDA, in torch's order of preference (flash needs no mask; the others take one).
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def key_padding_to_attn_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -22,7 +26,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     as two matrix products: there the fused kernel is slow for this toolkit's small heads, most of all in the
     backward pass, which was 35 % of a step of the base text-to-image U-Net (bench/RESULTS.md: "Attention on
     CPU"). In fp32 the fused kernel is as fast or faster. Both give the same numbers (tests/test_models.py).
+    On CUDA the cuDNN backend is left out: its host-side cost (about 9 ms a call on an H200, against 10 us on the
+    GPU) made the base text-to-image step launch-bound (bench/RESULTS.md, "On a GPU").
     A bool mask keeps True positions; every query must keep at least one key."""
+    if q.device.type == "cuda":
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return matmul_attention(q, k, v, mask, dropout_p)

@@ -241,8 +241,8 @@ class TextToImageStage(nn.Module):
         (0.995 ** 250 = 29 % after 250 steps), which samples as noise.
         """
         decay = self.config.ema_decay if step is None else min(self.config.ema_decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - decay)
+        # One multi-tensor update (a few kernel launches on a GPU instead of one per parameter).
+        torch._foreach_lerp_(list(self.ema_unet.parameters()), [p.detach() for p in self.unet.parameters()], 1.0 - decay)
         for ema_b, b in zip(self.ema_unet.buffers(), self.unet.buffers()):
             ema_b.copy_(b)
 

@@ -4,7 +4,8 @@ The trainer knows nothing about models or tasks. A task is any object with
 `training_step(model, batch) -> {"loss": tensor, ...scalars}`, `validation_step(model, batch) -> {...tensors}`,
 `compute_metrics(outputs) -> {name: float}`, `monitor = (metric name, "max" | "min")` and optionally `collate`,
 `on_optimizer_step(model, step)` (called after every update, e.g. for EMA weights; it may return
-{tag: (H, W, 3) uint8 array}, logged as image summaries) and `find_unused_parameters`.
+{tag: (H, W, 3) uint8 array}, logged as image summaries), `find_unused_parameters` and `compile_targets(model)`
+(the modules `cfg.compile` compiles; default: the whole model).
 
 Under torchrun (imagen/train/distributed.py) the same loop runs on every rank: the model is wrapped in
 DistributedDataParallel around the task's whole training step, `cfg.batch_size` is the global batch (each rank
@@ -105,6 +106,12 @@ class Trainer:
         self.model = model.to(self.device)
         if channels_last_pays(self.device, self.precision):
             self.model.to(memory_format=torch.channels_last)  # 4-D weights only: the same model, faster steps
+        if cfg.compile != "off":
+            # In place (nn.Module.compile): parameter names, checkpoints and the EMA copy are unchanged. Static
+            # shapes: an epoch's partial last batch gets a graph of its own rather than one dynamic graph for both.
+            targets = task.compile_targets(self.model) if hasattr(task, "compile_targets") else [self.model]
+            for module in targets:
+                module.compile(mode=None if cfg.compile == "default" else cfg.compile, dynamic=False)
         self.collate_fn = collate_fn or getattr(task, "collate", None) or default_collate
         if val_data is not None:
             _, mode = task.monitor

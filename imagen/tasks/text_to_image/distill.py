@@ -248,7 +248,7 @@ def train_student(out_dir: Path, teacher: TextToImageStage, guidance_range, data
     seed_everything(tcfg.seed)  # a new guidance embedding's first layer is drawn at random
     student = student_stage(teacher, guidance_range, steps)
     size = student.config.unet.image_size
-    split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed)
+    split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed, trim_text=tcfg.compile == "off")
     split.precompute(student)  # the teacher's encoder, frozen: every caption encoded once
     val_images = val_ds.fast_images(size)
 

@@ -31,7 +31,8 @@ class T2ISplit(torch.utils.data.Dataset):
     no random number is drawn. Each distinct caption is stored, and encoded, once.
     """
 
-    def __init__(self, images: torch.Tensor, captions: Sequence[str | Sequence[str]], seed: int = 0):
+    def __init__(self, images: torch.Tensor, captions: Sequence[str | Sequence[str]], seed: int = 0,
+                 trim_text: bool = True):
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
         sets = [[c] if isinstance(c, str) else list(c) or [""] for c in captions]
@@ -47,6 +48,8 @@ class T2ISplit(torch.utils.data.Dataset):
         self.grounding: dict[str, torch.Tensor] | None = None  # see `ground`
         self.seed = seed
         self.epoch = 0
+        # Batches drop the padding their captions share; off for a compiled U-Net, which wants one input shape.
+        self.trim_text = trim_text
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next batches belong to: it keys each sample's noise (the trainer's loader sets it)."""
@@ -113,12 +116,13 @@ class T2ISplit(torch.utils.data.Dataset):
         cap = self.caption_ids[entries]
         if self.encoded is not None:
             mask = self.encoded["text_mask"][cap]
-            length = max(1, int(mask.sum(1).max()))  # trim padding shared by the whole batch
-            batch.update(text_states=self.encoded["text_states"][cap, :length], text_mask=mask[:, :length],
-                         text_embed=self.encoded["text_embed"][cap])
+            length = max(1, int(mask.sum(1).max())) if self.trim_text else mask.shape[1]  # padding the batch shares
+            # Contiguous slices: a compiled U-Net (--compile) checks its inputs' strides.
+            batch.update(text_states=self.encoded["text_states"][cap, :length].contiguous(),
+                         text_mask=mask[:, :length].contiguous(), text_embed=self.encoded["text_embed"][cap])
             if self.grounding is not None:
                 g = self.grounding
-                batch.update(ground_tokens=g["tokens"][entries, :, :length], ground_valid=g["valid"][entries],
+                batch.update(ground_tokens=g["tokens"][entries, :, :length].contiguous(), ground_valid=g["valid"][entries],
                              ground_masks=g["masks"][idx])
         else:
             batch["texts"] = [self.texts[c] for c in cap.tolist()]
@@ -161,6 +165,10 @@ class TextToImageTask:
 
     def collate(self, batch):
         return batch
+
+    def compile_targets(self, model) -> list[torch.nn.Module]:
+        """What `--compile` compiles: the U-Net that trains (the loss calls it directly, not the stage's forward)."""
+        return [model.unet]
 
     def _condition(self, model, batch):
         if "text_states" in batch:

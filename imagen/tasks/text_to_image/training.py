@@ -221,7 +221,7 @@ def _train_stage(stage_dir: Path, stage_cfg: StageConfig, tokenizer, encoder, tr
         encoder = build_text_encoder(stage_cfg.text_encoder, tokenizer=tokenizer)  # each stage trains its own copy
     model = TextToImageStage(stage_cfg, encoder)
     size = stage_cfg.unet.image_size
-    split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed)
+    split = T2ISplit(train_ds.fast_images(size), texts, seed=tcfg.seed, trim_text=tcfg.compile == "off")
     if model.text_encoder is None:
         split.precompute(model)
     if stage_cfg.grounding_weight > 0:  # checked by check_grounding when the run was made
