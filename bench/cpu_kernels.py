@@ -20,7 +20,8 @@ Variants run round-robin, one step each per round, and the median step time is r
 machine hits every variant alike; compare rows within one run. Each row also gives the achieved FLOP/s of the step
 (FLOPs counted by torch.utils.flop_counter) as a share of the measured peak of its precision. Models: `t2i-base` is
 the base stage of `imagen train-t2i --data shapes` (16x16, batch 32, 32 text tokens of width 384); `classify` is
-the encoder of `imagen finetune --task classify --data fashion-mnist` (28 px, batch 128). Where bf16 is emulated
+the encoder of `imagen finetune --task classify --data fashion-mnist` (28 px, batch 128); `t2i-sample` is the base
+U-Net's forward pass as sampling runs it (eval, no gradients, batch 32 = 16 prompts x the two guidance branches). Where bf16 is emulated
 (no AVX512-BF16 or AMX), its steps take seconds: they run for fewer rounds (`--slow-rounds`).
 """
 
@@ -82,13 +83,20 @@ def classify():
     return model, B, x, lambda m, xx: m(images=xx, labels=y).loss
 
 
-MODELS = {"t2i-base": t2i_base, "classify": classify}
+def t2i_sample():
+    """The base U-Net as sampling runs it: eval mode, no gradients, 16 prompts x 2 guidance branches."""
+    unet, B, x, loss_of = t2i_base()
+    return unet.eval(), B, x, loss_of
 
 
-def make_step(build, variant: str):
+MODELS = {"t2i-base": t2i_base, "classify": classify, "t2i-sample": t2i_sample}
+SAMPLING = {"t2i-sample"}  # one forward without gradients, no optimiser step (the AdamW variants change nothing)
+
+
+def make_step(name: str, variant: str):
     """(step, batch, flops per step) for one variant: its own model and optimiser from the same seed."""
     torch.manual_seed(0)
-    model, batch, x, loss_of = build()
+    model, batch, x, loss_of = MODELS[name]()
     if "channels-last" in variant:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -101,8 +109,10 @@ def make_step(build, variant: str):
     def step():
         layers.attention = kernel
         try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(name not in SAMPLING):
                 loss = loss_of(model, x)
+            if name in SAMPLING:
+                return
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -134,7 +144,7 @@ def main():
     print(f"matrix-product peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s; "
           f"fast bf16: {'yes' if fast_bf16 else 'no (emulated)'}")
     for name in args.models.split(","):
-        steps = {v: make_step(MODELS[name], v) for v in variants}
+        steps = {v: make_step(name, v) for v in variants}
         params = sum(p.numel() for p in MODELS[name]()[0].parameters())
         auto = resolve_precision("auto", torch.device("cpu"), params)
         times: dict[str, list[float]] = {v: [] for v in variants}
@@ -160,7 +170,8 @@ def main():
             print(f"| {v} | {speed[v]:.1f} | {versus} | {achieved / 1e9:.1f} | {share} |")
         fastest = max(speed, key=speed.get)
         layout = "-channels-last" if channels_last_pays(torch.device("cpu"), auto) else ""
-        chosen = next((v for v in (f"{auto}{layout}-fused-adamw", auto) if v in speed), auto)
+        # sampling (`TextToImagePipeline`) keeps the weights' default layout
+        chosen = auto if name in SAMPLING else next((v for v in (f"{auto}{layout}-fused-adamw", auto) if v in speed), auto)
         print(f"fastest here: {fastest}; the toolkit's choice ({chosen}) runs at {speed.get(chosen, float('nan')):.1f} "
               f"images/s ({speed.get(chosen, float('nan')) / speed[fastest]:.0%} of the fastest)", flush=True)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 import traceback
@@ -23,18 +22,9 @@ from pathlib import Path
 import torch
 
 from imagen.tasks.text_to_image import train_t2i
+from imagen.train.device import cpu_name
 
 LOG_EVERY = 25
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: str) -> str:
