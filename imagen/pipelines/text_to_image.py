@@ -34,6 +34,7 @@ from imagen.models.text_to_image import TextToImageStage
 from imagen.runs import WEIGHTS_NAME
 from imagen.tasks.text_to_image import load_stage, read_t2i_config
 from imagen.train import resolve_device
+from imagen.train.device import channels_last_pays
 
 
 @dataclass
@@ -63,6 +64,8 @@ class TextToImagePipeline:
             stage = load_stage(run, name, text_encoder=frozen, map_location=map_location)
             if stage.text_encoder is None:
                 frozen = stage.encoder  # frozen encoders are shared, loaded once
+            if channels_last_pays(map_location, "fp32"):  # sampling runs in fp32: 1.16-1.24x per U-Net call there
+                stage.to(memory_format=torch.channels_last)
             loaded.append(stage)
         return cls(path=run, stages=loaded, config=config)
 
