@@ -311,3 +311,22 @@ def test_a_compiled_unet_trains_like_the_eager_one(capsys, tmp_path, one_thread)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_pipeline_samples_channels_last_where_training_would(t2i_run, monkeypatch, native_bf16):
+    # fp32 on a CPU without native bf16: convolution weights channels-last (faster there), same pictures to rounding.
+    import imagen.train.device as device
+    from imagen.pipelines import SamplingConfig, TextToImagePipeline
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: native_bf16)
+    pipe = TextToImagePipeline.from_run(t2i_run)
+    convs = [m.weight for s in pipe.stages for m in s.modules() if isinstance(m, torch.nn.Conv2d)]
+    layout = torch.contiguous_format if native_bf16 else torch.channels_last
+    assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
+    assert any(not w.is_contiguous() for w in convs) != native_bf16  # 3x3 kernels: the two layouts differ
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    default_layout = TextToImagePipeline.from_run(t2i_run)
+    config = SamplingConfig(steps=3, seed=0)
+    torch.testing.assert_close(pipe.generate(["a red circle"], config), default_layout.generate(["a red circle"], config),
+                               rtol=1e-4, atol=1e-4)
