@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from imagen.cli import _sampling_steps
 from imagen.diffusion import SamplingConfig
 from imagen.pipelines import TextToImagePipeline
 from imagen.train.device import channels_last_pays, cpu_name
@@ -29,16 +30,14 @@ def main():
     p.add_argument("--run", required=True)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", default=None, help="sampling steps, N or STAGE=N,... (default: the run's)")
+    p.add_argument("--steps", type=_sampling_steps, default=(None, {}), help="sampling steps, N or STAGE=N,... as "
+                   "`imagen generate` takes them (default: the toolkit's)")
     p.add_argument("--guidance", type=float, default=3.0)
     args = p.parse_args()
     pipe = TextToImagePipeline.from_run(args.run)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
-    steps = {}
-    if args.steps:
-        steps = ({"steps": int(args.steps)} if "=" not in args.steps else
-                 {"stage_steps": {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(","))}})
-    config = SamplingConfig(guidance=args.guidance, seed=0, **steps)
+    steps, stage_steps = args.steps
+    config = SamplingConfig(guidance=args.guidance, seed=0, stage_steps=stage_steps, **({"steps": steps} if steps else {}))
     layouts = {"default": torch.contiguous_format, "channels-last": torch.channels_last}
     times: dict[str, list[float]] = {name: [] for name in layouts}
     images = {}

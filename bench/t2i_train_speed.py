@@ -69,6 +69,8 @@ def main():
     p.add_argument("--text-encoder", default="minilm")
     p.add_argument("--profile", type=Path, default=None)
     args = p.parse_args()
+    if args.steps < 4 * LOG_EVERY:  # the second half must hold whole log windows
+        p.error(f"--steps {args.steps}: use at least {4 * LOG_EVERY} (images/s is read from {LOG_EVERY}-step log windows)")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     modes = [m.strip() for m in args.compile.split(",") if m.strip()]
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; {args.steps} steps per row")

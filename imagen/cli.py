@@ -162,7 +162,7 @@ def _train_kwargs(args) -> dict:
         image_size=getattr(args, "image_size", None), grad_clip=args.grad_clip,
         grad_accum=args.grad_accum, eval_every=args.eval_every, early_stopping_patience=args.early_stopping_patience,
         checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision, device=args.device,
-        compile=getattr(args, "compile", None),
+        compile=args.compile,
     )
     if args.report_to:
         kw["report_to"] = tuple(s.strip() for s in args.report_to.split(",") if s.strip())
