@@ -183,6 +183,8 @@ def _add_sampling_args(p):
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 1 = off (default: {DEFAULT_GUIDANCE:g})")
     g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--compose", action="store_true", help="read each prompt as parts joined by AND (\"a red circle AND a "
+                   "blue square\") and sample their conjunction (composable diffusion): a step costs parts + 1 U-Net calls")
     g.add_argument("--threshold", choices=THRESHOLD_NAMES, default=DEFAULT_THRESHOLD, help=f"clipping of the predicted image at each step (default: {DEFAULT_THRESHOLD})")
     g.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help=f"dynamic thresholding's percentile of |pred_x0| (default: {DEFAULT_PERCENTILE:g})")
     g.add_argument("--aug-level", type=float, default=DEFAULT_AUG_LEVEL, help=f"noise-augmentation level of the low-res image at each SR stage (default: {DEFAULT_AUG_LEVEL:g})")

@@ -1,9 +1,9 @@
-"""Classifier-free guidance (one batched call, scale limits, negative condition) and thresholding."""
+"""Classifier-free guidance (one batched call, scale limits, negative condition), composed guidance and thresholding."""
 
 import pytest
 import torch
 
-from imagen.diffusion import apply_threshold, classifier_free_guidance, dynamic_threshold, static_threshold
+from imagen.diffusion import apply_threshold, classifier_free_guidance, composed_guidance, dynamic_threshold, static_threshold
 
 B, TOK, D = 3, 4, 5
 
@@ -61,6 +61,36 @@ def test_negative_condition_replaces_null():
     ref = CondDenoiser()
     out_cond, out_neg = ref(x_t, t, **cond), ref(x_t, t, **negative)
     torch.testing.assert_close(guided(x_t, t, **cond), out_neg + 4.0 * (out_cond - out_neg), rtol=1e-12, atol=1e-12)
+
+
+def test_composed_guidance_is_the_conjunction_formula_in_one_call():
+    # Liu et al. 2022, eq. 12: uncond + sum_k w_k (cond_k - uncond); a weight-0 part is left out.
+    x_t, t = _inputs()
+    parts, null = [_cond(1), _cond(4), _cond(5)], _cond(2)
+    weights = torch.tensor([[3.0, 3.0, 3.0], [3.0, 2.0, 0.0], [3.0, 0.0, 0.0]], dtype=torch.float64)  # (K, B)
+    raw = CondDenoiser()
+    stacked = {k: torch.cat([part[k] for part in parts]) for k in null}  # part-major: rows k * B .. (k + 1) * B
+    out = composed_guidance(raw, null, weights=weights)(x_t, t, **stacked)
+    assert raw.batches == [4 * B]  # three parts and the unconditional branch in one call
+
+    ref = CondDenoiser()
+    uncond = ref(x_t, t, **null)
+    expected = uncond + sum(weights[k][:, None, None] * (ref(x_t, t, **parts[k]) - uncond) for k in range(3))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # Sample 2 has one real part: plain classifier-free guidance of it.
+    cfg = classifier_free_guidance(CondDenoiser(), null, scale=3.0)(x_t, t, **parts[0])
+    torch.testing.assert_close(out[2], cfg[2], rtol=1e-12, atol=1e-12)
+
+
+def test_composed_guidance_of_one_part_equals_classifier_free_guidance():
+    x_t, t = _inputs()
+    cond, null, negative = _cond(1), _cond(2), _cond(3)
+    for neg in (None, negative):
+        composed = composed_guidance(CondDenoiser(), null, weights=torch.full((1, B), 4.0), negative_cond=neg)
+        cfg = classifier_free_guidance(CondDenoiser(), null, scale=4.0, negative_cond=neg)
+        assert torch.equal(composed(x_t, t, **cond), cfg(x_t, t, **cond))
+    with pytest.raises(ValueError, match="batch 3"):
+        composed_guidance(CondDenoiser(), null, weights=torch.ones(1, B))(x_t[:2], t[:2], **_cond(1, batch=2))
 
 
 def test_single_null_condition_broadcasts_to_batch():

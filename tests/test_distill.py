@@ -277,7 +277,8 @@ def test_bad_input_is_refused_before_anything_is_written(capsys, teacher, tmp_pa
 
 
 def test_a_distilled_run_refuses_what_it_cannot_do(capsys, teacher, student, tmp_path):
-    for extra, expect in ((["--guidance", "7"], "guidance in [1, 6], got 7"), (["--negative", "a circle"], "no negative prompt")):
+    for extra, expect in ((["--guidance", "7"], "guidance in [1, 6], got 7"), (["--negative", "a circle"], "no negative prompt"),
+                          (["--compose"], "compose needs a conditional branch per part")):
         code, _, err = run(capsys, "generate", "--run", student, "a red circle", "--out", tmp_path / "g.png", "--steps", "2", *extra)
         assert expect in one_line_error(code, err, ignore_logs=True)
     # The server checks a request the same way before queueing it (a 422, not a failed batch).

@@ -249,6 +249,8 @@ def test_generate_takes_steps_per_stage(models):
     ({"prompt": "a", "steps": 0}, 422, "steps"),
     ({"prompt": "a", "steps": 1000, "sampler": "unipc"}, 422, "steps must be in [1, 996]"),  # skips the cosine tail
     ({"prompt": "a", "stage_steps": {"sr9": 2}}, 422, "has no stage 'sr9'"),
+    ({"prompt": "a AND", "compose": True}, 422, "empty part"),
+    ({"prompt": "a", "compose": 2}, 422, "compose"),
     ({"prompt": "a", "stage_steps": {"base": 0}}, 422, "stage_steps"),
     ({"prompt": "a", "stage_steps": {f"s{i}": 1 for i in range(17)}}, 422, "stage_steps"),
     ({"prompt": "a", "model": "/etc/passwd"}, 404, "no generate model"),

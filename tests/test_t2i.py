@@ -184,6 +184,7 @@ def test_generate_bad_input(capsys, t2i_run, tmp_path):
         (["generate", "--run", t2i_run, "a red circle", "--steps", "0", "--out", tmp_path / "x.png"], "positive"),
         (["generate", "--run", t2i_run, "a red circle", "--guidance", "-1", "--out", tmp_path / "x.png"], "guidance"),
         (["generate", "--run", t2i_run, "a red circle", "--stage", "sr5", "--out", tmp_path / "x.png"], "sr5"),
+        (["generate", "--run", t2i_run, "AND a red circle", "--compose", "--out", tmp_path / "x.png"], "empty part"),
         (["generate", "--run", tmp_path, "a red circle", "--out", tmp_path / "x.png"], "not a run"),
         (["train-t2i", "--data", "shapes", "--out", tmp_path / "t", "--text-encoder", tmp_path / "nowhere", "--max-steps", "1"], "nowhere"),
     ]
@@ -242,6 +243,26 @@ def test_pipeline_batched_equals_unbatched(t2i_run):
     # The first prompt's noise is the generator's first draw either way; padding to the longer prompt changes nothing.
     torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-4)
     assert pipe.generate(["a red circle"], SamplingConfig(steps=3, seed=5, n=2)).shape == (2, 3, 8, 8)
+
+
+def test_composed_prompts_sample_their_conjunction(t2i_run):
+    from imagen.pipelines import SamplingConfig, TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_run(t2i_run, stages=["base"])
+    plain, composed = SamplingConfig(steps=3, seed=5), SamplingConfig(steps=3, seed=5, compose=True)
+    prompts = ["a red circle", "a blue square AND a green triangle", "a red circle AND a blue square AND a red circle"]
+    together = pipe.generate(prompts, composed)
+    # A prompt of one part is classifier-free guidance, bit for bit.
+    assert torch.equal(pipe.generate(prompts[:1], composed), pipe.generate(prompts[:1], plain))
+    # Each picture is its own prompt's, whatever the others' part counts (the padded parts weigh nothing).
+    for i, prompt in enumerate(prompts):
+        torch.testing.assert_close(together[i:i + 1], pipe.generate([prompt], composed), rtol=0, atol=1e-4)
+    # The conjunction is not the sentence: "X AND Y" read as one caption draws otherwise.
+    assert (together[1] - pipe.generate(prompts[1:2], plain)[0]).abs().max() > 1e-3
+    from imagen.errors import GenerationError
+    for bad, words in (("a red circle AND", "empty part"), (" AND ".join(["a red circle"] * 9), "at most 8")):
+        with pytest.raises(GenerationError, match=words):
+            pipe.generate([bad], composed)
 
 
 def test_generate_chunked_equals_unchunked(t2i_run):

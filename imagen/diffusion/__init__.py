@@ -11,7 +11,7 @@ from imagen.diffusion.distillation import (
     progressive_distillation_target,
     progressive_timesteps,
 )
-from imagen.diffusion.guidance import classifier_free_guidance
+from imagen.diffusion.guidance import classifier_free_guidance, composed_guidance
 from imagen.diffusion.process import (
     OBJECTIVES,
     min_snr_weight,
@@ -72,6 +72,7 @@ __all__ = [
     "weighted_mse",
     "uniform_timesteps",
     "classifier_free_guidance",
+    "composed_guidance",
     "guidance_distillation_loss",
     "progressive_distillation_loss",
     "progressive_distillation_target",

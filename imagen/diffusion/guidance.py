@@ -46,3 +46,38 @@ def classifier_free_guidance(
         return out_uncond + scale * (out_cond - out_uncond)
 
     return guided
+
+
+def composed_guidance(
+    denoiser: Callable[..., torch.Tensor],
+    null_cond: dict,
+    *,
+    weights: torch.Tensor,
+    negative_cond: dict | None = None,
+) -> Callable[..., torch.Tensor]:
+    """Composable diffusion's conjunction (Liu et al. 2022, "Compositional Visual Generation with Composable
+    Diffusion Models", eq. 12): uncond + sum_k w_k * (cond_k - uncond), every part and the unconditional branch in
+    one call.
+
+    The guided denoiser's `cond` holds K parts per sample, part-major: rows [k * B, (k + 1) * B) are part k of the
+    B samples. `weights` (K, B) is each part's scale per sample; 0 leaves a part out (a prompt with fewer parts than
+    another in its batch pads with weight-0 parts). With K = 1 this is `classifier_free_guidance`.
+    """
+    if weights.dim() != 2:
+        raise ValueError(f"weights must be (parts, batch), got shape {tuple(weights.shape)}")
+    K, B = weights.shape
+    uncond_source = null_cond if negative_cond is None else negative_cond
+
+    def guided(x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if x_t.shape[0] != B:
+            raise ValueError(f"composed guidance was built for batch {B}, got {x_t.shape[0]} samples")
+        uncond = _match_batch(uncond_source, {k: v[:B] for k, v in cond.items()}, B)
+        # The K parts, then the unconditional branch: ((K + 1) B, ...) for every input.
+        every = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+        out = denoiser(x_t.repeat(K + 1, *([1] * (x_t.dim() - 1))), t.repeat(K + 1), **every)
+        out = out.view(K + 1, B, *out.shape[1:])
+        parts, out_uncond = out[:K], out[K]
+        w = weights.to(device=out.device, dtype=out.dtype).view(K, B, *([1] * (out.dim() - 2)))
+        return out_uncond + (w * (parts - out_uncond)).sum(0)
+
+    return guided

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from imagen.data.image_files import resize_images
-from imagen.diffusion import (BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, SamplingConfig, classifier_free_guidance, q_sample,
-                              randn)
+from imagen.diffusion import (BETA_SCHEDULES, OBJECTIVES, NoiseSchedule, SamplingConfig, classifier_free_guidance,
+                              composed_guidance, q_sample, randn)
 from imagen.config import check_range
 from imagen.errors import ConfigError, GenerationError
 from imagen.models.unet import EfficientUNet, UNetConfig
@@ -218,10 +218,22 @@ class TextToImageStage(nn.Module):
         return denoise
 
     def guided_denoiser(self, cond: dict[str, torch.Tensor], guidance: float, lowres: torch.Tensor | None = None,
-                        aug_level: float = 0.0, generator=None, negative_cond: dict[str, torch.Tensor] | None = None):
+                        aug_level: float = 0.0, generator=None, negative_cond: dict[str, torch.Tensor] | None = None,
+                        part_weights: torch.Tensor | None = None):
         """The denoiser at classifier-free guidance scale `guidance` for prompts encoded as `cond`: two U-Net branches
-        per call (Ho & Salimans 2022; none at scale 1), or one call for a guidance-distilled stage."""
+        per call (Ho & Salimans 2022; none at scale 1), or one call for a guidance-distilled stage.
+
+        With `part_weights` (K, B), `cond` holds K parts of each of the B prompts (part-major) and the denoiser is
+        their conjunction, each part guided at `guidance` times its weight (`composed_guidance`)."""
         c = self.config
+        if part_weights is not None:
+            if c.guidance_distilled:
+                raise ValueError(f"stage {c.name} is guidance-distilled: it has no conditional branch per part to compose")
+            B = part_weights.shape[1]
+            first = {k: v[:B] for k, v in cond.items()}
+            return composed_guidance(self.denoiser(lowres, aug_level=aug_level, generator=generator),
+                                     self.null_condition(B, first), weights=guidance * part_weights,
+                                     negative_cond=negative_cond)
         if c.guidance_distilled:
             c.check_guidance(guidance, negative=negative_cond is not None)
             return self.denoiser(lowres, aug_level=aug_level, generator=generator, guidance=guidance)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ class TextToImagePipeline:
         config = config if config is not None else SamplingConfig()
         if stop_at is not None and stop_at not in self.stage_names:
             raise RunError(f"{self.path} has no trained stage {stop_at!r}; trained: {', '.join(self.stage_names)}")
-        self.check_config(config, stop_at)
+        self.check_config(config, stop_at, prompts)
         if inpaint_mask is not None:
             config = dataclasses.replace(config, strength=1.0)  # inpainting runs every step
         rows = [(p, config.seed, k) for p in prompts for k in range(config.n)]  # prompt-major
@@ -116,13 +117,14 @@ class TextToImagePipeline:
         `progress(stage, step, steps)` is called after every sampling step of every stage (step counts from 1).
         """
         config = config if config is not None else SamplingConfig()
-        self.check_config(config)
+        self.check_config(config, prompts=[p for p, _, _ in rows])
         return torch.cat([images for _, images in self._generate_rows(list(rows), config, None, None, None, progress)])
 
     def sampling_plan(self, config: SamplingConfig) -> list[dict[str, Any]]:
         """How each stage samples under `config`: [{"stage", "sampler", "steps", "unet_calls"}] per image. A
         progressively distilled stage takes its own sampler and steps; every step is one U-Net evaluation of the
-        conditional and one of the unconditional input (batched together), except in a guidance-distilled stage."""
+        conditional and one of the unconditional input (batched together), except in a guidance-distilled stage.
+        With compose, "unet_calls" counts a one-part prompt: a prompt of k parts costs steps x (k + 1)."""
         plan = []
         for stage in self.stages:
             c = stage.config
@@ -131,12 +133,15 @@ class TextToImagePipeline:
                          "unet_calls": own.steps * (1 if c.guidance_distilled else 2)})
         return plan
 
-    def check_config(self, config: SamplingConfig, stop_at: str | None = None) -> None:
+    def check_config(self, config: SamplingConfig, stop_at: str | None = None, prompts: Sequence[str] = ()) -> None:
         """GenerationError when `config`'s stage_steps name a stage the run does not have, or when a stage that will
         run (all, or those up to `stop_at`) cannot sample with `config`: more steps than its timesteps or than the
-        ones its sampler walks there, or a guidance-distilled stage asked for a guidance outside its range or a
-        negative prompt. A progressively distilled stage is checked with the
-        sampler and steps it samples with (`StageConfig.sampling`)."""
+        ones its sampler walks there, or a guidance-distilled stage asked for a guidance outside its range, a
+        negative prompt or composed prompts. A progressively distilled stage is checked with the
+        sampler and steps it samples with (`StageConfig.sampling`). With compose, `prompts` are checked too."""
+        if config.compose:
+            for prompt in prompts:
+                prompt_parts(prompt)
         names = self.stage_names
         unknown = [name for name, _ in config.stage_steps if name not in names]
         if unknown:
@@ -151,6 +156,9 @@ class TextToImagePipeline:
                                       f"got {own.steps}")
             make_sampler(own.sampler, stage.schedule, own.eta).set_timesteps(own.steps)  # dpmpp3m, unipc: fewer on cosine
             c.check_guidance(config.guidance, negative=config.negative is not None)
+            if config.compose and c.guidance_distilled:
+                raise GenerationError(f"compose needs a conditional branch per part; stage {c.name} is guidance-distilled "
+                                      "(one call per step): sample composed prompts with the run it was distilled from")
 
     def _generate_rows(self, rows, config, init_images, inpaint_mask, stop_at,
                        progress=None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -177,12 +185,19 @@ class TextToImagePipeline:
         B, c = len(prompts), stage.config
         config = c.sampling(config)
         negative = config.negative
-        texts = prompts + ([negative] * B if negative is not None else [])
+        texts, part_weights = list(prompts), None
+        if config.compose:  # K parts per prompt, part-major; a prompt with fewer parts pads with weight-0 copies
+            parts = [prompt_parts(p) for p in prompts]
+            K = max(len(ps) for ps in parts)
+            texts = [ps[k] if k < len(ps) else ps[0] for k in range(K) for ps in parts]
+            part_weights = torch.tensor([[float(k < len(ps)) for ps in parts] for k in range(K)], device=device)
+        n_cond = len(texts)
+        texts += [negative] * B if negative is not None else []
         both = stage.encode_text(texts)  # one call, so prompt and negative share a padded length
-        cond = {k: v[:B] for k, v in both.items()}
-        negative_cond = {k: v[B:] for k, v in both.items()} if negative is not None else None
+        cond = {k: v[:n_cond] for k, v in both.items()}
+        negative_cond = {k: v[n_cond:] for k, v in both.items()} if negative is not None else None
         denoiser = stage.guided_denoiser(cond, config.guidance, lowres, aug_level=config.aug_level, generator=generator,
-                                         negative_cond=negative_cond)
+                                         negative_cond=negative_cond, part_weights=part_weights)
         size = c.unet.image_size
         init = mask = None
         if init_images is not None:
@@ -196,6 +211,22 @@ class TextToImagePipeline:
         return sample(denoiser, (B, c.unet.in_channels, size, size), schedule=stage.schedule, config=config,
                       objective=c.objective, cond=cond, generator=generator, init_x0=init, inpaint_mask=mask,
                       known_x0=init if mask is not None else None, device=device, callback=callback)
+
+
+COMPOSE_SEPARATOR = "AND"  # with SamplingConfig.compose: "a red circle AND a blue square" is two parts
+MAX_PROMPT_PARTS = 8  # each part is one more U-Net branch per step, batched with the others
+_COMPOSE_SPLIT = re.compile(rf"(?<!\S){COMPOSE_SEPARATOR}(?!\S)")  # the word alone (spaces or the ends around it)
+
+
+def prompt_parts(prompt: str) -> list[str]:
+    """The parts of a composed prompt ("a red circle AND a blue square" -> two), or a GenerationError for an empty one."""
+    parts = [part.strip() for part in _COMPOSE_SPLIT.split(prompt.strip())]
+    if any(not part for part in parts):
+        raise GenerationError(f"prompt {prompt!r} has an empty part: with compose, join non-empty parts by "
+                              f"{COMPOSE_SEPARATOR!r}, e.g. 'a red circle AND a blue square'")
+    if len(parts) > MAX_PROMPT_PARTS:
+        raise GenerationError(f"prompt {prompt[:60]!r}... has {len(parts)} parts; compose takes at most {MAX_PROMPT_PARTS}")
+    return parts
 
 
 def _rows(images: torch.Tensor | None, rows: slice) -> torch.Tensor | None:

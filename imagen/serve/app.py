@@ -3,7 +3,7 @@
     GET  /            the page (static/index.html): generate from a prompt, or upload a picture to predict
     GET  /healthz     alive;  GET /readyz  models loaded;  GET /metrics  Prometheus text
     GET  /v1/models   the loaded runs, their tasks and options
-    POST /v1/generate JSON {prompt, negative, n, seed, steps, stage_steps, guidance, sampler, model} -> {images: [base64 PNG], seed}
+    POST /v1/generate JSON {prompt, negative, compose, n, seed, steps, stage_steps, guidance, sampler, model} -> {images: [base64 PNG], seed}
                       with "stream": true (or Accept: text/event-stream): server-sent events, `event: progress`
                       {step, steps, stage} after every sampling step of the batch, then `event: result` (the same
                       JSON) or `event: error` {error, status}
@@ -65,6 +65,7 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=1)
     negative: str | None = None
+    compose: bool = False  # the prompt is parts joined by " AND ", sampled as their conjunction
     n: int = Field(default=1, ge=1)
     seed: int = Field(default=0, ge=0, lt=2**63)
     steps: int = Field(default=DEFAULT_SAMPLING_STEPS, ge=1, le=1000)
@@ -226,8 +227,8 @@ def create_app(runs, settings: ServeSettings | None = None, models: dict[str, Se
         model = pick(body.model, generates=True)
         try:
             config = api.SamplingConfig(sampler=body.sampler, steps=body.steps, stage_steps=body.stage_steps, guidance=body.guidance,
-                                        negative=body.negative or None)
-            model.pipeline.check_config(config)
+                                        negative=body.negative or None, compose=body.compose)
+            model.pipeline.check_config(config, prompts=[body.prompt.strip()])
         except USER_ERRORS as exc:
             raise RequestError(422, str(exc)) from None
         key, payload = ("generate", model.name, config), (body.prompt.strip(), body.seed, body.n)
