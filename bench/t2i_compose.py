@@ -4,7 +4,8 @@
     python bench/t2i_compose.py --run RUN [--n-per-category 200] [--guidance 3] [--variants plain,objects,prompt+objects]
 
 Every variant samples the same held-out Shapes prompts (the evaluator's four categories, one picture each, the
-same seeds) and both readers score them (the learned evaluator / the non-learned pixel check):
+same seeds) and both readers score them (the learned evaluator / the non-learned pixel check); a second table
+counts how the relation and "and" prompts fail under each variant:
 
     plain            each prompt as it is, classifier-free guidance (2 U-Net calls per step)
     objects          "and" prompts as their objects' conjunction ("a purple circle AND a green circle": 3 calls);
@@ -25,7 +26,7 @@ import time
 from imagen.data.image_files import resize_uint8, to_uint8
 from imagen.eval import evaluator as evaluator_module
 from imagen.eval.pixel_check import PixelChecker
-from imagen.eval.t2i import CATEGORIES, compositional_accuracy, compositional_prompts
+from imagen.eval.t2i import CATEGORIES, FAILURE_KINDS, compositional_accuracy, compositional_prompts
 from imagen.pipelines import SamplingConfig, TextToImagePipeline
 from imagen.pipelines.text_to_image import COMPOSE_SEPARATOR
 
@@ -66,6 +67,7 @@ def main():
           f"{args.steps} steps, guidance {args.guidance:g} per part; commit {commit}")
     print("| variant | " + " | ".join(CATEGORIES) + " | all prompts | s / picture |")
     print("| --- | " + " | ".join("---" for _ in CATEGORIES) + " | --- | --- |")
+    failures = {}
     for variant in variants:
         texts = {q["prompt"]: composed(q, variant) for q in prompts}
         config = SamplingConfig(steps=args.steps, guidance=args.guidance, compose=variant != "plain",
@@ -80,6 +82,15 @@ def main():
         cells = [f"{r[f'{c}_accuracy']:.3f} / {r[f'pixel_{c}_accuracy']:.3f}" for c in CATEGORIES]
         print(f"| {variant} | " + " | ".join(cells) + f" | {r['compositional_accuracy']:.3f} / "
               f"{r['pixel_compositional_accuracy']:.3f} | {seconds:.3f} |", flush=True)
+        failures[variant] = (r["failures"], r["pixel_failures"])
+    # How the two-object prompts fail under each variant (a composed picture that holds one object: "missing object").
+    kinds = [k for k in FAILURE_KINDS if k != "correct"]
+    print("\n| variant | category | " + " | ".join(kinds) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in kinds) + " |")
+    for variant, (learned, pixel) in failures.items():
+        for cat in ("relation", "and"):
+            cells = [f"{learned[cat].get(k, 0)} / {pixel[cat].get(k, 0)}" for k in kinds]
+            print(f"| {variant} | {cat} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
