@@ -95,8 +95,10 @@ def test_page_health_ready_models(models):
     serve(models, check)
 
 
-def test_generate_equals_imagen_generate(models, runs, tmp_path):
-    body = {"prompt": "a red circle", "n": 3, "seed": 7, "steps": 3, "guidance": 2.0, "sampler": "ddpm", "model": "t2i"}
+@pytest.mark.parametrize("prompt, compose", [("a red circle", False), ("a red circle AND a blue square", True)])
+def test_generate_equals_imagen_generate(models, runs, tmp_path, prompt, compose):
+    body = {"prompt": prompt, "n": 3, "seed": 7, "steps": 3, "guidance": 2.0, "sampler": "ddpm", "model": "t2i",
+            "compose": compose}
 
     async def check(client, app):
         r = await client.post("/v1/generate", json=body)
@@ -105,8 +107,8 @@ def test_generate_equals_imagen_generate(models, runs, tmp_path):
 
     answer = serve(models, check)
     assert answer["seed"] == 7 and len(answer["images"]) == 3
-    config = api.SamplingConfig(n=3, seed=7, steps=3, guidance=2.0, sampler="ddpm")
-    files = api.generate_to_files(runs["t2i"], ["a red circle"], config, out_dir=tmp_path, device="cpu")
+    config = api.SamplingConfig(n=3, seed=7, steps=3, guidance=2.0, sampler="ddpm", compose=compose)
+    files = api.generate_to_files(runs["t2i"], [prompt], config, out_dir=tmp_path, device="cpu")
     for b64, file in zip(answer["images"], files):
         expected = np.asarray(Image.open(file).convert("RGB"), dtype=np.int16)
         assert pixels(b64).shape == (16, 16, 3)

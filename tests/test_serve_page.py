@@ -80,6 +80,13 @@ def test_page_generates_a_picture_in_chromium(tmp_path):
         status = page.text_content("#status")
         labels = page.evaluate("() => window.labels")
         bar_hidden = page.is_hidden("#progress-box")
+        # The compose switch reaches the server: a composed prompt with an empty part is refused, in one line.
+        page.fill("#prompt", "a blue square AND")
+        page.check("#compose")
+        page.click("#generate")
+        page.wait_for_selector("#status.error", timeout=10_000)
+        refused = page.text_content("#status")
+    assert refused.startswith("422") and "empty part" in refused, refused
     assert len(widths) == 2 and all(w == 16 for w in widths), (widths, status)
     assert "2 picture(s)" in status and not errors
     # the progress bar went through the sampling steps of both stages (server-sent events), then hid itself
