@@ -13,7 +13,8 @@ counts how the relation and "and" prompts fail under each variant:
     prompt+objects   relation and "and" prompts as the prompt and each of its objects ("a red circle to the left of
                      a blue square AND a red circle AND a blue square": 4 calls); single and count prompts as plain
 
-Every part is guided at --guidance. Inference only: a trained run is sampled (every stage it has; a base-only run is scored at its base stage, upscaled), nothing is trained.
+Every part is guided at --guidance. Inference only: a trained run is sampled (every stage it has; a base-only run
+is scored at its base stage, upscaled), nothing is trained.
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ import dataclasses
 import subprocess
 import time
 
+from imagen.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLING_STEPS
 from imagen.data.image_files import resize_uint8, to_uint8
+from imagen.data.shapes_text import object_phrase
 from imagen.eval import evaluator as evaluator_module
 from imagen.eval.pixel_check import PixelChecker
 from imagen.eval.t2i import CATEGORIES, FAILURE_KINDS, compositional_accuracy, compositional_prompts
 from imagen.pipelines import SamplingConfig, TextToImagePipeline
 from imagen.pipelines.text_to_image import COMPOSE_SEPARATOR
+from imagen.train import resolve_device
 
 VARIANTS = ("plain", "objects", "prompt+objects")
 
 
 def composed(prompt: dict, variant: str) -> str:
     """The text a variant samples for one held-out prompt."""
-    objects = [f"a {o['color']} {o['shape']}" for o in prompt["expected"]["objects"]]
+    objects = [object_phrase(o, "en") for o in prompt["expected"]["objects"]]
     joiner = f" {COMPOSE_SEPARATOR} "
     if variant == "objects" and prompt["category"] == "and":
         return joiner.join(objects)
@@ -48,9 +52,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a trained text-to-image run")
     p.add_argument("--n-per-category", type=int, default=200)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -59,10 +63,10 @@ def main():
     if unknown:
         p.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    pipe = TextToImagePipeline.from_run(args.run, device="cpu" if args.device == "auto" else args.device)
-    device = str(next(pipe.stages[0].parameters()).device)
+    device = str(resolve_device(args.device))
+    pipe = TextToImagePipeline.from_run(args.run, device=device)
     evaluator = evaluator_module.get_evaluator(32, device=device)
-    prompts = compositional_prompts(args.n_per_category, seed=20_000, size=32)
+    prompts = compositional_prompts(args.n_per_category, size=32)  # evaluate-t2i's held-out prompts (seed 0)
     print(f"{args.run}: stages {', '.join(pipe.stage_names)}; {args.n_per_category} prompts per category; "
           f"{args.steps} steps, guidance {args.guidance:g} per part; commit {commit}")
     print("| variant | " + " | ".join(CATEGORIES) + " | all prompts | s / picture |")
@@ -74,7 +78,8 @@ def main():
                                 batch_size=args.batch_size)
 
         def generate(batch, config=config, texts=texts):
-            return resize_uint8(to_uint8(pipe.generate([texts[t] for t in batch], dataclasses.replace(config, n=1))), 32)
+            images = pipe.generate([texts[t] for t in batch], dataclasses.replace(config, n=1))
+            return resize_uint8(to_uint8(images), 32)
 
         start = time.perf_counter()
         r = compositional_accuracy(generate, prompts, evaluator, batch_size=args.batch_size, cross_check=PixelChecker())
